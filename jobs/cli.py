@@ -1,0 +1,78 @@
+"""`capfilt` — the command line.
+
+Each subcommand is a module in `jobs/` exposing:
+
+* ``HELP``: one line for the command list;
+* ``add_arguments(parser)``: declares its options (heavy imports stay out of this);
+* ``run(args) -> int``: does the work and returns the process exit code.
+
+``main(argv)`` is what the console script calls, and what the end-to-end tests call directly.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# Subcommand name -> module. Order is the order shown by `capfilt --help`.
+COMMANDS = {
+    "synth": "jobs.synth",
+    "models": "jobs.models",
+    "ingest": "jobs.ingest",
+    "curate": "jobs.curate",
+    "pretrain": "jobs.pretrain",
+    "finetune": "jobs.finetune",
+    "evaluate": "jobs.evaluate",
+    "bootstrap": "jobs.bootstrap",
+    "demo": "jobs.demo",
+    "release": "jobs.release",
+    "run-job": "jobs.run_job",
+    "report": "jobs.report",
+    "convert": "jobs.convert",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="capfilt",
+        description="Curate web image-text data with BLIP's CapFilt bootstrapping.",
+    )
+    parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(
+            name,
+            help=module.HELP,
+            description=getattr(module, "DESCRIPTION", module.HELP),
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Only commands that pass options through to another tool (Beam, img2dataset) accept
+    # unknown options; everywhere else they are an error, as with parse_args.
+    if extra and not getattr(args, "_accepts_extra", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return int(args._run(args) or 0)
+
+
+def main_entry() -> None:
+    """Console-script entry point: exit with main()'s code."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main_entry()

@@ -1,0 +1,40 @@
+"""Install the `capfilt` distribution: packages pipeline, model, transforms, jobs and the
+`capfilt` console script. `requirements.txt` pins the exact working set for CI."""
+from setuptools import find_packages, setup
+
+setup(
+    name="capfilt",
+    version="0.1.0",
+    description="Curate web image-text data with BLIP's CapFilt bootstrapping (Beam + transformers + open_clip)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["pipeline*", "model*", "transforms*", "jobs*"]),
+    package_data={"model": ["configs/*.json"], "jobs": ["configs/*.yaml"]},
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.4",
+        "torchvision",
+        "transformers>=5.0,<6",
+        "tokenizers",
+        "safetensors",
+        "apache-beam>=2.60",
+        "pyarrow>=17",
+        "numpy>=1.26",
+        "pillow",
+        "img2dataset>=1.45",
+        "open_clip_torch>=3.0",
+        "timm>=1.0",
+        "pycocoevalcap",
+        "matplotlib",
+        "pyyaml",
+        "tqdm",
+    ],
+    extras_require={
+        "cpu": ["faiss-cpu>=1.8"],
+        "gpu": ["faiss-gpu>=1.8"],
+        "dev": ["pytest>=8", "pytest-timeout", "faiss-cpu>=1.8"],
+    },
+    entry_points={"console_scripts": ["capfilt=jobs.cli:main_entry"]},
+)
