@@ -11,3 +11,37 @@ import pytest  # noqa: E402
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running; excluded from `make test`")
+
+
+# --- tiny models and the synthetic world (model/tiny.py, transforms/synth*.py) ---------------
+# Session-scoped: built once per test run into pytest's temporary directory, then shared.
+# Tests must not modify these directories; copy them first (shutil.copytree) if they must.
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    """Directory of the BLIP-layout WordPiece tokenizer trained on the synthetic corpus."""
+    from model.tiny import train_tokenizer
+
+    return train_tokenizer(tmp_path_factory.mktemp("tiny_tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, tiny_tokenizer):
+    """{kind: model directory} for "captioner", "itm", "blip2-itm" and "clip" (seed 0).
+    BLIP kinds load with `from_pretrained(dir)`; clip with
+    `open_clip.create_model_and_transforms("local-dir:" + str(dir))`."""
+    from model.tiny import KINDS, init_model
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {kind: init_model(kind, root / kind, tokenizer_dir=tiny_tokenizer, seed=0) for kind in KINDS}
+
+
+@pytest.fixture(scope="session")
+def synth_world(tmp_path_factory):
+    """A small synthetic world (seed 0): web 48 rows (45% noisy, 2 shards of 32 + 16),
+    human 16, test 16, 64 px. Layout: <dir>/{web,human,test}/*.parquet + <dir>/truth.parquet."""
+    from transforms.synth_world import SynthConfig, write_world
+
+    out = tmp_path_factory.mktemp("synth_world")
+    write_world(out, SynthConfig(n=48, human=16, test=16, noise=0.45, seed=0, rows_per_shard=32))
+    return out

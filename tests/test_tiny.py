@@ -1,0 +1,210 @@
+"""Tiny models and tokenizer (model/tiny.py) and `capfilt models`."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from jobs.cli import main
+from model import tiny
+from transforms import synth
+
+
+def _images(n=2, size=64):
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+TEXTS = ["a small red circle on the left", "there is a blue star at the top and a big green cross"]
+
+
+# --- tokenizer -------------------------------------------------------------------------------
+
+def test_tokenizer_has_blip_special_tokens(tiny_tokenizer):
+    tok = tiny.load_tokenizer(tiny_tokenizer)
+    assert type(tok).__name__ == "BertTokenizer"
+    assert tok.bos_token == "[DEC]"
+    assert "[ENC]" in tok.all_special_tokens
+    # BERT's specials first, BLIP's two appended after the trained vocabulary
+    assert [tok.convert_tokens_to_ids(t) for t in tiny.SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
+    assert tok.convert_tokens_to_ids(["[DEC]", "[ENC]"]) == [len(tok) - 2, len(tok) - 1]
+    assert tok.tokenize("[ENC] a red circle") == ["[ENC]", "a", "red", "circle"]
+    # vocab.txt lists the trained vocabulary, line number = id
+    lines = (tiny_tokenizer / "vocab.txt").read_text("utf-8").splitlines()
+    assert len(lines) == len(tok) - 2
+    assert [tok.convert_tokens_to_ids(t) for t in lines[:50]] == list(range(50))
+
+
+def test_tokenizer_encodes_the_world_without_unk(tiny_tokenizer):
+    tok = tiny.load_tokenizer(tiny_tokenizer)
+    texts = [t for t in synth.corpus(seed=7, n=300) if t] + [synth.CAPTION_PROMPT + TEXTS[0]]
+    for text in texts:
+        ids = tok(text)["input_ids"]
+        assert ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id
+        assert tok.unk_token_id not in ids, text
+    # uppercase junk alt-text is lowercased, as BLIP's uncased BERT tokenizer does
+    assert tok.tokenize("DSC123.JPG") == tok.tokenize("dsc123.jpg")
+    # and the world's words are whole tokens, so captions stay short
+    assert len(tok.tokenize("a large purple triangle in the middle")) == 7
+
+
+def test_tokenizer_is_deterministic(tmp_path):
+    texts = synth.corpus(seed=3, n=200)
+    a = tiny.train_tokenizer(tmp_path / "a", texts=texts)
+    b = tiny.train_tokenizer(tmp_path / "b", texts=texts)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_tokenizer_rejects_empty_corpus(tmp_path):
+    with pytest.raises(ValueError, match="no non-empty texts"):
+        tiny.train_tokenizer(tmp_path, texts=["", ""])
+
+
+# --- models ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["captioner", "itm", "blip2-itm"])
+def test_blip_config_ids_match_tokenizer(tiny_models, kind):
+    from transformers import AutoConfig, AutoProcessor
+
+    config = AutoConfig.from_pretrained(tiny_models[kind])
+    processor = AutoProcessor.from_pretrained(tiny_models[kind])
+    tok = processor.tokenizer
+    if kind == "blip2-itm":
+        assert config.qformer_config.use_qformer_text_input is True
+        assert config.qformer_config.vocab_size == len(tok)
+        assert config.qformer_config.pad_token_id == tok.pad_token_id
+    else:
+        text = config.text_config
+        assert text.vocab_size == len(tok)
+        assert text.bos_token_id == tok.convert_tokens_to_ids("[DEC]")
+        assert (text.pad_token_id, text.sep_token_id) == (tok.pad_token_id, tok.sep_token_id)
+    pixels = processor(images=_images(1), return_tensors="pt")["pixel_values"]
+    assert pixels.shape == (1, 3, 64, 64)  # sized for the synthetic images
+    assert tok.model_max_length <= 64  # never longer than the position table
+
+
+def _blip_outputs(model, processor, kind):
+    batch = processor(images=_images(2), text=TEXTS, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        if kind == "captioner":
+            logits = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
+                           attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+            generated = model.generate(pixel_values=batch["pixel_values"], max_new_tokens=6,
+                                       do_sample=False)  # (B, T')
+            return [logits, generated]
+        itm = model(**batch, use_itm_head=True)
+        itc = model(**batch, use_itm_head=False)
+        return [itm[0], itc[0]]  # (B, 2) ITM logits, (B, B) cosine
+
+
+def _blip2_outputs(model, processor):
+    batch = processor(images=_images(2), text=TEXTS, padding=True, return_tensors="pt")
+    batch.pop("token_type_ids", None)
+    with torch.inference_mode():
+        itm = model(**batch, use_image_text_matching_head=True).logits_per_image  # (B, 2)
+        itc = model(**batch, use_image_text_matching_head=False).logits_per_image  # (B, B)
+    return [itm, itc]
+
+
+@pytest.mark.parametrize("kind", ["captioner", "itm", "blip2-itm"])
+def test_blip_round_trip_gives_identical_outputs(tiny_models, kind, tmp_path):
+    """A model rebuilt in memory from the same seed equals the saved-and-loaded one, and a
+    second save/load changes nothing."""
+    from transformers import (AutoConfig, Blip2ForImageTextRetrieval, BlipForConditionalGeneration,
+                              BlipForImageTextRetrieval, BlipProcessor)
+
+    torch.set_num_threads(1)
+    cls = {"captioner": BlipForConditionalGeneration, "itm": BlipForImageTextRetrieval,
+           "blip2-itm": Blip2ForImageTextRetrieval}[kind]
+    processor = BlipProcessor.from_pretrained(tiny_models[kind])
+    loaded = cls.from_pretrained(tiny_models[kind]).eval()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        fresh = cls(AutoConfig.from_pretrained(tiny_models[kind])).eval()
+    loaded.save_pretrained(tmp_path)
+    reloaded = cls.from_pretrained(tmp_path).eval()
+
+    def outputs(model):
+        return _blip2_outputs(model, processor) if kind == "blip2-itm" else _blip_outputs(model, processor, kind)
+
+    ref = outputs(fresh)
+    for model in (loaded, reloaded):
+        for a, b in zip(ref, outputs(model)):
+            assert torch.equal(a, b)
+    assert ref[0].abs().sum() > 0 and torch.isfinite(ref[0].float()).all()
+
+
+def test_clip_round_trip_through_open_clip_loader(tiny_models):
+    import open_clip
+
+    torch.set_num_threads(1)
+    model_dir = tiny_models["clip"]
+    cfg = json.loads((model_dir / "open_clip_config.json").read_text())
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        fresh = open_clip.CLIP(**cfg["model_cfg"]).eval()
+    model, preprocess, tokenizer = tiny.load_clip(model_dir)
+    # weights on disk are safetensors and equal the loaded parameters
+    on_disk = load_file(str(model_dir / "open_clip_model.safetensors"))
+    assert set(on_disk) == set(model.state_dict())
+    images = torch.stack([preprocess(im) for im in _images(2)])  # (B, 3, 64, 64)
+    assert images.shape == (2, 3, 64, 64)
+    texts = tokenizer(TEXTS)  # (B, 32)
+    assert texts.shape == (2, cfg["model_cfg"]["text_cfg"]["context_length"])
+    with torch.inference_mode():
+        for a, b in ((fresh.encode_image(images), model.encode_image(images)),
+                     (fresh.encode_text(texts), model.encode_text(texts))):
+            assert a.shape == (2, cfg["model_cfg"]["embed_dim"])
+            assert torch.equal(a, b)
+
+
+def test_seed_controls_weights_and_overrides_apply(tmp_path, tiny_tokenizer):
+    a = tiny.init_model("itm", tmp_path / "a", tokenizer_dir=tiny_tokenizer, seed=1,
+                        overrides={"text_config": {"num_hidden_layers": 1}})
+    b = tiny.init_model("itm", tmp_path / "b", tokenizer_dir=tiny_tokenizer, seed=1,
+                        overrides={"text_config": {"num_hidden_layers": 1}})
+    c = tiny.init_model("itm", tmp_path / "c", tokenizer_dir=tiny_tokenizer, seed=2,
+                        overrides={"text_config": {"num_hidden_layers": 1}})
+    wa, wb, wc = (load_file(str(d / "model.safetensors")) for d in (a, b, c))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not all(torch.equal(wa[k], wc[k]) for k in wa)
+    config = json.loads((a / "config.json").read_text())
+    assert config["text_config"]["num_hidden_layers"] == 1
+    assert config["vision_config"]["num_hidden_layers"] == tiny.load_config("itm")["vision_config"]["num_hidden_layers"]
+
+
+def test_init_model_rejects_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="unknown model kind 'vit'"):
+        tiny.init_model("vit", tmp_path)
+    with pytest.raises(ValueError, match="not a tokenizer directory"):
+        tiny.init_model("itm", tmp_path / "m", tokenizer_dir=tmp_path)
+    with pytest.raises(ValueError, match="not an open_clip model directory"):
+        tiny.clip_spec(tmp_path)
+
+
+# --- CLI -------------------------------------------------------------------------------------
+
+def test_cli_models_init_and_tokenizer(tmp_path, tiny_tokenizer, capsys):
+    from transformers import BlipForImageTextRetrieval
+
+    out = tmp_path / "itm"
+    assert main(["models", "init", "--kind", "itm", "--out", str(out), "--tokenizer",
+                 str(tiny_tokenizer), "--seed", "0"]) == 0
+    model = BlipForImageTextRetrieval.from_pretrained(out)
+    assert model.config.text_config.vocab_size == len(tiny.load_tokenizer(tiny_tokenizer))
+    assert main(["models", "init", "--kind", "clip", "--out", str(tmp_path / "clip")]) == 0
+    assert tiny.clip_spec(tmp_path / "clip").startswith("local-dir:")
+    assert main(["models", "tokenizer", "--out", str(tmp_path / "tok"), "--n", "100"]) == 0
+    assert tiny.load_tokenizer(tmp_path / "tok").bos_token == "[DEC]"
+    with pytest.raises(ValueError, match="--override must be a JSON object"):
+        main(["models", "init", "--kind", "itm", "--out", str(tmp_path / "x"), "--override", "[1]"])
+    with pytest.raises(SystemExit):
+        main(["models", "init", "--kind", "resnet", "--out", str(tmp_path / "y")])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(["models", "init", "--help"])
+    assert exc.value.code == 0
+    assert "--kind" in capsys.readouterr().out
