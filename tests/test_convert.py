@@ -1,0 +1,176 @@
+"""Original BLIP checkpoints -> transformers (model/convert.py, `capfilt convert`)."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import BlipConfig, BlipForConditionalGeneration, BlipForImageTextRetrieval
+
+from jobs.cli import main
+from model.captioner import Captioner
+from model.convert import (
+    convert_blip_checkpoint,
+    hf_to_original_key,
+    infer_config,
+    original_to_hf_key,
+    to_original_state_dict,
+)
+from model.filter import load_filter
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _images(n):
+    rng = np.random.default_rng(3)
+    return [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def _export(model_cls, model_dir, path, extra=None):
+    """Write a tiny HF model in the original layout, wrapped as BLIP's train scripts save it."""
+    state = to_original_state_dict(model_cls.from_pretrained(model_dir))
+    state.update(extra or {})
+    torch.save({"model": state, "config": {"image_size": 64}, "epoch": 4}, path)
+    return state
+
+
+@pytest.mark.parametrize("original,hf", [
+    ("visual_encoder.cls_token", "vision_model.embeddings.class_embedding"),
+    ("visual_encoder.pos_embed", "vision_model.embeddings.position_embedding"),
+    ("visual_encoder.patch_embed.proj.weight", "vision_model.embeddings.patch_embedding.weight"),
+    ("visual_encoder.blocks.11.attn.qkv.bias", "vision_model.encoder.layers.11.self_attn.qkv.bias"),
+    ("visual_encoder.blocks.3.attn.proj.weight", "vision_model.encoder.layers.3.self_attn.projection.weight"),
+    ("visual_encoder.blocks.0.norm2.weight", "vision_model.encoder.layers.0.layer_norm2.weight"),
+    ("visual_encoder.blocks.23.mlp.fc2.bias", "vision_model.encoder.layers.23.mlp.fc2.bias"),
+    ("visual_encoder.norm.bias", "vision_model.post_layernorm.bias"),
+    ("text_decoder.bert.encoder.layer.2.crossattention.self.key.weight",
+     "text_decoder.bert.encoder.layer.2.crossattention.self.key.weight"),
+    ("itm_head.weight", "itm_head.weight"),
+])
+def test_key_mapping_both_ways(original, hf):
+    assert original_to_hf_key(original) == hf
+    assert hf_to_original_key(hf) == original
+
+
+def test_unknown_vision_key_has_no_mapping():
+    assert original_to_hf_key("visual_encoder.blocks.0.attn.rel_pos_bias") is None
+
+
+def test_caption_round_trip_through_the_cli(tiny_models, tmp_path, capsys):
+    src = tmp_path / "model_caption.pth"
+    _export(BlipForConditionalGeneration, tiny_models["captioner"], src)
+    out = tmp_path / "converted"
+    code = main(["convert", "--from", "blip", "--task", "caption", str(src), str(out),
+                 "--config", str(tiny_models["captioner"]), "--processor", str(tiny_models["captioner"])])
+    assert code == 0 and "wrote caption model" in capsys.readouterr().out
+    before = Captioner.from_pretrained(tiny_models["captioner"], device="cpu")
+    after = Captioner.from_pretrained(out, device="cpu")
+    original = before.model.state_dict()
+    converted = after.model.state_dict()
+    assert set(original) == set(converted)
+    assert all(torch.equal(original[k], converted[k]) for k in original)
+    images, keys = _images(2), ["a", "b"]
+    kwargs = dict(n=3, seed=9, max_length=12, min_length=3)
+    assert after.caption(images, keys, **kwargs) == before.caption(images, keys, **kwargs)
+
+
+def test_itm_round_trip_ignores_training_only_keys(tiny_models, tmp_path):
+    src = tmp_path / "model_retrieval.pth"
+    # what retrieval checkpoints also carry: momentum encoders, queues, temperature
+    extra = {"visual_encoder_m.cls_token": torch.zeros(1, 1, 128), "image_queue": torch.zeros(128, 16),
+             "idx_queue": torch.zeros(1, 16), "ptr_queue": torch.zeros(1, dtype=torch.long),
+             "temp": torch.tensor(0.07), "text_encoder.embeddings.position_ids": torch.arange(64)[None]}
+    _export(BlipForImageTextRetrieval, tiny_models["itm"], src, extra)
+    out = convert_blip_checkpoint(src, tmp_path / "itm", "itm", config=tiny_models["itm"],
+                                  processor=tiny_models["itm"])
+    captions = [["a red circle", "a blue star"], ["green"]]
+    before = load_filter(tiny_models["itm"], device="cpu").score(_images(2), captions)
+    after = load_filter(out, device="cpu").score(_images(2), captions)
+    for b, a in zip(before, after):
+        assert np.array_equal(a.itm, b.itm) and np.array_equal(a.itc, b.itc)
+
+
+def test_other_tasks_parts_of_a_pretrain_checkpoint_are_skipped(tiny_models, tmp_path):
+    """A pretraining checkpoint holds encoder and decoder; each task takes its own part."""
+    decoder = to_original_state_dict(BlipForConditionalGeneration.from_pretrained(tiny_models["captioner"]))
+    src = tmp_path / "model_pretrain.pth"
+    _export(BlipForImageTextRetrieval, tiny_models["itm"], src,
+            {k: v for k, v in decoder.items() if k.startswith("text_decoder.")})
+    out = convert_blip_checkpoint(src, tmp_path / "itm", "itm", config=tiny_models["itm"])
+    assert (out / "model.safetensors").is_file()
+
+
+def test_unknown_and_missing_keys_are_listed(tiny_models, tmp_path):
+    src = tmp_path / "bad.pth"
+    state = _export(BlipForImageTextRetrieval, tiny_models["itm"], src)
+    state["visual_encoder.blocks.0.attn.rel_pos_bias"] = torch.zeros(3)
+    state["fusion_head.weight"] = torch.zeros(2)
+    del state["itm_head.bias"], state["visual_encoder.blocks.1.mlp.fc1.weight"]
+    torch.save({"model": state}, src)
+    with pytest.raises(ValueError) as err:
+        convert_blip_checkpoint(src, tmp_path / "out", "itm", config=tiny_models["itm"])
+    message = str(err.value)
+    for key in ("visual_encoder.blocks.0.attn.rel_pos_bias", "fusion_head.weight",
+                "itm_head.bias", "vision_model.encoder.layers.1.mlp.fc1.weight"):
+        assert key in message
+    assert "unknown keys (2)" in message and "missing keys (2)" in message
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_shape_mismatch_is_listed(tiny_models, tmp_path):
+    src = tmp_path / "shape.pth"
+    state = _export(BlipForImageTextRetrieval, tiny_models["itm"], src)
+    state["itm_head.weight"] = torch.zeros(3, state["itm_head.weight"].shape[1])
+    torch.save(state, src)  # an unwrapped state dict is accepted too
+    with pytest.raises(ValueError, match=r"itm_head.weight: checkpoint \(3, 128\) vs model \(2, 128\)"):
+        convert_blip_checkpoint(src, tmp_path / "out", "itm", config=tiny_models["itm"])
+
+
+class _NotATensor:
+    pass
+
+
+def test_unreadable_checkpoints(tmp_path, tiny_models):
+    with pytest.raises(ValueError, match="does not exist"):
+        convert_blip_checkpoint(tmp_path / "absent.pth", tmp_path / "o", "caption")
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="weights_only"):
+        convert_blip_checkpoint(garbage, tmp_path / "o", "caption")
+    pickled = tmp_path / "pickled.pth"
+    torch.save({"model": _NotATensor()}, pickled)  # arbitrary objects are refused, not unpickled
+    with pytest.raises(ValueError, match="weights_only"):
+        convert_blip_checkpoint(pickled, tmp_path / "o", "caption")
+    with pytest.raises(ValueError, match="task must be one of"):
+        convert_blip_checkpoint(garbage, tmp_path / "o", "vqa")
+
+
+def test_cli_reports_errors_and_refuses_non_empty_output(tiny_models, tmp_path, capsys):
+    src = tmp_path / "m.pth"
+    _export(BlipForImageTextRetrieval, tiny_models["itm"], src)
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    code = main(["convert", "--from", "blip", "--task", "itm", str(src), str(out), "--config", str(tiny_models["itm"])])
+    assert code == 2
+    assert f"output directory {out} is not empty" in capsys.readouterr().err
+    # without --config the tiny vocabulary is not BLIP's: the error says to pass the config
+    code = main(["convert", "--from", "blip", "--task", "itm", str(src), str(tmp_path / "new")])
+    assert code == 2 and "pass its config explicitly" in capsys.readouterr().err
+
+
+def test_config_inferred_from_a_real_size_checkpoint():
+    """blip-image-captioning-large's shapes (1 layer each) are read back from the tensors alone."""
+    config = json.loads((REPO / "benchmarks/configs/blip-image-captioning-large.json").read_text())["config"]
+    config["vision_config"]["num_hidden_layers"] = 1
+    config["text_config"]["num_hidden_layers"] = 1
+    with torch.device("meta"):  # shapes only: no memory, no init time
+        model = BlipForConditionalGeneration(BlipConfig(**config))
+    inferred = infer_config(to_original_state_dict(model), "caption")
+    for part in ("vision_config", "text_config"):
+        for key, value in config[part].items():
+            if key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                       "image_size", "patch_size", "vocab_size", "max_position_embeddings",
+                       "encoder_hidden_size"):
+                assert getattr(getattr(inferred, part), key) == value, (part, key)
