@@ -1,0 +1,173 @@
+"""`capfilt ingest`: a URL list becomes raw shards, downloaded by img2dataset.
+
+``img2dataset.download`` does the work (HTTP, retries, resizing, hashing, sharding, its own
+incremental mode); this module only
+
+* detects the list's format (parquet, csv, tsv, txt, json, ...; from the file name) and checks
+  up front that it has the URL and caption columns, naming the file and the column when not;
+* turns pass-through command-line options (``--image_size 384``, ``--resize-mode=keep_ratio``,
+  ``--retries 2`` ...) into ``download`` keyword arguments, typed from its signature, so every
+  img2dataset option is available and a misspelt one is an error;
+* sums img2dataset's per-shard ``*_stats.json`` into one summary.
+
+Failed downloads stay in the shards as rows with ``status != "success"``; curate carries them to
+its error output, so nothing in the URL list is lost.
+"""
+from __future__ import annotations
+
+import glob
+import inspect
+import json
+import math
+import os
+import typing
+from collections import Counter
+from dataclasses import dataclass, field
+
+import pyarrow.parquet as pq
+
+# file suffix -> img2dataset input_format
+INPUT_FORMATS = {
+    ".parquet": "parquet", ".csv": "csv", ".csv.gz": "csv.gz", ".tsv": "tsv", ".tsv.gz": "tsv.gz",
+    ".txt": "txt", ".txt.gz": "txt.gz", ".json": "json", ".json.gz": "json.gz", ".jsonl": "jsonl",
+    ".jsonl.gz": "jsonl.gz",
+}
+OUTPUT_FORMATS = ("parquet", "webdataset")
+# download() arguments that IngestConfig sets from our own options
+OWN_ARGUMENTS = {"url_list": "--url-list", "output_folder": "--out", "output_format": "--output-format",
+                 "input_format": "--input-format", "url_col": "--url-col", "caption_col": "--caption-col"}
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    url_list: str
+    out: str
+    output_format: str = "parquet"
+    input_format: str | None = None  # None: from the file name
+    url_col: str = "url"
+    caption_col: str | None = "caption"
+    options: dict = field(default_factory=dict)  # further img2dataset.download arguments
+
+    def __post_init__(self):
+        if not os.path.isfile(self.url_list):
+            raise ValueError(f"--url-list {self.url_list}: no such file")
+        if self.output_format not in OUTPUT_FORMATS:
+            raise ValueError(f"--output-format {self.output_format!r}: curate reads {OUTPUT_FORMATS}")
+        clash = sorted(set(self.options) & set(OWN_ARGUMENTS))
+        if clash:
+            raise ValueError(f"set {', '.join(OWN_ARGUMENTS[c] for c in clash)} instead of {clash}")
+
+
+def detect_input_format(path: str) -> str:
+    name = os.path.basename(path).lower()
+    for suffix in sorted(INPUT_FORMATS, key=len, reverse=True):
+        if name.endswith(suffix):
+            return INPUT_FORMATS[suffix]
+    raise ValueError(f"{path}: cannot tell the URL list's format from its name "
+                     f"(known: {', '.join(sorted(INPUT_FORMATS))}); pass --input-format")
+
+
+def list_columns(path: str, input_format: str) -> list[str] | None:
+    """Column names of a parquet/csv/tsv URL list (None for formats without a header)."""
+    if input_format == "parquet":
+        return pq.read_schema(path).names
+    if input_format in ("csv", "tsv"):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            header = f.readline().rstrip("\r\n")
+        return [c.strip().strip('"') for c in header.split("," if input_format == "csv" else "\t")]
+    return None
+
+
+def check_url_list(cfg: IngestConfig, input_format: str) -> None:
+    if input_format.startswith("txt") and cfg.caption_col:
+        raise ValueError(f"{cfg.url_list}: a txt URL list has no caption column; pass --caption-col ''")
+    columns = list_columns(cfg.url_list, input_format)
+    if columns is None:
+        return
+    for flag, name in (("--url-col", cfg.url_col), ("--caption-col", cfg.caption_col)):
+        if name and name not in columns:
+            raise ValueError(f"{cfg.url_list}: no column {name!r} (has {columns}); set {flag}")
+
+
+def _value_type(annotation):
+    """The scalar type of a download() parameter: bool, int, float, str or list."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (list, typing.List):
+        return list
+    if args:  # Optional[X]
+        return _value_type(args[0])
+    return annotation if annotation in (bool, int, float, str) else str
+
+
+def _convert(name: str, text: str, kind):
+    if text.lower() == "none":
+        return None
+    try:
+        if kind is bool:
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(text)
+            return text.lower() in ("true", "1", "yes")
+        if kind is list:
+            return [t for t in text.split(",") if t]
+        if kind is float:
+            return math.inf if text.lower() == "inf" else float(text)
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"img2dataset option --{name}: {text!r} is not a valid {kind.__name__}") from None
+
+
+def parse_img2dataset_options(extra: list[str]) -> dict:
+    """``["--image_size", "64", "--resize-mode=no", "--skip_reencode"]`` -> download kwargs."""
+    from img2dataset import download
+
+    params = inspect.signature(download).parameters
+    options, i = {}, 0
+    while i < len(extra):
+        token = extra[i]
+        if not token.startswith("--"):
+            raise ValueError(f"unexpected argument {token!r} (img2dataset options look like --name value)")
+        name, has_value, value = token[2:].partition("=")
+        name = name.replace("-", "_")
+        if name not in params:
+            raise ValueError(f"--{name} is neither a capfilt ingest option nor an img2dataset option "
+                             f"(img2dataset has: {', '.join(sorted(params))})")
+        kind = _value_type(params[name].annotation)
+        i += 1
+        if not has_value:
+            if kind is bool and (i == len(extra) or extra[i].startswith("--")):
+                value = "true"
+            elif i == len(extra):
+                raise ValueError(f"--{name} needs a value")
+            else:
+                value, i = extra[i], i + 1
+        options[name] = _convert(name, value, kind)
+    return options
+
+
+def summarize(out: str) -> dict:
+    """img2dataset's per-shard stats, summed."""
+    totals, statuses, shards = Counter(), Counter(), 0
+    for path in sorted(glob.glob(os.path.join(out, "*_stats.json"))):
+        with open(path, encoding="utf-8") as f:
+            stats = json.load(f)
+        shards += 1
+        for key in ("count", "successes", "failed_to_download", "failed_to_resize"):
+            totals[key] += int(stats.get(key, 0))
+        statuses.update(stats.get("status_dict", {}))
+    return {"shards": shards, **{k: totals[k] for k in ("count", "successes", "failed_to_download",
+                                                       "failed_to_resize")},
+            "status": dict(statuses.most_common())}
+
+
+def run_ingest(cfg: IngestConfig) -> dict:
+    """Download the URL list into ``cfg.out``; returns :func:`summarize` of the result."""
+    from img2dataset import download
+
+    input_format = cfg.input_format or detect_input_format(cfg.url_list)
+    check_url_list(cfg, input_format)
+    kwargs = dict(cfg.options)
+    download(
+        url_list=cfg.url_list, output_folder=cfg.out, output_format=cfg.output_format,
+        input_format=input_format, url_col=cfg.url_col, caption_col=cfg.caption_col or None, **kwargs,
+    )
+    return summarize(cfg.out)

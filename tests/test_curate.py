@@ -1,0 +1,330 @@
+"""End to end: `capfilt curate` on tiny models and the synthetic world (pipeline/curate.py).
+
+One clean run (module fixture) is shared by the schema, accounting and selection-rule checks;
+the other runs (batch 1 on 2 worker processes, kill -9 and resume, a crash before a done
+marker, incremental skip, overwrite) are compared with it. The selection rule is checked
+against scores recomputed directly with the model classes (no Beam), and the ITM threshold is
+set between those scores so that some captions pass and some fail.
+"""
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from apache_beam.testing import test_pipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from jobs.cli import main
+from transforms.schemas import CURATED_SCHEMA, ERROR_SCHEMA
+
+REPO = Path(__file__).resolve().parents[1]
+SEED = 3
+FLOAT_COLUMNS = ("web_itm", "web_itc", "web_clip", "synthetic_itm", "synthetic_itc", "synthetic_clip")
+
+
+def web_rows(synth_world):
+    return pa.concat_tables(pq.read_table(p) for p in sorted((synth_world / "web").glob("*.parquet")))
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, synth_world):
+    """Three raw shards of 8 rows each, cut from the synthetic web split."""
+    table = web_rows(synth_world)
+    root = tmp_path_factory.mktemp("curate_in")
+    for i in range(3):
+        pq.write_table(table.slice(8 * i, 8), root / f"{i:05d}.parquet")
+    return root
+
+
+@pytest.fixture
+def extra_shard(tmp_path, synth_world):
+    """A fourth shard (the next 8 web rows) for the incremental run."""
+    path = tmp_path / "extra" / "00003.parquet"
+    path.parent.mkdir()
+    pq.write_table(web_rows(synth_world).slice(24, 8), path)
+    return path
+
+
+def model_args(tiny_models):
+    return ["--captioner", str(tiny_models["captioner"]), "--filter", str(tiny_models["itm"]),
+            "--clip", str(tiny_models["clip"]), "--num-captions", "2", "--max-length", "12",
+            "--min-length", "4", "--seed", str(SEED), "--progress-every", "1", "--torch-threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def direct(inputs, tiny_models):
+    """Captions and scores computed with the model classes directly, plus a threshold that
+    splits the ITM scores."""
+    import torch
+
+    from model.captioner import Captioner
+    from model.filter import load_filter
+    from model.ranker import ClipRanker
+    from transforms.image import decode_image
+    from transforms.text import clean_caption
+
+    torch.set_num_threads(1)
+    rows = pa.concat_tables(pq.read_table(p) for p in sorted(inputs.glob("*.parquet"))).to_pylist()
+    images = [decode_image(r["jpg"]) for r in rows]
+    keys = [r["key"] for r in rows]
+    webs = [clean_caption(r["caption"]) for r in rows]
+    synthetic = Captioner.from_pretrained(tiny_models["captioner"], device="cpu").caption(
+        images, keys, n=2, seed=SEED, max_length=12, min_length=4)
+    cands = [([w] if w else []) + s for w, s in zip(webs, synthetic)]
+    itm = [sc.itm for sc in load_filter(tiny_models["itm"], device="cpu").score(images, cands)]
+    clip = ClipRanker.load(str(tiny_models["clip"]), device="cpu").score(images, cands)
+    values = np.sort(np.concatenate(itm))
+    mid = len(values) // 2
+    threshold = float((values[mid - 1] + values[mid]) / 2)
+    return {"keys": keys, "webs": webs, "synthetic": synthetic, "itm": itm, "clip": clip,
+            "threshold": f"{threshold:.9f}"}
+
+
+def run_cli(argv):
+    """main(argv) with stdout/stderr captured: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+def curate_argv(inputs, out, tiny_models, direct, *extra):
+    return ["curate", "--input", str(inputs / "*.parquet"), "--out", str(out), *model_args(tiny_models),
+            "--itm-threshold", direct["threshold"], *extra]
+
+
+@pytest.fixture(scope="module")
+def clean_run(inputs, tiny_models, direct, tmp_path_factory):
+    out = tmp_path_factory.mktemp("clean") / "out"
+    code, stdout, stderr = run_cli(curate_argv(inputs, out, tiny_models, direct, "--batch-size", "8"))
+    assert code == 0, stderr
+    return {"out": out, "stdout": stdout, "stderr": stderr}
+
+
+def load_rows(out):
+    """{key: curated row} over all curated shards, plus the error rows."""
+    curated = pa.concat_tables(pq.read_table(p) for p in sorted((Path(out) / "shards").glob("*.parquet")))
+    errors = pa.concat_tables(pq.read_table(p) for p in sorted((Path(out) / "errors").glob("*.parquet")))
+    rows = curated.to_pylist()
+    by_key = {r["key"]: r for r in rows}
+    assert len(by_key) == len(rows), "duplicate keys in the curated output"
+    return by_key, errors.to_pylist()
+
+
+def assert_same_rows(a, b):
+    rows_a, err_a = load_rows(a)
+    rows_b, err_b = load_rows(b)
+    assert sorted(rows_a) == sorted(rows_b)
+    assert err_a == err_b
+    for key, ra in rows_a.items():
+        rb = rows_b[key]
+        for col in CURATED_SCHEMA.names:
+            if col in FLOAT_COLUMNS and ra[col] is not None:
+                np.testing.assert_allclose(ra[col], rb[col], atol=1e-5, err_msg=f"{key} {col}")
+            else:
+                assert ra[col] == rb[col], (key, col)
+
+
+def sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+# --- the clean run ----------------------------------------------------------------------------
+
+def test_schema_accounting_and_run_record(clean_run, inputs, tiny_models, direct):
+    out = clean_run["out"]
+    shards = sorted((out / "shards").glob("*.parquet"))
+    assert [p.name for p in shards] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    for p in shards:
+        assert pq.read_schema(p).equals(CURATED_SCHEMA, check_metadata=False)
+        assert pq.read_schema(out / "errors" / p.name).equals(ERROR_SCHEMA, check_metadata=False)
+    rows, errors = load_rows(out)
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["input_rows"] == 24 == len(rows) + len(errors)
+    assert stats["input_rows"] == stats["kept"] + stats["dropped"] + stats["errors"]
+    assert stats["kept"] == sum(r["keep"] for r in rows.values())
+    assert stats["this_run"]["input_rows"] == 24 and stats["this_run"]["runner"] == "FnApiRunner"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {k: m["id"] for k, m in manifest["models"].items()} == {
+        "captioner": str(tiny_models["captioner"]), "filter": str(tiny_models["itm"]), "clip": str(tiny_models["clip"])}
+    assert all(len(m["sha256"]) == 64 for m in manifest["models"].values())
+    for rec in manifest["inputs"]:
+        assert rec["sha256"] == sha256(rec["path"]) and rec["rows"] == 8
+    for rec in manifest["outputs"]:
+        assert rec["sha256"] == sha256(out / rec["path"])
+    assert manifest["thresholds"] == {"itm_threshold": float(direct["threshold"]), "keep_top": 2}
+    assert manifest["seeds"]["run_seed"] == SEED and manifest["code_version"]
+    # progress lines while running, the summary table at the end
+    assert "curate: " in clean_run["stderr"] and "rows/s" in clean_run["stderr"]
+    assert "input_rows = kept + dropped + errors" in clean_run["stdout"]
+    assert not (out / "_staging").exists()
+
+
+def test_selection_rule_matches_direct_model_scores(clean_run, direct):
+    from pipeline.select import select_captions
+    from transforms.seeding import sample_seed
+
+    rows, _ = load_rows(clean_run["out"])
+    threshold = float(direct["threshold"])
+    kept = 0
+    for i, key in enumerate(direct["keys"]):
+        row, web, syn = rows[key], direct["webs"][i], direct["synthetic"][i]
+        itm, clip = list(direct["itm"][i]), list(direct["clip"][i])
+        # scores come in candidate order: the web caption first when it is not empty
+        web_itm, web_clip = (itm.pop(0), clip.pop(0)) if web else (None, None)
+        assert row["web_caption"] == web and row["synthetic_captions"] == syn
+        assert row["seed"] == sample_seed(SEED, key, 0)
+        assert (row["web_itm"] is None) == (web_itm is None)
+        if web:
+            np.testing.assert_allclose([row["web_itm"], row["web_clip"]], [web_itm, web_clip], atol=1e-5)
+        np.testing.assert_allclose(row["synthetic_itm"], itm, atol=1e-5)
+        np.testing.assert_allclose(row["synthetic_clip"], clip, atol=1e-5)
+        expect = select_captions(web, syn, web_itm, itm, web_clip, clip, itm_threshold=threshold, keep_top=2)
+        assert (row["captions"], row["caption_sources"], row["keep"], row["drop_reason"]) == (
+            expect.captions, expect.sources, expect.keep, expect.drop_reason)
+        # the rule spelled out: selected captions passed, and the best-ranked passing ones were taken
+        scored = ([(web, web_itm, web_clip)] if web else []) + list(zip(syn, itm, clip))
+        passing = {}
+        for text, p, c in scored:
+            if text and p >= threshold:
+                passing.setdefault(text, c)
+        assert set(row["captions"]) <= set(passing)
+        assert len(row["captions"]) == min(2, len(passing))
+        assert sorted(passing.values(), reverse=True)[:len(row["captions"])] == [passing[c] for c in row["captions"]]
+        kept += row["keep"]
+    assert 0 < kept < len(direct["keys"]), "threshold should keep some rows and drop others"
+
+
+def test_batch_size_one_on_two_worker_processes_gives_identical_output(clean_run, inputs, tiny_models, direct, tmp_path):
+    out = tmp_path / "b1w2"
+    code, _, stderr = run_cli(curate_argv(inputs, out, tiny_models, direct, "--batch-size", "1",
+                                          "--direct_num_workers", "2", "--direct_running_mode", "multi_processing"))
+    assert code == 0, stderr
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["this_run"]["workers"] == 2 and stats["this_run"]["batch_size"] == 1
+    assert_same_rows(clean_run["out"], out)
+    for p in sorted((clean_run["out"] / "shards").glob("*.parquet")):  # same row order too
+        assert pq.read_table(p, columns=["key"]).equals(pq.read_table(out / "shards" / p.name, columns=["key"]))
+
+
+def test_testpipeline_graph_matches_clean_run(clean_run, inputs, tiny_models, direct):
+    from jobs.curate import add_arguments, config_from_args
+    from pipeline.curate import CurateRows
+    from pipeline.decode import ResolveDuplicateKeys
+    from pipeline.options import make_pipeline_options
+    from pipeline.sources import ReadShardFn, discover_shards, validate_shard
+
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(curate_argv(inputs, "unused", tiny_models, direct)[1:])
+    cfg = config_from_args(args)
+    shards = [validate_shard(s) for s in discover_shards(cfg.inputs)]
+    rows, _ = load_rows(clean_run["out"])
+    expected = [(k, r["keep"], tuple(r["captions"]), r["drop_reason"]) for k, r in rows.items()]
+    with test_pipeline.TestPipeline(options=make_pipeline_options([])) as p:
+        read = p | beam.Create(shards) | beam.ParDo(ReadShardFn()).with_outputs("errors", main="rows")
+        samples, dups = read.rows | ResolveDuplicateKeys()
+        curated, errors = samples | CurateRows(cfg)
+        assert_that(curated | beam.Map(lambda t: (t[2]["key"], t[2]["keep"], tuple(t[2]["captions"]),
+                                                  t[2]["drop_reason"])), equal_to(expected), label="curated")
+        assert_that((errors, dups, read.errors) | beam.Flatten(), equal_to([]), label="errors")
+
+
+# --- incremental runs -----------------------------------------------------------------------
+
+def test_rerun_skips_done_shards_and_changes_no_file(clean_run, inputs, extra_shard, tiny_models, direct, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(clean_run["out"], out)
+    before = {p: (p.stat().st_mtime_ns, sha256(p)) for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    code, stdout, stderr = run_cli(curate_argv(inputs, out, tiny_models, direct))
+    assert code == 0, stderr
+    assert "0 curated now, 3 skipped as done" in stdout
+    after = {p: (p.stat().st_mtime_ns, sha256(p)) for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert after == before
+
+    # a new input shard: only it is curated; totals grow by its rows
+    new_dir = tmp_path / "in"
+    shutil.copytree(inputs, new_dir)
+    shutil.copy(extra_shard, new_dir / "00003.parquet")
+    code, stdout, stderr = run_cli(curate_argv(new_dir, out, tiny_models, direct))
+    assert code == 0, stderr
+    assert "1 curated now, 3 skipped as done" in stdout
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["input_rows"] == 32 and stats["this_run"]["input_rows"] == 8
+    for p in before:
+        if "shards" in p.parts or "errors" in p.parts:
+            assert sha256(p) == before[p][1]  # finished shards were not rewritten
+
+    # other settings into the same --out are refused; --overwrite starts fresh
+    code, _, stderr = run_cli(curate_argv(new_dir, out, tiny_models, direct, "--keep-top", "1"))
+    assert code == 2 and "other settings" in stderr and "keep_top: was 2, now 1" in stderr
+    code, stdout, stderr = run_cli(curate_argv(new_dir, out, tiny_models, direct, "--overwrite", "--no-synthetic"))
+    assert code == 0, stderr
+    assert "4 curated now, 0 skipped" in stdout
+    rows, _ = load_rows(out)
+    assert len(rows) == 32 and all(r["synthetic_captions"] == [] for r in rows.values())
+    assert all(set(r["caption_sources"]) <= {"web"} for r in rows.values())
+
+
+def test_crash_before_done_marker_then_resume(clean_run, inputs, tiny_models, direct, tmp_path, monkeypatch):
+    from pipeline import state
+
+    out = tmp_path / "out"
+    real = state.write_json
+
+    def crash_on_second_marker(path, obj):
+        if str(path).endswith("00001.json"):
+            raise OSError("simulated crash after the shard's files were moved, before its marker")
+        real(path, obj)
+
+    monkeypatch.setattr(state, "write_json", crash_on_second_marker)
+    with pytest.raises(OSError, match="simulated crash"):
+        run_cli(curate_argv(inputs, out, tiny_models, direct, "--shards-per-pipeline", "2"))
+    assert (out / "shards" / "part-00001.parquet").exists() and not (out / "_state" / "00001.json").exists()
+    monkeypatch.setattr(state, "write_json", real)
+    code, stdout, stderr = run_cli(curate_argv(inputs, out, tiny_models, direct))
+    assert code == 0, stderr
+    assert "2 curated now, 1 skipped as done" in stdout
+    assert_same_rows(clean_run["out"], out)
+
+
+def test_kill_9_mid_run_then_resume(clean_run, inputs, tiny_models, direct, tmp_path):
+    out = tmp_path / "out"
+    argv = curate_argv(inputs, out, tiny_models, direct, "--shards-per-pipeline", "1")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", *argv], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not (out / "_state" / "00000.json").exists():
+            assert proc.poll() is None, "curate exited before it could be killed"
+            assert time.monotonic() < deadline, "no shard finished in time"
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run finished before the kill"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    done = sorted(p.name for p in (out / "_state").glob("0*.json"))
+    assert 1 <= len(done) < 3 and not (out / "stats.json").exists()
+    code, stdout, stderr = run_cli(curate_argv(inputs, out, tiny_models, direct))
+    assert code == 0, stderr
+    assert f"{3 - len(done)} curated now, {len(done)} skipped as done" in stdout
+    assert_same_rows(clean_run["out"], out)
+    stats = json.loads((out / "stats.json").read_text())
+    assert (stats["input_rows"], stats["shards"]) == (24, 3)
