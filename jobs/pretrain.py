@@ -1,12 +1,164 @@
-"""`capfilt pretrain` — placeholder until its issue lands."""
+"""`capfilt pretrain` — pretrain BLIP (ITC+ITM+LM), BLIP-2 stage 1 (ITC+ITM+ITG) or CLIP.
+
+Single process, or under `torchrun --nproc_per_node N -m jobs.cli pretrain ...` (DDP; gloo on
+CPU, nccl on GPU). Writes loadable model directories to --out (BLIP: captioner/ and itm/,
+BLIP-2: itm/, CLIP: clip/) with checkpoints, logs and a summary beside them; docs/training.md
+has the details.
+"""
 from __future__ import annotations
 
+import json
+import logging
+from pathlib import Path
+
 HELP = "Pretrain BLIP, BLIP-2 stage 1 or CLIP on shards"
+DESCRIPTION = (
+    "Pretrain a model on curated (kept rows, one of the selected captions per step) or raw "
+    "img2dataset shards (web caption). Without --init a tiny random model is built from "
+    "model/configs (with --model-config overrides). Resumable: --resume continues from the "
+    "newest checkpoint in --out, exactly where it stopped."
+)
+log = logging.getLogger(__name__)
 
 
-def add_arguments(parser):
-    pass
+def add_loop_arguments(parser) -> None:
+    """Options of the training loop, shared by pretrain and finetune."""
+    parser.add_argument("--data", help="shards: a glob, directory or file (weight 1 in the mixture)")
+    parser.add_argument("--mix", nargs="+", default=[], metavar="GLOB:WEIGHT",
+                        help="more sources with mixture weights, e.g. 'web/*.parquet:3 human/*.parquet:1'")
+    parser.add_argument("--out", required=True, help="output directory (models, checkpoints, logs)")
+    parser.add_argument("--steps", type=int, default=1000, help="optimizer steps")
+    parser.add_argument("--batch-size", type=int, default=32, help="samples per rank per micro-batch")
+    parser.add_argument("--accum", type=int, default=1, help="gradient accumulation micro-batches")
+    parser.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (AdamW)")
+    parser.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (matrices only)")
+    parser.add_argument("--warmup", type=int, default=0, help="linear warmup steps before the cosine decay")
+    parser.add_argument("--min-lr-ratio", type=float, default=0.0, help="final lr as a fraction of --lr")
+    parser.add_argument("--clip-grad", type=float, default=1.0, help="max gradient norm (0: off)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    parser.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every N steps (0: at the end)")
+    parser.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    parser.add_argument("--stop-after", type=int, default=None, help="end this run after step N (checkpointed)")
+    parser.add_argument("--seed", type=int, default=0, help="data order, caption draws, ITM negatives, dropout")
+    parser.add_argument("--shuffle-buffer", type=int, default=1000, help="rows in the shuffle buffer per source")
+    parser.add_argument("--log-every", type=int, default=10, help="JSONL log interval in steps")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--momentum", action="store_true",
+                        help="BLIP ITC with a momentum encoder and soft targets (m=0.995, alpha=0.4)")
+    parser.add_argument("--queue-size", type=int, default=0, help="ITC feature queue (BLIP: 57600; needs --momentum)")
+    parser.add_argument("--alpha", type=float, default=0.4, help="soft-target weight with --momentum")
+    parser.add_argument("--max-text-len", type=int, default=35, help="caption tokens")
+    parser.add_argument("--itm-negatives", choices=["hard", "random"], default="hard",
+                        help="ITM negatives: 'hard' (drawn by similarity, as BLIP) or 'random' (uniform among "
+                        "the non-matching pairs throughout)")
+    parser.add_argument("--itm-random-steps", type=int, default=0, metavar="N",
+                        help="with 'hard': draw uniformly for the first N steps, then by similarity; lets a "
+                        "randomly initialised ITM leave its 0.64 plateau (docs/training.md)")
+
+
+def itm_random_steps(args) -> int:
+    """--itm-negatives random means uniform negatives for every step."""
+    return 1 << 62 if args.itm_negatives == "random" else args.itm_random_steps
+
+
+def sources(args):
+    """The --data / --mix sources, checked before any model is built."""
+    from model.data import SourceSpec, expand_paths
+
+    specs = [SourceSpec(args.data, 1.0, args.data)] if args.data else []
+    specs += [SourceSpec.parse(m) for m in args.mix]
+    if not specs:
+        raise ValueError("give --data GLOB and/or --mix GLOB:WEIGHT ...")
+    for spec in specs:
+        expand_paths(spec.paths)  # raises naming the glob that matches nothing
+    return specs
+
+
+def loop_config(args, run_name: str):
+    from model.train import TrainConfig
+
+    if args.queue_size and not args.momentum:
+        raise ValueError("--queue-size needs --momentum (the queue holds momentum features)")
+    return TrainConfig(
+        out_dir=args.out, run_name=run_name, steps=args.steps, batch_size=args.batch_size, accum=args.accum,
+        lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup, min_lr_ratio=args.min_lr_ratio,
+        clip_grad=args.clip_grad, bf16=args.bf16, checkpoint_every=args.checkpoint_every,
+        keep_checkpoints=args.keep_checkpoints, log_every=args.log_every, seed=args.seed, resume=args.resume,
+        stop_after=args.stop_after, shuffle_buffer=args.shuffle_buffer, progress=not args.no_progress,
+    )
+
+
+def build_on_rank0_first(build):
+    """Rank 0 builds first (it may write the initial model files), then the other ranks."""
+    import torch.distributed as dist
+
+    from model.train import setup_distributed
+
+    rank, world, _ = setup_distributed()
+    model = build() if rank == 0 else None
+    if world > 1:
+        dist.barrier()
+    return model if rank == 0 else build()
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--arch", required=True, choices=["blip", "blip2", "clip"],
+                        help="blip: ITC+ITM+LM; blip2: Q-Former stage 1 (ITC+ITM+ITG); clip: open_clip ClipLoss")
+    add_loop_arguments(parser)
+    parser.add_argument("--init", help="start from this model directory (DIR/captioner + DIR/itm, a single "
+                        "HF BLIP/BLIP-2 directory, or a CLIP directory) instead of a tiny random model")
+    parser.add_argument("--tokenizer", help="tokenizer directory for a fresh BLIP model (when absent, one is "
+                        "trained on the synthetic corpus by model.tiny)")
+    parser.add_argument("--model-config", help="JSON file deep-merged into the fresh model's config, e.g. "
+                        '{"vision_config": {"num_hidden_layers": 12}}')
+    parser.add_argument("--vision-init", metavar="SPEC", help="vision tower weights: timm:NAME[:FILE], "
+                        "hf:DIR, or (blip2 frozen tower) open_clip:NAME[:PRETRAINED]")
+    parser.add_argument("--tasks", help="comma list of losses (blip: itc,itm,lm; blip2: itc,itm,itg)")
+    parser.add_argument("--prompt", default="", help="LM prompt masked out of the targets (blip)")
 
 
 def run(args) -> int:
-    raise NotImplementedError("capfilt pretrain is not implemented yet")
+    overrides = json.loads(Path(args.model_config).read_text()) if args.model_config else None
+    cfg, data = loop_config(args, "pretrain"), sources(args)
+    model = build_on_rank0_first(lambda: build_model(args, overrides))
+    return report(train(model, data, cfg))
+
+
+def build_model(args, overrides):
+    if args.arch == "blip":
+        from model.blip_pretrain import TASKS, BlipTrainConfig, build_blip
+
+        tasks = tuple(args.tasks.split(",")) if args.tasks else TASKS
+        cfg = BlipTrainConfig(tasks=tasks, momentum=args.momentum, queue_size=args.queue_size, alpha=args.alpha,
+                              max_text_len=args.max_text_len, prompt=args.prompt,
+                              itm_random_steps=itm_random_steps(args))
+        return build_blip(cfg, args.out, init=args.init, seed=args.seed, tokenizer_dir=args.tokenizer,
+                          overrides=overrides, vision_init=args.vision_init)
+    if args.arch == "blip2":
+        from model.blip2_pretrain import TASKS, Blip2TrainConfig, build_blip2
+
+        tasks = tuple(args.tasks.split(",")) if args.tasks else TASKS
+        cfg = Blip2TrainConfig(tasks=tasks, max_text_len=args.max_text_len,
+                               itm_random_steps=itm_random_steps(args))
+        return build_blip2(cfg, args.out, init=args.init, seed=args.seed, tokenizer_dir=args.tokenizer,
+                           overrides=overrides, vision_init=args.vision_init)
+    from model.clip_pretrain import build_clip
+
+    if args.vision_init or args.tasks:
+        raise ValueError("--vision-init and --tasks do not apply to --arch clip")
+    return build_clip(args.out, init=args.init, seed=args.seed, overrides=overrides)
+
+
+def train(model, data, cfg) -> dict:
+    from model.train import Trainer
+
+    return Trainer(model, data, cfg).train()
+
+
+def report(summary: dict) -> int:
+    if summary["exported"]:
+        print(json.dumps({"exported": summary["exported"], "steps": summary["steps"], "last": summary["last"]}))
+    else:
+        print(json.dumps({"stopped_at": summary["steps"], "resume_with": "--resume"}))
+    return 0

@@ -1,0 +1,28 @@
+"""Where the model directories of a pretrained run are: `--init DIR` may be a run's output
+(DIR/captioner, DIR/itm, DIR/clip), a single transformers directory, or an open_clip directory.
+The kind of each is read from its config (`architectures`), never guessed from names."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ARCHITECTURES = {"BlipForConditionalGeneration": "captioner", "BlipForImageTextRetrieval": "itm",
+                 "Blip2ForImageTextRetrieval": "blip2"}
+
+
+def find_model_dirs(init) -> dict[str, str]:
+    """Model directories under `init`: {"captioner", "itm", "blip2", "clip"} -> path, from
+    DIR itself or DIR/{captioner,itm,clip} (read from each config's `architectures`)."""
+    root = Path(str(init))
+    found: dict[str, str] = {}
+    for d in (root, root / "captioner", root / "itm", root / "clip"):
+        if (d / "config.json").is_file():
+            arch = (json.loads((d / "config.json").read_text()).get("architectures") or [""])[0]
+            if arch in ARCHITECTURES:
+                found.setdefault(ARCHITECTURES[arch], str(d))
+        if (d / "open_clip_config.json").is_file():
+            found.setdefault("clip", str(d))
+    if not found:
+        raise ValueError(f"--init {init}: no model directory found (looked for config.json with a BLIP "
+                         f"architecture, or open_clip_config.json, in {root} and its captioner/, itm/, clip/)")
+    return found

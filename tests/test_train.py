@@ -1,0 +1,280 @@
+"""The training loop, the three architectures and their exports, on micro models.
+
+Micro models (1 layer, width 32, 32 px) are the tiny configs with overrides, so a step takes a
+few tens of milliseconds; the 16-row human split of the `synth_world` fixture is the data.
+"""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from jobs.cli import main
+from model.data import ImageTextStream, Sample, SourceSpec
+from model.train import TrainConfig, Trainer
+
+VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+          "image_size": 32, "patch_size": 8}
+TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+MICRO = {
+    "blip": {"vision_config": VISION, "text_config": TEXT, "image_text_hidden_size": 32, "projection_dim": 32},
+    "blip2": {"vision_config": VISION, "qformer_config": dict(TEXT, encoder_hidden_size=32),
+              "num_query_tokens": 4, "image_text_hidden_size": 32},
+    "clip": {"model_cfg": {"embed_dim": 32, "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32,
+                                                            "head_width": 16, "layers": 1},
+                           "text_cfg": {"width": 32, "heads": 2, "layers": 1}}},
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def build(arch, work_dir, tokenizer, **cfg):
+    if arch == "blip":
+        from model.blip_pretrain import BlipTrainConfig, build_blip
+
+        return build_blip(BlipTrainConfig(**cfg), work_dir, tokenizer_dir=tokenizer, overrides=MICRO["blip"])
+    if arch == "blip2":
+        from model.blip2_pretrain import Blip2TrainConfig, build_blip2
+
+        return build_blip2(Blip2TrainConfig(**cfg), work_dir, tokenizer_dir=tokenizer, overrides=MICRO["blip2"])
+    from model.clip_pretrain import build_clip
+
+    return build_clip(work_dir, overrides=MICRO["clip"])
+
+
+def run(model, data, out, **cfg):
+    cfg = TrainConfig(out_dir=str(out), progress=False, shuffle_buffer=16, **cfg)
+    Trainer(model, [SourceSpec(str(data))], cfg).train()
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+# Overfitting the 16 clean pairs (one batch = the whole set): mean of the last 5 steps vs the
+# first 5, per loss. ITM starts at the constant predictor's 0.64 (one positive in three); from a
+# random init it does not leave that plateau with BLIP's hard negatives (docs/training.md,
+# "Learning from scratch"), so these runs draw ITM negatives uniformly throughout.
+OVERFIT = {
+    "blip": (dict(tasks=("itc", "itm", "lm"), itm_random_steps=10_000), 200, {"itc": 4.0, "lm": 2.0, "itm": 1.5}),
+    "blip2": (dict(tasks=("itc", "itm", "itg"), itm_random_steps=10_000), 400, {"itc": 4.0, "itg": 2.0, "itm": 1.5}),
+    "clip": ({}, 100, {"clip": 4.0}),
+}
+
+
+@pytest.mark.parametrize("arch", ["blip", "blip2", "clip"])
+def test_overfit_16_samples(arch, tmp_path, synth_world, tiny_tokenizer):
+    model_cfg, steps, factors = OVERFIT[arch]
+    model = build(arch, tmp_path, tiny_tokenizer, **model_cfg)
+    logs = run(model, synth_world / "human", tmp_path, steps=steps, batch_size=16, lr=1e-2, warmup=10,
+               log_every=1, weight_decay=0.0)
+    ratios = {}
+    for name in factors:
+        first, last = np.mean([r[name] for r in logs[:5]]), np.mean([r[name] for r in logs[-5:]])
+        ratios[name] = (float(first), float(last))
+    print(arch, ratios)
+    for name, factor in factors.items():
+        first, last = ratios[name]
+        assert first >= factor * last, f"{arch} {name}: {first} -> {last} (< x{factor})"
+
+
+def _cli(out, tokenizer, config_file, data, *extra):
+    return main(["pretrain", "--arch", "blip", "--data", str(data), "--out", str(out), "--tokenizer", str(tokenizer),
+                 "--model-config", str(config_file), "--batch-size", "4", "--lr", "1e-3", "--warmup", "3",
+                 "--momentum", "--queue-size", "8", "--no-progress", "--log-every", "1", "--shuffle-buffer", "8",
+                 "--steps", "20", *extra])
+
+
+def test_resume_is_exact(tmp_path, synth_world, tiny_tokenizer):
+    """20 straight steps == 10 steps, stop, resume, 10 steps: identical parameters, queue,
+    momentum encoder and losses (BLIP with momentum distillation and a queue)."""
+    cfg_file = tmp_path / "micro.json"
+    cfg_file.write_text(json.dumps(MICRO["blip"]))
+    data = synth_world / "web"
+    assert _cli(tmp_path / "a", tiny_tokenizer, cfg_file, data, "--checkpoint-every", "10") == 0
+    assert _cli(tmp_path / "b", tiny_tokenizer, cfg_file, data, "--stop-after", "10") == 0
+    assert not (tmp_path / "b" / "itm").exists()  # stopped runs do not export
+    assert _cli(tmp_path / "b", tiny_tokenizer, cfg_file, data, "--resume") == 0
+    a = load_file(str(tmp_path / "a/checkpoints/pretrain/step-00000020/model.safetensors"))
+    b = load_file(str(tmp_path / "b/checkpoints/pretrain/step-00000020/model.safetensors"))
+    assert a.keys() == b.keys() and any("image_queue" in k for k in a) and any("momentum." in k for k in a)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    log_a = (tmp_path / "a/pretrain_log.jsonl").read_text().splitlines()
+    log_b = (tmp_path / "b/pretrain_log.jsonl").read_text().splitlines()
+    losses = lambda lines: [json.loads(x)["loss"] for x in lines]  # noqa: E731
+    assert losses(log_a) == losses(log_b) and len(log_a) == 20
+    with pytest.raises(ValueError, match="batch_size=4, this run 2"):
+        main(["pretrain", "--arch", "blip", "--data", str(data), "--out", str(tmp_path / "b"), "--resume",
+              "--tokenizer", str(tiny_tokenizer), "--model-config", str(cfg_file), "--batch-size", "2",
+              "--momentum", "--queue-size", "8", "--steps", "30", "--no-progress"])
+
+
+def _pairs(data, n=6):
+    samples = ImageTextStream([SourceSpec(str(data))], seed=0).next_batch(n)
+    return [s.image for s in samples], [s.text for s in samples]
+
+
+def test_blip_exports_load_and_score_like_the_training_model(tmp_path, synth_world, tiny_tokenizer):
+    from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
+
+    from model.captioner import Captioner
+    from model.filter import load_filter
+
+    model = build("blip", tmp_path, tiny_tokenizer)
+    run(model, synth_world / "human", tmp_path, steps=3, batch_size=4, lr=1e-3)
+    images, texts = _pairs(synth_world / "test")
+    batch = model.collate([Sample(str(k), i, t, "test") for k, (i, t) in enumerate(zip(images, texts))])
+    itm, itc = model.score_pairs(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+    scores = load_filter(str(tmp_path / "itm"), device="cpu").score(images, [[t] for t in texts])
+    assert np.allclose([s.itm[0] for s in scores], itm.numpy(), atol=1e-5)
+    assert np.allclose([s.itc[0] for s in scores], itc.numpy(), atol=1e-5)
+    hf = BlipForImageTextRetrieval.from_pretrained(str(tmp_path / "itm")).eval()
+    with torch.no_grad():
+        out = hf(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+                 attention_mask=batch["attention_mask"])
+    assert torch.allclose(out.itm_score.softmax(-1)[:, 1], itm, atol=1e-5)
+    # the captioner export holds the shared decoder: same logits as the training model
+    cap = BlipForConditionalGeneration.from_pretrained(str(tmp_path / "captioner")).eval()
+    ids = batch["input_ids"].clone()
+    ids[:, 0] = cap.config.text_config.bos_token_id
+    with torch.no_grad():
+        want = model.captioner(pixel_values=batch["pixel_values"], input_ids=ids,
+                               attention_mask=batch["attention_mask"]).logits
+        got = cap(pixel_values=batch["pixel_values"], input_ids=ids, attention_mask=batch["attention_mask"]).logits
+    assert torch.allclose(want, got, atol=1e-5)
+    captions = Captioner.from_pretrained(str(tmp_path / "captioner"), device="cpu").caption(
+        images[:2], ["k0", "k1"], n=2, seed=0, max_length=12, min_length=2)
+    assert len(captions) == 2 and all(isinstance(c, str) for cs in captions for c in cs)
+    # shared parameters: the decoder's cross-attention is the encoder's
+    enc, dec = model.itm.text_encoder.encoder.layer[0], model.captioner.text_decoder.bert.encoder.layer[0]
+    assert dec.crossattention is enc.crossattention and dec.attention is not enc.attention
+
+
+def test_blip2_export_loads_in_the_filter(tmp_path, synth_world, tiny_tokenizer):
+    from model.blip2_pretrain import Blip2TrainConfig, build_blip2
+    from model.filter import load_filter
+
+    model = build("blip2", tmp_path, tiny_tokenizer)
+    run(model, synth_world / "human", tmp_path, steps=3, batch_size=4, lr=1e-3)
+    assert (tmp_path / "itm" / "qformer_lm_head.safetensors").is_file()
+    model.eval()
+    images, texts = _pairs(synth_world / "test")
+    pixel = model.processor.image_processor(images, return_tensors="pt")["pixel_values"]
+    tok = model.processor.tokenizer(texts, padding="longest", return_tensors="pt")
+    itm, itc = model.score_pairs(pixel, tok.input_ids, tok.attention_mask)
+    scores = load_filter(str(tmp_path / "itm"), device="cpu").score(images, [[t] for t in texts])
+    assert np.allclose([s.itm[0] for s in scores], itm.numpy(), atol=1e-5)
+    assert np.allclose([s.itc[0] for s in scores], itc.numpy(), atol=1e-5)
+    # the ITG head comes back with the export (its matrix tied to the word embeddings)
+    again = build_blip2(Blip2TrainConfig(), tmp_path / "again", init=tmp_path)
+    dense = lambda m: m.lm_head.predictions.transform.dense.weight  # noqa: E731
+    assert torch.equal(dense(again), dense(model))
+    assert again.lm_head.predictions.decoder.weight is again.model.embeddings.word_embeddings.weight
+
+
+def test_clip_export_loads_in_the_ranker(tmp_path, synth_world, tiny_tokenizer):
+    from model.ranker import ClipRanker
+
+    model = build("clip", tmp_path, tiny_tokenizer)
+    run(model, synth_world / "human", tmp_path, steps=3, batch_size=4, lr=1e-3, bf16=True)
+    model.eval()
+    images, texts = _pairs(synth_world / "test", 3)
+    batch = model.collate([Sample(str(k), i, t, "test") for k, (i, t) in enumerate(zip(images, texts))])
+    img, txt = model.encode(batch["pixel_values"], batch["text"])
+    ranker = ClipRanker.load(str(tmp_path / "clip"), device="cpu")
+    assert np.allclose(ranker.encode_images(images), img.numpy(), atol=1e-5)
+    assert np.allclose(ranker.encode_texts(texts), txt.numpy(), atol=1e-5)
+    summary = json.loads((tmp_path / "train_summary.json").read_text())
+    assert math.isfinite(summary["last"]["loss"]) and summary["exported"] == [str(tmp_path / "clip")]
+
+
+def test_timm_vit_maps_into_blip_vision_towers(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+    from transformers import Blip2VisionConfig, Blip2VisionModel, BlipVisionConfig, BlipVisionModel
+
+    from model.vision_init import init_vision_tower
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
+                            depth=2, num_heads=2, mlp_ratio=2.0, num_classes=0).eval()
+    file = tmp_path / "vit.safetensors"
+    save_file(vit.state_dict(), str(file))
+    dims = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, image_size=32, patch_size=8,
+                layer_norm_eps=1e-6)
+    pixels = torch.randn(2, 3, 32, 32)
+    blip = BlipVisionModel(BlipVisionConfig(num_hidden_layers=2, **dims)).eval()
+    init_vision_tower(f"timm:vit_tiny_patch16_224:{file}", blip)
+    with torch.no_grad():
+        assert torch.allclose(blip(pixel_values=pixels).last_hidden_state, vit.forward_features(pixels), atol=1e-5)
+        # BLIP-2: the penultimate block's tokens feed the Q-Former (a fresh LayerNorm on top)
+        blip2 = Blip2VisionModel(Blip2VisionConfig(num_hidden_layers=1, **dims)).eval()
+        init_vision_tower(f"timm:vit_tiny_patch16_224:{file}", blip2, penultimate=True)
+        got = blip2.encoder(inputs_embeds=blip2.embeddings(pixels)).last_hidden_state
+        spatial, prefix = vit.forward_intermediates(pixels, indices=[0], return_prefix_tokens=True,
+                                                    output_fmt="NLC", intermediates_only=True)[0]
+        assert torch.allclose(got, torch.cat([prefix, spatial], 1), atol=1e-5)
+    with pytest.raises(ValueError, match="expected timm:NAME"):
+        init_vision_tower("resnet50", blip)
+
+
+def test_blip2_with_a_frozen_tower_without_hf_form(tmp_path, synth_world, tiny_tokenizer):
+    """A timm tower that is not a plain ViT (EVA-02: rotary embeddings) stays a frozen
+    PenultimateTower; the Q-Former trains against it and the run exports DIR/qformer."""
+    import timm
+    from safetensors.torch import save_file
+
+    from model.blip2_pretrain import Blip2TrainConfig, build_blip2
+
+    eva = timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=32, num_classes=0)
+    save_file({k: v.contiguous() for k, v in eva.state_dict().items()}, str(tmp_path / "eva.safetensors"))
+    model = build_blip2(Blip2TrainConfig(), tmp_path, tokenizer_dir=tiny_tokenizer, overrides=MICRO["blip2"],
+                        vision_init=f"timm:eva02_tiny_patch14_224:{tmp_path / 'eva.safetensors'}")
+    assert model.tower is not None and not any(p.requires_grad for p in model.tower.parameters())
+    run(model, synth_world / "human", tmp_path, steps=2, batch_size=4, lr=1e-3)
+    assert all(torch.equal(a, b) for a, b in zip(model.tower.trunk.state_dict().values(), eva.state_dict().values()))
+    assert (tmp_path / "qformer" / "qformer.safetensors").is_file() and not (tmp_path / "itm").exists()
+
+
+def test_finetune_makes_separate_captioner_and_filter(tmp_path, synth_world, tiny_tokenizer):
+    """`finetune --task caption` and `--task retrieval` from one pretrained directory into one
+    --out: two models that no longer share their text layers, each with its own checkpoints."""
+    from safetensors.torch import load_file as load
+
+    cfg_file = tmp_path / "micro.json"
+    cfg_file.write_text(json.dumps(MICRO["blip"]))
+    common = ["--data", str(synth_world / "human"), "--steps", "2", "--batch-size", "4", "--no-progress"]
+    assert main(["pretrain", "--arch", "blip", "--out", str(tmp_path / "pre"), "--tokenizer", str(tiny_tokenizer),
+                 "--model-config", str(cfg_file), *common]) == 0
+    for task in ("caption", "retrieval"):
+        assert main(["finetune", "--task", task, "--init", str(tmp_path / "pre"), "--out", str(tmp_path / "ft"),
+                     "--lr", "1e-3", *common]) == 0
+    ft = tmp_path / "ft"
+    assert (ft / "checkpoints" / "finetune-caption" / "latest").is_file()
+    assert (ft / "checkpoints" / "finetune-retrieval" / "latest").is_file()
+    key = "text_encoder.encoder.layer.0.crossattention.self.query.weight"
+    pre_itm, ft_itm = load(str(tmp_path / "pre/itm/model.safetensors")), load(str(ft / "itm/model.safetensors"))
+    ft_cap = load(str(ft / "captioner/model.safetensors"))
+    pre_cap = load(str(tmp_path / "pre/captioner/model.safetensors"))
+    cap_key = "text_decoder.bert.encoder.layer.0.crossattention.self.query.weight"
+    assert torch.equal(pre_itm[key], pre_cap[cap_key])  # shared in the pretrained model
+    assert not torch.equal(ft_itm[key], ft_cap[cap_key])  # finetuned apart
+    assert not torch.equal(ft_itm[key], pre_itm[key]) and not torch.equal(ft_cap[cap_key], pre_cap[cap_key])
+
+
+def test_cli_errors(tmp_path):
+    with pytest.raises(ValueError, match="--queue-size needs --momentum"):
+        main(["pretrain", "--arch", "blip", "--data", "x", "--out", str(tmp_path), "--queue-size", "8"])
+    with pytest.raises(ValueError, match="no parquet shards match"):
+        main(["pretrain", "--arch", "clip", "--data", str(tmp_path / "none*.parquet"), "--out", str(tmp_path),
+              "--steps", "1", "--no-progress"])
+    with pytest.raises(ValueError, match="no model directory found"):
+        main(["finetune", "--task", "caption", "--init", str(tmp_path), "--data", "x", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="weight must be > 0"):
+        main(["pretrain", "--arch", "clip", "--mix", "x.parquet:0", "--out", str(tmp_path), "--no-progress"])
