@@ -1,0 +1,295 @@
+"""Build a dataset release from curated shards: keep → exact dedup → near dedup →
+decontaminate → reshard, with a manifest, a dataset card and an HTML report.
+
+The build streams the input twice with ``pyarrow.dataset``. Pass 1 reads every row without
+holding images: it hashes and embeds the image of each kept row (embeddings are the only
+per-row arrays of size D). The dedup and decontamination decisions are then made on those
+arrays (``pipeline.dedup``, faiss). Pass 2 reads the rows again in the same order and writes
+released rows to ``shards/part-XXXXX.parquet`` (and optionally webdataset tars) and every
+other row, without its image, to ``removed.parquet`` with the reason. So every input row is
+either released or listed in ``removed.parquet``, which ``release_manifest.check_counts``
+verifies before the release is moved into place.
+
+The release is built in a staging directory beside ``out`` and renamed over it at the end, so
+a failed build never leaves a half-written release behind.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from pipeline import dedup, release_manifest
+from pipeline.release_io import (
+    CURATED_READ_SCHEMA, REMOVED_SCHEMA, EvalSet, ShardWriter, check_input_schema, load_eval_set, scan_rows,
+)
+
+log = logging.getLogger(__name__)
+
+Embedder = Callable[[list], np.ndarray]  # list of RGB PIL images -> (B, D) normalised
+
+# Why a row is not in the release; `reason` column of removed.parquet.
+REASONS = ("not_kept", "unreadable", "exact_duplicate", "duplicate_key", "near_duplicate", "contaminated")
+
+
+@dataclass
+class ReleaseConfig:
+    """Options of one release build (the `capfilt release` flags)."""
+
+    inputs: list[Path]
+    out: Path
+    dedup_threshold: float = 0.95
+    decontaminate: str | None = None
+    decontaminate_threshold: float | None = None  # None: same as dedup_threshold
+    rows_per_shard: int = 10_000
+    webdataset: bool = False
+    clip: str | None = None  # None: the CLIP recorded in the first input's curate manifest
+    index: str = "auto"
+    batch_size: int = 32
+    seed: int = 0
+    overwrite: bool = False
+    report: bool = True
+
+    def __post_init__(self):
+        self.inputs = [Path(p) for p in self.inputs]
+        self.out = Path(self.out)
+        if not self.inputs:
+            raise ValueError("release needs at least one --input curate directory")
+        for name in ("dedup_threshold", "decontaminate_threshold"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 < value <= 1.0:
+                raise ValueError(f"--{name.replace('_', '-')} must be in (0, 1], got {value}")
+        if self.rows_per_shard < 1:
+            raise ValueError(f"--rows-per-shard must be >= 1, got {self.rows_per_shard}")
+        if self.index not in dedup.INDEX_KINDS:
+            raise ValueError(f"--index must be one of {dedup.INDEX_KINDS}, got {self.index!r}")
+
+    @property
+    def eval_threshold(self) -> float:
+        return self.dedup_threshold if self.decontaminate_threshold is None else self.decontaminate_threshold
+
+    def settings(self) -> dict:
+        """The options that decide the release content (recorded in manifest.json)."""
+        return {
+            "dedup_threshold": self.dedup_threshold,
+            "decontaminate": self.decontaminate,
+            "decontaminate_threshold": self.eval_threshold,
+            "rows_per_shard": self.rows_per_shard,
+            "webdataset": self.webdataset,
+            "clip": self.clip,
+            "index": self.index,
+            "seed": self.seed,
+        }
+
+
+@dataclass
+class RowDecisions:
+    """Per-row outcome of the build over N input rows (input order).
+
+    reason: (N,) int8 — 0 released, else 1 + index into REASONS.
+    detail / duplicate_of: N strings or None; similarity: (N,) float32, NaN when not applicable.
+    """
+
+    reason: np.ndarray
+    detail: list = field(default_factory=list)
+    duplicate_of: list = field(default_factory=list)
+    similarity: np.ndarray | None = None
+
+    @classmethod
+    def empty(cls, n: int) -> "RowDecisions":
+        return cls(np.zeros(n, np.int8), [None] * n, [None] * n, np.full(n, np.nan, np.float32))
+
+    def mark(self, rows, reason: str, detail=None, duplicate_of=None, similarity=None) -> None:
+        code = REASONS.index(reason) + 1
+        for pos, row in enumerate(np.asarray(rows, dtype=np.int64).tolist()):
+            self.reason[row] = code
+            self.detail[row] = detail[pos] if isinstance(detail, list) else detail
+            self.duplicate_of[row] = None if duplicate_of is None else duplicate_of[pos]
+            if similarity is not None:
+                self.similarity[row] = similarity[pos]
+
+    def count(self, reason: str) -> int:
+        return int((self.reason == REASONS.index(reason) + 1).sum())
+
+
+def list_input_shards(inputs: list[Path]) -> tuple[list[Path], list[str]]:
+    """`DIR/shards/*.parquet` of every input in a stable order, and each one's name as
+    `DIR/shards/NAME` (the `source` column of removed.parquet); schemas checked up front."""
+    files, sources = [], []
+    for d in inputs:
+        if not d.is_dir():
+            raise ValueError(f"release input {d} is not a directory")
+        found = sorted((d / "shards").glob("*.parquet"))
+        if not found:
+            raise ValueError(f"release input {d}: no curated shards matching {d}/shards/*.parquet")
+        for path in found:
+            check_input_schema(path)
+        files += found
+        sources += [f"{d}/shards/{p.name}" for p in found]
+    return files, sources
+
+
+def _exact_step(rows, live: np.ndarray, out: RowDecisions) -> None:
+    """Identical image bytes, or the same key twice (a key must be unique in a release).
+    Each row is paired with the first row sharing its hash and the first sharing its key."""
+    keys = rows.keys[live]
+    arange = np.arange(len(live))
+    _, first_hash, by_hash = np.unique(rows.sha256[live], return_index=True, return_inverse=True)
+    _, first_key, by_key = np.unique(keys, return_index=True, return_inverse=True)
+    pairs = np.concatenate([np.stack([arange, first_hash[by_hash]], 1), np.stack([arange, first_key[by_key]], 1)])
+    exact = dedup.dedup_by_labels(dedup.cluster_labels(len(live), pairs), rows.rank[live], keys)
+    gone = np.flatnonzero(~exact.keep)
+    winners = live[exact.kept_index[gone]]
+    same = rows.sha256[live[gone]] == rows.sha256[winners]
+    out.mark(live[gone[same]], "exact_duplicate", duplicate_of=list(rows.keys[winners[same]]),
+             similarity=np.ones(int(same.sum()), np.float32))
+    out.mark(live[gone[~same]], "duplicate_key", duplicate_of=list(rows.keys[winners[~same]]),
+             detail="same key, different image")
+
+
+def _near_step(rows, live: np.ndarray, out: RowDecisions, cfg: ReleaseConfig) -> dict:
+    plan = dedup.plan_index(len(live), cfg.index, seed=cfg.seed)
+    near = dedup.near_dedup(rows.embeddings(live), cfg.dedup_threshold, rows.rank[live], rows.keys[live], plan)
+    gone = np.flatnonzero(~near.keep)
+    out.mark(live[gone], "near_duplicate", duplicate_of=list(rows.keys[live[near.kept_index[gone]]]),
+             similarity=near.similarity[gone])
+    return plan.to_dict()
+
+
+def _decontaminate_step(rows, live: np.ndarray, out: RowDecisions, cfg: ReleaseConfig, eval_set: EvalSet) -> dict:
+    plan = dedup.plan_index(len(eval_set.keys), cfg.index, seed=cfg.seed)
+    near = dedup.nearest_eval(rows.embeddings(live), eval_set.embeddings, plan)
+    match, sim = near.match.copy(), near.similarity.copy()
+    # Identical bytes are contamination whatever the embedding says.
+    by_hash = np.array([eval_set.by_hash.get(h, -1) for h in rows.sha256[live]], dtype=np.int64)
+    match[by_hash >= 0], sim[by_hash >= 0] = by_hash[by_hash >= 0], 1.0
+    hit = np.flatnonzero((match >= 0) & (sim >= cfg.eval_threshold))
+    out.mark(live[hit], "contaminated", similarity=sim[hit], duplicate_of=[eval_set.keys[m] for m in match[hit]],
+             detail=[f"eval image in {eval_set.files[eval_set.file_of[m]]}" for m in match[hit]])
+    return plan.to_dict()
+
+
+def decide(rows, cfg: ReleaseConfig, eval_set: EvalSet | None) -> tuple[RowDecisions, dict]:
+    """Apply keep → exact dedup → near dedup → decontamination to the scanned rows.
+
+    Returns the per-row decisions and the faiss plans used (for the manifest)."""
+    out = RowDecisions.empty(len(rows.keys))
+    dropped = np.flatnonzero(~rows.keep)
+    out.mark(dropped, "not_kept", detail=[rows.drop_reason[i] for i in dropped])
+    bad = np.flatnonzero(rows.keep & np.array([u is not None for u in rows.unreadable], dtype=bool))
+    out.mark(bad, "unreadable", detail=[rows.unreadable[i] for i in bad])
+    plans = {}
+    def live() -> np.ndarray:  # rows still in the release
+        return np.flatnonzero(out.reason == 0)
+
+    if len(live()):
+        _exact_step(rows, live(), out)
+        plans["near_dedup"] = _near_step(rows, live(), out, cfg)
+    if eval_set is not None and len(eval_set.keys) and len(live()):
+        plans["decontaminate"] = _decontaminate_step(rows, live(), out, cfg, eval_set)
+    return out, plans
+
+
+def _removed_table(batch: pa.RecordBatch, rows: np.ndarray, source: str, dec: RowDecisions) -> pa.Table:
+    table = pa.Table.from_batches([batch]).drop_columns(["jpg"])
+    n = len(rows)
+    extra = {
+        "source": pa.array([source] * n, pa.string()),
+        "reason": pa.array([REASONS[dec.reason[r] - 1] for r in rows], pa.string()),
+        "detail": pa.array([dec.detail[r] for r in rows], pa.string()),
+        "duplicate_of": pa.array([dec.duplicate_of[r] for r in rows], pa.string()),
+        "similarity": pa.array(dec.similarity[rows], pa.float32()),
+    }
+    for name, arr in extra.items():
+        table = table.append_column(name, arr)
+    return table.select(REMOVED_SCHEMA.names).cast(REMOVED_SCHEMA)
+
+
+def write_outputs(files: list[Path], sources: list[str], dec: RowDecisions, stage: Path,
+                  cfg: ReleaseConfig) -> dict:
+    """Pass 2: released rows → resharded parquet (+ tars); the rest → removed.parquet."""
+    writer = ShardWriter(stage, cfg.rows_per_shard, webdataset=cfg.webdataset)
+    removed = pq.ParquetWriter(stage / "removed.parquet", REMOVED_SCHEMA)
+    start = 0
+    try:
+        for path, source in zip(files, sources):
+            dataset = ds.dataset(str(path), format="parquet", schema=CURATED_READ_SCHEMA)
+            for batch in dataset.to_batches(batch_size=1024):
+                rows = np.arange(start, start + batch.num_rows)
+                start += batch.num_rows
+                released = dec.reason[rows] == 0
+                if released.any():
+                    writer.write(pa.Table.from_batches([batch]).filter(pa.array(released)))
+                if (~released).any():
+                    removed.write_table(_removed_table(batch.filter(pa.array(~released)), rows[~released], source, dec))
+    finally:
+        removed.close()
+        outputs = writer.close()
+    if start != len(dec.reason):
+        raise release_manifest.AccountingError(
+            f"inputs changed during the build: pass 1 read {len(dec.reason)} rows, pass 2 {start}")
+    return outputs
+
+
+def _stage_dir(out: Path) -> Path:
+    stage = out.parent / f".{out.name}.partial"
+    if stage.exists():
+        shutil.rmtree(stage)  # left by a crashed build; never a finished release
+    (stage / "shards").mkdir(parents=True)
+    return stage
+
+
+def _swap_into_place(stage: Path, out: Path) -> None:
+    old = out.parent / f".{out.name}.old"
+    if old.exists():
+        shutil.rmtree(old)
+    if out.exists():
+        out.rename(old)
+    stage.rename(out)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def build_release(cfg: ReleaseConfig, embedder: Embedder | None = None) -> dict:
+    """Build the release described by ``cfg``; returns the manifest (also in out/manifest.json).
+
+    ``embedder`` maps RGB images to normalised embeddings; by default the CLIP named by
+    ``cfg.clip`` (or the curate manifest) loaded through ``model.ranker.ClipRanker``."""
+    t0 = time.time()
+    if cfg.out.exists() and not cfg.overwrite:
+        raise ValueError(f"release output {cfg.out} exists; pass --overwrite to replace it")
+    files, sources = list_input_shards(cfg.inputs)
+    lineage = release_manifest.curate_lineage(cfg.inputs)
+    if embedder is None:
+        cfg.clip = cfg.clip or release_manifest.default_clip(lineage)
+        embedder = release_manifest.clip_embedder(cfg.clip)
+    eval_set = load_eval_set(cfg.decontaminate, embedder, cfg.batch_size) if cfg.decontaminate else None
+    rows = scan_rows(files, embedder, cfg.batch_size)
+    dec, plans = decide(rows, cfg, eval_set)
+    stage = _stage_dir(cfg.out)
+    try:
+        outputs = write_outputs(files, sources, dec, stage, cfg)
+        counts = release_manifest.count_steps(dec, REASONS, outputs)
+        manifest = release_manifest.build_manifest(
+            cfg, files, sources, lineage, eval_set, plans, counts, outputs, stage)
+        release_manifest.check_counts(manifest)
+        (stage / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        (stage / "README.md").write_text(release_manifest.dataset_card(manifest))
+        if cfg.report:
+            from pipeline.report import write_report
+            write_report(stage, out_file=stage / "report.html", title=str(cfg.out))
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    _swap_into_place(stage, cfg.out)
+    log.info("release %s: %s in %.1f s", cfg.out, counts, time.time() - t0)
+    return manifest

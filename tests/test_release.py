@@ -1,0 +1,222 @@
+"""The release build on hand-made curated shards: planted exact and near duplicates, eval-set
+contamination, bad rows, resharding, webdataset output read back the way LAVIS reads it,
+manifest counts and hashes, and the errors."""
+import hashlib
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from jobs.cli import main
+from pipeline import release_manifest
+from pipeline.release import ReleaseConfig, build_release
+from pipeline.sinks import model_record
+from release_data import image_bytes, near_copy, pixel_embedder, row, write_curated, write_raw
+from transforms.schemas import CURATED_SCHEMA
+
+
+def sha(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def world(tmp_path):
+    """Two curate dirs with planted problems, and an eval shard.
+
+    a: k0..k5 distinct (k5 lower CLIP), d0 not kept; x1 = exact copy of k1 with a lower score;
+       n2 = near copy of k2 with a higher CLIP score (so n2 is kept, k2 removed);
+    b: k9 without image bytes, bad decodes as unreadable; dupkey "k4" with a different image;
+       ev11: a near copy of image 11, which is in the eval set (as e2); k8 distinct.
+    """
+    imgs = {i: image_bytes(i) for i in range(12)}
+    a = [row(f"k{i}", imgs[i], clip=0.3 + 0.01 * i) for i in range(6)] + [row("d0", imgs[6], keep=False)]
+    a2 = [row("x1", imgs[1], clip=0.2), row("n2", near_copy(2), clip=0.9)]
+    b = [row("k9", None), row("bad", b"<html>not an image</html>"), row("k4", imgs[10], clip=0.1),
+         row("ev11", near_copy(11)), row("k8", imgs[8])]
+    write_curated(tmp_path / "cur_a", [a, a2])
+    write_curated(tmp_path / "cur_b", [b])
+    # eval: e0 and e2 are images 3 and 11 re-encoded (so k3 and ev11 are contaminated), e1 unrelated
+    write_raw(tmp_path / "eval" / "test-00000.parquet",
+              [("e0", image_bytes(3, quality=80)), ("e1", image_bytes(100)), ("e2", image_bytes(11, quality=80))])
+    return tmp_path
+
+
+def build(world, out="rel", **kw):
+    cfg = dict(inputs=[world / "cur_a", world / "cur_b"], out=world / out, dedup_threshold=0.9,
+               decontaminate=str(world / "eval" / "*.parquet"), rows_per_shard=2,
+               report=False)  # the report has its own tests (test_report_browser.py)
+    cfg.update(kw)
+    return build_release(ReleaseConfig(**cfg), embedder=pixel_embedder)
+
+
+def removed_by_key(out):
+    t = pq.read_table(out / "removed.parquet").to_pylist()
+    return {r["key"]: r for r in t}
+
+
+def test_release_removes_planted_rows_for_the_right_reasons(world):
+    m = build(world)
+    out = world / "rel"
+    released = pq.read_table(out / "shards").column("key").to_pylist()
+    assert sorted(released) == ["k0", "k1", "k4", "k5", "k8", "n2"]
+    rm = removed_by_key(out)
+    got = {k: (r["reason"], r["duplicate_of"]) for k, r in rm.items()}
+    assert got == {
+        "d0": ("not_kept", None),
+        "x1": ("exact_duplicate", "k1"),      # same bytes, lower CLIP score
+        "k2": ("near_duplicate", "n2"),       # n2 has the better CLIP score
+        "k9": ("unreadable", None),
+        "bad": ("unreadable", None),
+        "k3": ("contaminated", "e0"),
+        "ev11": ("contaminated", "e2"),
+        "k4": ("duplicate_key", "k4"),        # second "k4" (other image, lower score)
+    }
+    assert rm["d0"]["detail"] == "no_caption_passed"
+    assert rm["k9"]["detail"] == "no_image" and rm["bad"]["detail"].startswith("decode:")
+    assert rm["k2"]["similarity"] > 0.9 and rm["x1"]["similarity"] == 1.0
+    assert "test-00000.parquet" in rm["k3"]["detail"]
+    assert rm["k2"]["source"].endswith("cur_a/shards/part-00000.parquet")
+    # the kept "k4" is the one from cur_a (higher CLIP score)
+    k4 = pq.read_table(out / "shards").to_pylist()
+    assert [r["jpg"] for r in k4 if r["key"] == "k4"] == [image_bytes(4)]
+    assert m["counts"]["removed"]["contaminated"] == 2
+
+
+def test_manifest_counts_reconcile_with_files(world):
+    m = build(world)
+    out = world / "rel"
+    c = m["counts"]
+    assert (c["input_rows"], c["kept"], c["deduped"], c["decontaminated"], c["released"]) == (14, 11, 8, 6, 6)
+    assert [s["step"] for s in c["steps"]] == ["keep", "dedup", "decontaminate"]
+    shard_rows = [pq.ParquetFile(out / s["name"]).metadata.num_rows for s in m["outputs"]["shards"]]
+    assert sum(shard_rows) == c["released"]
+    assert pq.ParquetFile(out / "removed.parquet").metadata.num_rows == c["input_rows"] - c["released"]
+    for s in m["outputs"]["shards"] + [m["outputs"]["removed"]]:
+        assert s["sha256"] == sha(out / s["name"])
+    in_hashes = {(i["dir"], s["name"]): s["sha256"] for i in m["inputs"] for s in i["shards"]}
+    assert in_hashes[(str(world / "cur_a"), "shards/part-00001.parquet")] == sha(world / "cur_a/shards/part-00001.parquet")
+    assert m["inputs"][0]["curate"]["models"]["captioner"] == "tiny-captioner"
+    assert m["inputs"][0]["curate"]["thresholds"]["itm"] == 0.5
+    assert m["settings"]["dedup_threshold"] == 0.9 and m["eval_set"]["images"] == 3
+    assert m["eval_set"]["files"][0]["sha256"] == sha(world / "eval/test-00000.parquet")
+    assert m["code_version"] and m["index"]["near_dedup"]["kind"] == "flat"
+    assert json.loads((out / "manifest.json").read_text()) == m
+    card = (out / "README.md").read_text()
+    assert "| dedup | 11 |" in card and "Known limitations" in card
+    release_manifest.check_counts(m)  # the published manifest passes its own check
+
+
+def test_accounting_failure_publishes_nothing(world, monkeypatch):
+    real = release_manifest.count_steps
+
+    def off_by_one(*a):
+        c = real(*a)
+        c["released"] += 1
+        return c
+
+    monkeypatch.setattr(release_manifest, "count_steps", off_by_one)
+    with pytest.raises(release_manifest.AccountingError, match="released 7, decontaminated 6"):
+        build(world)
+    assert not (world / "rel").exists() and not (world / ".rel.partial").exists()
+
+
+def test_reshard_names_schema_and_reproducibility(world):
+    m1 = build(world, "r1")
+    m2 = build(world, "r2", inputs=[world / "cur_a", world / "cur_b"])
+    names = [s["name"] for s in m1["outputs"]["shards"]]
+    assert names == ["shards/part-00000.parquet", "shards/part-00001.parquet", "shards/part-00002.parquet"]
+    assert [s["rows"] for s in m1["outputs"]["shards"]] == [2, 2, 2]
+    assert pq.read_schema(world / "r1" / names[0]).remove_metadata().equals(CURATED_SCHEMA)
+    # same inputs and settings: byte-identical shards and removed list
+    assert [s["sha256"] for s in m1["outputs"]["shards"]] == [s["sha256"] for s in m2["outputs"]["shards"]]
+    assert m1["outputs"]["removed"]["sha256"] == m2["outputs"]["removed"]["sha256"]
+
+
+def test_kept_set_does_not_depend_on_input_order(world):
+    build(world, "fwd")
+    build(world, "rev", inputs=[world / "cur_b", world / "cur_a"])
+    keys = lambda d: sorted(pq.read_table(world / d / "shards").column("key").to_pylist())  # noqa: E731
+    assert keys("fwd") == keys("rev")
+
+
+def test_webdataset_reads_like_lavis_laion(world):
+    import webdataset as wds
+
+    m = build(world, webdataset=True)
+    tars = [str(world / "rel" / t["name"]) for t in m["outputs"]["webdataset"]]
+    assert [Path(t).name for t in tars] == ["00000.tar", "00001.tar", "00002.tar"]
+    # LAVIS LaionDataset: tarfile_to_samples -> decode("pilrgb") -> to_tuple("jpg", "json"),
+    # then sample[1]["caption"] is the text.
+    pipe = wds.DataPipeline(wds.SimpleShardList(tars), wds.tarfile_to_samples(), wds.decode("pilrgb"),
+                            wds.to_tuple("jpg", "json"))
+    samples = list(pipe)
+    released = {r["key"]: r for r in pq.read_table(world / "rel" / "shards").to_pylist()}
+    assert len(samples) == len(released) == 6
+    for image, meta in samples:
+        assert isinstance(image, Image.Image) and image.size == (32, 32)
+        assert meta["caption"] == released[meta["key"]]["captions"][0]
+        assert meta["captions"] == released[meta["key"]]["captions"]
+
+
+def test_bad_inputs_fail_before_work(world, tmp_path):
+    build(world)
+    with pytest.raises(ValueError, match="exists; pass --overwrite"):
+        build(world)
+    build(world, overwrite=True)  # replaces the release
+    bad = tmp_path / "bad" / "shards"
+    bad.mkdir(parents=True)
+    t = pq.read_table(world / "cur_a/shards/part-00000.parquet").drop_columns(["keep"])
+    pq.write_table(t, bad / "part-00000.parquet")
+    with pytest.raises(ValueError, match=r"part-00000.parquet: missing required column 'keep'"):
+        build(world, "x", inputs=[tmp_path / "bad"])
+    with pytest.raises(ValueError, match="matches no file"):
+        build(world, "y", decontaminate=str(tmp_path / "nothing*.parquet"))
+    with pytest.raises(ValueError, match="no curated shards"):
+        build(world, "z", inputs=[tmp_path])
+    with pytest.raises(ValueError, match="--dedup-threshold must be in"):
+        build(world, "w", dedup_threshold=1.5)
+
+
+def test_cli_bad_input_exit_code(tmp_path, capsys):
+    code = main(["release", "--input", str(tmp_path / "missing"), "--out", str(tmp_path / "rel"), "--clip", "x"])
+    assert code == 2
+    assert "is not a directory" in capsys.readouterr().err
+
+
+def test_cli_release_with_tiny_clip(world, tiny_models):
+    """The full command: CLIP embeddings from the curate manifest's model (a tiny open_clip)."""
+    from model.tiny import clip_spec
+
+    spec = clip_spec(tiny_models["clip"])
+    write_curated(world / "cur_c", [[row("a", image_bytes(1)), row("b", image_bytes(1), clip=0.1),
+                                     row("c", image_bytes(2))]], clip=spec)
+    out = world / "rel_cli"
+    code = main(["release", "--input", str(world / "cur_c"), "--out", str(out), "--dedup-threshold", "0.9999",
+                 "--rows-per-shard", "1", "--webdataset"])
+    assert code == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["settings"]["clip"] == spec
+    # the same content hash the curate run record gives this model
+    assert m["models"]["release_clip"] == model_record(spec) and len(model_record(spec)["sha256"]) == 64
+    assert removed_by_key(out)["b"]["reason"] == "exact_duplicate"
+    assert m["counts"]["input_rows"] == 3 and m["counts"]["released"] + m["outputs"]["removed"]["rows"] == 3
+    assert (out / "report.html").is_file() and len(m["outputs"]["webdataset"]) == m["counts"]["released"]
+
+
+def test_empty_and_all_dropped_inputs(tmp_path):
+    write_curated(tmp_path / "empty", [[]])
+    write_curated(tmp_path / "dropped", [[row("a", image_bytes(1), keep=False)]])
+    m = build_release(ReleaseConfig([tmp_path / "empty", tmp_path / "dropped"], tmp_path / "rel", report=False),
+                      embedder=pixel_embedder)
+    assert (m["counts"]["input_rows"], m["counts"]["kept"], m["counts"]["released"]) == (1, 0, 0)
+    assert m["outputs"]["shards"] == [] and m["outputs"]["removed"]["rows"] == 1
+    assert removed_by_key(tmp_path / "rel")["a"]["reason"] == "not_kept"
+
+
+def test_default_clip_comes_from_the_curate_manifest():
+    curate_record = {"models": {"clip": {"id": "ViT-B-32:laion2b", "sha256": None, "kind": "hub"}}}
+    assert release_manifest.default_clip([{"curate": None}, {"curate": curate_record}]) == "ViT-B-32:laion2b"
+    with pytest.raises(ValueError, match="pass --clip"):
+        release_manifest.default_clip([{"curate": {"models": {"clip": None}}}])

@@ -1,0 +1,269 @@
+"""`capfilt run-job`: incremental steps, idempotence (a second run changes no file), exit codes.
+
+Most tests replace the curate command by a small stand-in that honours its contract (curated
+shards + stats.json, finished input shards skipped, --overwrite starts again) and give the real
+release command a pixel embedder instead of CLIP, so they run in seconds. The end-to-end test
+at the bottom runs the real curate on tiny models and the synthetic world.
+"""
+import fcntl
+import glob
+import hashlib
+import json
+import re
+import shutil
+import textwrap
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import jobs.curate
+from jobs.cli import main
+from pipeline import release_manifest
+from release_data import image_bytes, near_copy, pixel_embedder, row, write_raw
+from transforms.schemas import CURATED_SCHEMA
+
+
+def snapshot(root: Path) -> dict:
+    """{relative path: (mtime_ns, sha256)} of every file under root."""
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+class FakeCurate:
+    """Stands in for `capfilt curate`: one curated shard per raw shard, done shards skipped."""
+
+    def __init__(self):
+        self.calls = []
+        self.fail = False
+        self.break_stats = False
+
+    def __call__(self, args):
+        self.calls.append({"inputs": sorted(f for g in args.input for f in glob.glob(g)), "overwrite": args.overwrite})
+        if self.fail:
+            return 1
+        out = Path(args.out)
+        if args.overwrite and out.exists():
+            shutil.rmtree(out)
+        (out / "shards").mkdir(parents=True, exist_ok=True)
+        for f in self.calls[-1]["inputs"]:
+            target = out / "shards" / f"part-{Path(f).stem}.parquet"
+            if target.exists():
+                continue  # finished earlier
+            rows = [row(r["key"], r["jpg"]) for r in pq.read_table(f).to_pylist()]
+            pq.write_table(pa.Table.from_pylist(rows, schema=CURATED_SCHEMA), target)
+        n = sum(pq.ParquetFile(p).metadata.num_rows for p in (out / "shards").glob("*.parquet"))
+        stats = {"input_rows": n, "kept": n, "dropped": 0, "errors": 1 if self.break_stats else 0}
+        (out / "stats.json").write_text(json.dumps(stats))
+        return 0
+
+
+@pytest.fixture
+def job(tmp_path, monkeypatch):
+    """A job over raw/*.parquet (two shards), with an eval set; curate faked, CLIP replaced."""
+    fake = FakeCurate()
+    monkeypatch.setattr(jobs.curate, "run", fake)
+    monkeypatch.setattr(release_manifest, "clip_embedder", lambda spec: pixel_embedder)
+    write_raw(tmp_path / "raw" / "a.parquet", [(f"a{i}", image_bytes(i)) for i in range(4)])
+    write_raw(tmp_path / "raw" / "b.parquet", [("b0", image_bytes(10)), ("b1", near_copy(1))])
+    write_raw(tmp_path / "eval" / "test.parquet", [("e0", image_bytes(2, quality=70))])
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "clip.bin").write_bytes(b"weights")
+    path = tmp_path / "job.yaml"
+    path.write_text(textwrap.dedent("""\
+        name: nightly
+        output_root: out
+        inputs: {shards: "raw/*.parquet"}
+        models: {captioner: models, filter: models, clip: models/clip.bin}
+        curate: {num_captions: 3, itm_threshold: 0.4, beam_options: ["--direct_num_workers=1"]}
+        release: {dedup_threshold: 0.9, decontaminate: "eval/*.parquet", rows_per_shard: 3, no_report: true}
+        """))
+    return path, fake
+
+
+def released_keys(root):
+    return sorted(pq.read_table(root / "out" / "release" / "shards").column("key").to_pylist())
+
+
+def test_first_run_then_nothing_to_do_and_no_file_changes(job, capsys):
+    path, fake = job
+    root = path.parent
+    assert main(["run-job", str(path)]) == 0
+    assert "ran: curate (2 new shard(s)), release" in capsys.readouterr().out
+    assert len(fake.calls) == 1 and fake.calls[0]["overwrite"] is False
+    assert released_keys(root) == ["a0", "a1", "a3", "b0"]  # b1 near-dup of a1, a2 in the eval set
+    before = snapshot(root / "out")
+    assert main(["run-job", str(path)]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert len(fake.calls) == 1
+    assert snapshot(root / "out") == before
+
+
+def test_new_shard_is_curated_incrementally_and_release_rebuilt(job, capsys):
+    path, fake = job
+    root = path.parent
+    assert main(["run-job", str(path)]) == 0
+    old_manifest = json.loads((root / "out/release/manifest.json").read_text())
+    write_raw(root / "raw" / "c.parquet", [("c0", image_bytes(20))])
+    assert main(["run-job", str(path)]) == 0
+    assert fake.calls[-1] == {"inputs": sorted(str(p) for p in (root / "raw").glob("*.parquet")), "overwrite": False}
+    assert "c0" in released_keys(root)
+    m = json.loads((root / "out/release/manifest.json").read_text())
+    assert m["counts"]["input_rows"] == old_manifest["counts"]["input_rows"] + 1
+    release_manifest.check_counts(m)
+
+
+def test_release_settings_change_rebuilds_only_the_release(job, capsys):
+    path, fake = job
+    root = path.parent
+    assert main(["run-job", str(path)]) == 0
+    path.write_text(path.read_text().replace("rows_per_shard: 3", "rows_per_shard: 1"))
+    assert main(["run-job", str(path), "--dry-run"]) == 0
+    assert "would run: release" in capsys.readouterr().out
+    assert main(["run-job", str(path)]) == 0
+    assert len(fake.calls) == 1
+    assert len(list((root / "out/release/shards").glob("*.parquet"))) == 4
+
+
+def test_curate_settings_or_model_change_recurates_with_overwrite(job):
+    path, fake = job
+    root = path.parent
+    assert main(["run-job", str(path)]) == 0
+    path.write_text(path.read_text().replace("num_captions: 3", "num_captions: 5"))
+    assert main(["run-job", str(path)]) == 0
+    assert fake.calls[-1]["overwrite"] is True
+    (root / "models" / "clip.bin").write_bytes(b"new weights!")
+    assert main(["run-job", str(path)]) == 0
+    assert len(fake.calls) == 3 and fake.calls[-1]["overwrite"] is True
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.replace("output_root: out\n", ""), "output_root is required"),
+    (lambda t: t.replace("num_captions: 3", "num_captionz: 3"), "unknown options ['--num-captionz'"),
+    (lambda t: t.replace("num_captions: 3", "out: elsewhere"), "curate.out: set by run-job itself"),
+    (lambda t: t.replace('raw/*.parquet', 'nothing/*.parquet'), "matches no file"),
+    (lambda t: t.replace("rows_per_shard: 3", "rows_per_shard: 3, colour: red"), "release: unknown keys ['colour']"),
+    (lambda t: t.replace("dedup_threshold: 0.9", "dedup_threshold: 7"), "--dedup-threshold must be in"),
+    (lambda t: t + "extra: 1\n", "unknown keys ['extra']"),
+    (lambda t: "[not, a, mapping]\n", "expected a mapping"),
+])
+def test_config_errors_exit_2(job, capsys, edit, message):
+    path, fake = job
+    path.write_text(edit(path.read_text()))
+    assert main(["run-job", str(path)]) == 2
+    assert message in capsys.readouterr().err
+    assert fake.calls == []
+
+
+def test_step_failure_exit_3_and_accounting_failure_exit_4(job, capsys):
+    path, fake = job
+    fake.fail = True
+    assert main(["run-job", str(path)]) == 3
+    assert re.search(r"curate into \S+curated failed \(exit 3", capsys.readouterr().err)
+    fake.fail, fake.break_stats = False, True
+    assert main(["run-job", str(path)]) == 4
+    assert "input_rows 6 != kept 6 + dropped 0 + errors 1" in capsys.readouterr().err
+    assert not (path.parent / "out" / "release").exists()
+
+
+def test_release_accounting_failure_exit_4(job, capsys, monkeypatch):
+    path, _ = job
+    real = release_manifest.count_steps
+
+    def broken(*a):
+        c = real(*a)
+        c["steps"][1]["out"] += 1
+        return c
+
+    monkeypatch.setattr(release_manifest, "count_steps", broken)
+    assert main(["run-job", str(path)]) == 4
+    assert "do not reconcile" in capsys.readouterr().err
+
+
+def test_locked_job_exit_5(job, capsys):
+    path, fake = job
+    root = path.parent / "out"
+    root.mkdir()
+    with open(root / ".run-job.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        assert main(["run-job", str(path)]) == 5
+    assert "another run-job holds" in capsys.readouterr().err and fake.calls == []
+
+
+def test_end_to_end_with_real_curate(tmp_path, tiny_models, capsys):
+    """ingest is not needed (raw shards); curate and release are the real commands."""
+    from model.tiny import clip_spec
+
+    assert main(["synth", "--out", str(tmp_path / "world"), "--n", "8", "--human", "2", "--test", "4",
+                 "--rows-per-shard", "4", "--seed", "3"]) == 0
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    web = sorted((tmp_path / "world" / "web").glob("*.parquet"))
+    assert len(web) == 2
+    shutil.copy(web[0], raw / web[0].name)
+    job = tmp_path / "job.yaml"
+    job.write_text(json.dumps({  # JSON is YAML
+        "output_root": "out",
+        "inputs": {"shards": "raw/*.parquet"},
+        "models": {"captioner": str(tiny_models["captioner"]), "filter": str(tiny_models["itm"]),
+                   "clip": clip_spec(tiny_models["clip"])},
+        "curate": {"num_captions": 2, "batch_size": 4, "max_length": 12, "min_length": 4},
+        "release": {"dedup_threshold": 0.999, "decontaminate": "world/test/*.parquet", "rows_per_shard": 2},
+    }))
+    assert main(["run-job", str(job)]) == 0
+    assert "ran: curate (1 new shard(s)), release" in capsys.readouterr().out
+    m = json.loads((tmp_path / "out/release/manifest.json").read_text())
+    assert m["counts"]["input_rows"] == 4
+    release_manifest.check_counts(m)
+    before = snapshot(tmp_path / "out")
+    assert main(["run-job", str(job)]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert snapshot(tmp_path / "out") == before
+    shutil.copy(web[1], raw / web[1].name)  # new data arrives
+    assert main(["run-job", str(job)]) == 0
+    assert "ran: curate (1 new shard(s)), release" in capsys.readouterr().out
+    curated_stats = json.loads((tmp_path / "out/curated/stats.json").read_text())
+    assert curated_stats["input_rows"] == 8
+    # the first shard's curated output was not rewritten
+    first = [k for k in before if k.startswith("curated/shards/")]
+    after = snapshot(tmp_path / "out")
+    assert first and all(after[k] == before[k] for k in first)
+    assert json.loads((tmp_path / "out/release/manifest.json").read_text())["counts"]["input_rows"] == 8
+    # the report works on the real curate output too
+    assert main(["report", str(tmp_path / "out/curated"), "--out", str(tmp_path / "curated.html")]) == 0
+    assert "capfilt curate report" in (tmp_path / "curated.html").read_text()
+
+
+def test_url_lists_are_ingested_once_and_again_when_changed(job, monkeypatch, capsys):
+    """URL-list mode: `capfilt ingest` (a stand-in here) runs per new or changed list file."""
+    import jobs.ingest
+
+    path, fake = job
+    root = path.parent
+    ingested = []
+
+    def fake_ingest(args):
+        ingested.append(Path(args.url_list).name)
+        urls = Path(args.url_list).read_text().split()
+        write_raw(Path(args.out) / "00000.parquet", [(u, image_bytes(100 + int(u[1:]))) for u in urls])
+        return 0
+
+    monkeypatch.setattr(jobs.ingest, "add_arguments", lambda p: (p.add_argument("--url-list"), p.add_argument("--out")))
+    monkeypatch.setattr(jobs.ingest, "run", fake_ingest)
+    (root / "urls").mkdir()
+    (root / "urls" / "a.txt").write_text("u1 u2\n")
+    path.write_text(path.read_text().replace('inputs: {shards: "raw/*.parquet"}', 'inputs: {url_lists: "urls/*.txt"}'))
+    assert main(["run-job", str(path)]) == 0
+    assert ingested == ["a.txt"] and fake.calls[-1]["inputs"] == [str(root / "out/raw/a/00000.parquet")]
+    assert released_keys(root) == ["u1", "u2"]
+    assert main(["run-job", str(path)]) == 0 and ingested == ["a.txt"]
+    assert "nothing to do" in capsys.readouterr().out
+    (root / "urls" / "b.txt").write_text("u3\n")
+    (root / "urls" / "a.txt").write_text("u1 u2 u4\n")
+    assert main(["run-job", str(path)]) == 0
+    assert sorted(ingested) == ["a.txt", "a.txt", "b.txt"]
+    # each list is curated into its own dir; a.txt's shard changed, so its curate starts again
+    assert [(c["inputs"], c["overwrite"]) for c in fake.calls[1:]] == [
+        ([str(root / "out/raw/a/00000.parquet")], True), ([str(root / "out/raw/b/00000.parquet")], False)]
+    assert released_keys(root) == ["u1", "u2", "u3", "u4"]
