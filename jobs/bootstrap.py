@@ -1,12 +1,348 @@
-"""`capfilt bootstrap` — placeholder until its issue lands."""
+"""`capfilt bootstrap` — BLIP's CapFilt bootstrap rounds, with the Table 1 ablations, from a YAML config.
+
+    capfilt bootstrap --config jobs/configs/demo.yaml --out runs/demo [--rounds 2]
+
+Round 0 (ablation ``none``, no bootstrap): a synthetic world (or the config's data), a model
+pretrained on the web split plus the human split, evaluated on the test split.
+Round r >= 1: the previous round's model is finetuned on the human split into a captioner and a
+filter (separate models, as in BLIP), `capfilt curate` rewrites the web split with them and the
+CLIP ranker (trained once, on the splits in ``clip_data``), and a NEW model is pretrained from
+scratch on the curated set plus the human split, then evaluated. Round 1 runs each ablation in the
+config (``filter``: --no-synthetic, ``captioner``: --no-filter, ``capfilt``); later rounds run
+``capfilt`` only, starting from the previous round's capfilt model.
+
+Every stage goes through `jobs.cli.main([...])`, the same commands a user runs. A stage that
+finished records its command in ``OUT/stages/<name>.json``; a re-run skips it when the command is
+unchanged and its outputs exist, re-runs it (from scratch) when the command changed, and resumes
+an interrupted training stage from its last checkpoint. The report is `OUT/report.json` and
+`OUT/report.md` (see `jobs/bootstrap_report.py`).
+"""
 from __future__ import annotations
 
-HELP = "Run CapFilt bootstrap rounds from a YAML config"
+import argparse
+import json
+import logging
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+HELP = "Run CapFilt bootstrap rounds (and BLIP's ablations) from a YAML config"
+DESCRIPTION = (
+    "Run BLIP's CapFilt bootstrap from a YAML config. Round 0 (ablation 'none'): synthetic world "
+    "(or the config's data), pretrain on web + human, evaluate on test. Round r >= 1: finetune the "
+    "previous model into a captioner and a filter on the human split, curate the web split with them "
+    "and a CLIP ranker, pretrain a NEW model on curated + human, evaluate. Round 1 runs each ablation "
+    "of BLIP's Table 1 (filter only, captioner only, capfilt); later rounds continue from the capfilt "
+    "model. Writes OUT/report.json and OUT/report.md; a re-run skips finished stages."
+)
+
+log = logging.getLogger(__name__)
 
 
-def add_arguments(parser):
-    pass
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, type=Path,
+                        help="YAML config (sizes, models, thresholds, seeds, steps); see jobs/configs/demo.yaml")
+    parser.add_argument("--out", required=True, type=Path, help="output directory (re-runs skip finished stages)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="bootstrap rounds after round 0 (default: the config's `rounds`)")
+    parser.add_argument("--ablations", default=None,
+                        help="comma list overriding the config's ablations (none,filter,captioner,capfilt)")
+    parser.add_argument("--force", action="store_true", help="re-run every stage, even finished ones")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for training and evaluation (default: the config's `threads`, "
+                        "else torch's default); 1 is fastest on a machine shared with other jobs")
+
+
+class Stages:
+    """Runs named stages once.
+
+    A finished stage leaves ``OUT/stages/<name>.json`` with its key (the command), the stamps
+    of the stages it read from, and a stamp of its own. It is skipped when all of these still
+    match and its outputs exist; otherwise it runs again: from scratch when it had finished
+    before (its command or an input changed), resuming when it was interrupted and says it can.
+    """
+
+    def __init__(self, out: Path, force: bool = False):
+        self.out = out
+        self.force = force
+        self.records: list[dict] = []
+        self.stamps: dict[str, str] = {}
+        (out / "stages").mkdir(parents=True, exist_ok=True)
+
+    def _marker(self, name: str) -> Path:
+        return self.out / "stages" / (name.replace("/", "__") + ".json")
+
+    def run(self, name: str, key, outputs: list[Path], work, out_dir: Path | None = None,
+            resumable: bool = False, deps: tuple[str, ...] = ()) -> float:
+        """Run `work(resume)` unless stage `name` already finished with the same `key` and
+        inputs (`deps`, names of earlier stages) and its `outputs` exist. Returns the stage's
+        seconds (those of the earlier run when skipped)."""
+        unknown = [d for d in deps if d not in self.stamps]
+        if unknown:
+            raise RuntimeError(f"stage {name} depends on {unknown}, which have not run")
+        key = {"key": key, "deps": {d: self.stamps[d] for d in deps}}
+        marker = self._marker(name)
+        done = json.loads(marker.read_text()) if marker.is_file() else None
+        if done and done["key"] == key and all(p.exists() for p in outputs) and not self.force:
+            log.info("[%s] already done (%.0f s), skipped", name, done["seconds"])
+            self.stamps[name] = done["stamp"]
+            self.records.append({"stage": name, "seconds": done["seconds"], "skipped": True})
+            return done["seconds"]
+        resume = False
+        if out_dir is not None and out_dir.exists():
+            if done is not None or self.force or not resumable:
+                shutil.rmtree(out_dir)  # a different command or input, or not resumable: start clean
+            else:
+                resume = True  # interrupted before its marker: continue where it stopped
+        marker.unlink(missing_ok=True)
+        log.info("[%s] %s", name, "resuming" if resume else "running")
+        start = time.perf_counter()
+        work(resume)
+        seconds = time.perf_counter() - start
+        missing = [str(p) for p in outputs if not p.exists()]
+        if missing:
+            raise RuntimeError(f"stage {name} finished without writing {missing}")
+        self.stamps[name] = uuid.uuid4().hex
+        marker.write_text(json.dumps({"key": key, "stamp": self.stamps[name], "seconds": seconds}, indent=1))
+        log.info("[%s] done in %.0f s", name, seconds)
+        self.records.append({"stage": name, "seconds": seconds, "skipped": False})
+        return seconds
+
+
+def _cli(argv: list[str]) -> None:
+    from jobs.cli import main
+
+    code = main([str(a) for a in argv])
+    if code != 0:
+        raise RuntimeError(f"`capfilt {' '.join(map(str, argv))}` exited with code {code}")
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+        json.dump(data, f, indent=2)
+    Path(f.name).replace(path)
+
+
+class Bootstrap:
+    """One bootstrap run: the stages of every round and ablation, then the report."""
+
+    def __init__(self, config, out: Path, force: bool = False, threads: int | None = None):
+        from jobs.bootstrap_config import cli_options
+
+        self.config = config
+        self.threads = threads
+        self.out = out
+        self.stages = Stages(out, force)
+        self.opts = cli_options
+        if config.data is not None:
+            self.web, self.human, self.test, self.truth = (
+                config.data.web, config.data.human, config.data.test, Path(config.data.truth))
+        else:
+            world = out / "world"
+            self.web, self.human, self.test = (str(world / s / "*.parquet") for s in ("web", "human", "test"))
+            self.truth = world / "truth.parquet"
+        self.world_deps = ("world",) if config.data is None else ()
+
+    # --- stages --------------------------------------------------------------------------------
+
+    def world(self) -> None:
+        w, world = self.config.world, self.out / "world"
+        argv = ["synth", "--out", world, "--n", w.n, "--noise", w.noise, "--seed", self.config.seed,
+                "--image-size", w.image_size, "--rows-per-shard", w.rows_per_shard, "--no-progress"]
+        argv += (["--human", w.human] if w.human is not None else []) + (["--test", w.test] if w.test is not None else [])
+        argv += ["--noise-mix", w.noise_mix] if w.noise_mix else []
+        argv = [str(a) for a in argv]
+        self.stages.run("world", argv, [self.truth], lambda resume: _cli(argv), out_dir=world)
+
+    def _train(self, name: str, command: list, train, out_dir: Path, outputs: list[Path], deps=()) -> float:
+        argv = [*command, "--out", out_dir, "--steps", train.steps, "--batch-size", train.batch_size,
+                "--lr", train.lr, "--seed", self.config.seed, *self.opts(train.options)]
+        argv = [str(a) for a in argv]
+        return self.stages.run(name, argv, outputs, lambda resume: _cli(argv + (["--resume"] if resume else [])),
+                               out_dir=out_dir, resumable=True, deps=(*self.world_deps, *deps))
+
+    def pretrain(self, name: str, data: str | None, deps=()) -> tuple[Path, float]:
+        """A new BLIP model from scratch on `data` plus the human split (the human split alone
+        when `data` is None); `deps` names the stage that wrote `data`."""
+        out_dir = self.out / name / "model"
+        command = ["pretrain", "--arch", "blip"]
+        command += ["--data", data, "--mix", f"{self.human}:{self.config.human_weight}"] if data else ["--data", self.human]
+        if self.config.model_config:
+            path = self.out / "model_config.json"
+            _write_json(path, self.config.model_config)
+            command += ["--model-config", path]
+        train = self.config.pretrain
+        if name.startswith("round0/") and self.config.round0_pretrain is not None:
+            train = self.config.round0_pretrain
+        seconds = self._train(f"{name}/pretrain", command, train, out_dir,
+                              [out_dir / "captioner" / "config.json", out_dir / "itm" / "config.json"], deps)
+        return out_dir, seconds
+
+    def clip(self) -> Path:
+        splits = {"human": self.human, "web": self.web}
+        data = [splits[s] for s in self.config.clip_data]
+        command = ["pretrain", "--arch", "clip", "--data", data[0]]
+        command += ["--mix", *(f"{d}:1" for d in data[1:])] if len(data) > 1 else []
+        out_dir = self.out / "clip"
+        self._train("clip", command, self.config.clip, out_dir, [out_dir / "clip"])
+        return out_dir / "clip"
+
+    def finetune(self, name: str, model_dir: Path) -> dict:
+        """The captioner and filter finetuned on the human split from `model_dir`, and the
+        filter's quality on the web split (what the next curate will face)."""
+        cap_dir, itm_dir = self.out / name / "finetune_caption", self.out / name / "finetune_retrieval"
+        base = ["--init", model_dir, "--data", self.human]
+        seconds = self._train(f"{name}/finetune_caption", ["finetune", "--task", "caption", *base],
+                              self.config.finetune_caption, cap_dir, [cap_dir / "captioner" / "config.json"],
+                              (f"{name}/pretrain",))
+        seconds += self._train(f"{name}/finetune_retrieval", ["finetune", "--task", "retrieval", *base],
+                               self.config.finetune_retrieval, itm_dir, [itm_dir / "itm" / "config.json"],
+                               (f"{name}/pretrain",))
+        deps = (f"{name}/finetune_caption", f"{name}/finetune_retrieval")
+        result = self.evaluate(f"{name}/finetuned_eval", {"captioner": cap_dir, "filter": itm_dir}, deps=deps)
+        return {"captioner": cap_dir / "captioner", "filter": itm_dir / "itm", "seconds": seconds,
+                "deps": deps, **result}
+
+    def curate(self, name: str, round_: int, ablation: str, finetuned: dict, clip: Path) -> tuple[Path, float]:
+        from jobs.bootstrap_config import CURATE_FLAGS
+
+        c, out_dir = self.config.curate, self.out / name / "curated"
+        argv = ["curate", "--input", self.web, "--out", out_dir, "--clip", clip, "--round", round_,
+                "--seed", self.config.seed, "--keep-top", c.keep_top, "--batch-size", c.batch_size,
+                *CURATE_FLAGS[ablation], *self.opts(c.options)]
+        if ablation != "filter":
+            argv += ["--captioner", finetuned["captioner"], "--num-captions", c.num_captions, "--top-p", c.top_p]
+        if ablation != "captioner":
+            argv += ["--filter", finetuned["filter"], "--itm-threshold", c.itm_threshold]
+        argv = [str(a) for a in argv]
+        threads = ["--torch-threads", str(self.threads)] if self.threads else []  # not part of the stage key
+        # curate resumes by itself (it skips finished input shards), so no --resume flag.
+        seconds = self.stages.run(f"{name}/curate", argv, [out_dir / "stats.json"],
+                                  lambda resume: _cli(argv + threads), out_dir=out_dir, resumable=True,
+                                  deps=(*self.world_deps, "clip", *finetuned["deps"]))
+        return out_dir / "shards", seconds
+
+    def evaluate(self, name: str, models: dict, curated: Path | None = None, filter_applied: bool = False,
+                 deps=()) -> dict:
+        """Held-out metrics of `models` ({"model": pretrain dir} -> retrieval + caption;
+        {"captioner", "filter"} -> caption + filter on web), and of `curated` shards."""
+        from model import evaluation as ev
+
+        e, path = self.config.evaluate, self.out / name.rsplit("/", 1)[0] / (name.rsplit("/", 1)[1] + ".json")
+        key = {k: str(v) for k, v in {**models, "curated": curated, "filter_applied": filter_applied}.items()}
+        key["config"] = {"evaluate": vars(e), "threshold": self.config.curate.itm_threshold}
+
+        def work(resume):
+            result = {}
+            if "model" in models:
+                result["retrieval"] = ev.evaluate_retrieval(models["model"], self.test, itm_rerank=e.itm_rerank,
+                                                            batch_size=e.batch_size)
+            cap = models.get("model") or models.get("captioner")
+            if cap is not None:  # a pretrained decoder learnt with pretrain's prompt (none by default)
+                prompt = (self.config.pretrain.options.get("prompt", "") if "model" in models
+                          else self.config.finetune_caption.options.get("prompt", "a picture of "))
+                result["caption"] = ev.evaluate_captions(cap, self.test, truth=self.truth, batch_size=e.batch_size,
+                                                         limit=e.caption_limit, seed=self.config.seed, prompt=prompt)
+            if "filter" in models:
+                result["filter"] = ev.evaluate_filter(models["filter"], self.web, truth=self.truth,
+                                                      threshold=self.config.curate.itm_threshold,
+                                                      batch_size=e.batch_size)
+            if curated is not None:
+                result["curated"] = ev.evaluate_curated(str(curated), self.truth)
+                if filter_applied:
+                    result["curated_filter"] = ev.evaluate_filter(None, str(curated), truth=self.truth,
+                                                                  threshold=self.config.curate.itm_threshold)
+            _write_json(path, result)
+
+        seconds = self.stages.run(name, key, [path], work, deps=(*self.world_deps, *deps))
+        return {"eval": json.loads(path.read_text()), "eval_seconds": seconds}
+
+    # --- rounds --------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        from jobs.bootstrap_report import entry, write_report
+
+        cfg, started = self.config, time.perf_counter()
+        if cfg.data is None:
+            self.world()
+        entries, finetuned_log = [], []
+        model_dir, seconds = self.pretrain("round0/none", self.web)
+        result = self.evaluate("round0/none/eval", {"model": model_dir}, deps=("round0/none/pretrain",))
+        web_fraction = ev_web_correct(self.truth)
+        entries.append(entry(0, "none", model_dir, result["eval"], None,
+                             {"pretrain": seconds, "evaluate": result["eval_seconds"]}, web_fraction))
+        if cfg.rounds >= 1:
+            clip = self.clip()
+        previous = model_dir
+        for round_ in range(1, cfg.rounds + 1):
+            source = "round0/none" if round_ == 1 else f"round{round_ - 1}/capfilt"
+            finetuned = self.finetune(source, previous)
+            finetuned_log.append({"used_in_round": round_, "from": source, **finetuned["eval"],
+                                  "seconds": finetuned["seconds"] + finetuned["eval_seconds"]})
+            ablations = [a for a in cfg.ablations if a != "none"] if round_ == 1 else ["capfilt"]
+            for ablation in ablations:
+                name = f"round{round_}/{ablation}"
+                shards, t_curate = self.curate(name, round_, ablation, finetuned, clip)
+                kept = json.loads((shards.parent / "stats.json").read_text())["kept"]
+                if kept == 0:  # nothing survived curation: the new model sees the human split only
+                    log.warning("[%s] curation kept no row; pretraining on the human split alone", name)
+                model_dir, t_pretrain = self.pretrain(name, str(shards / "*.parquet") if kept else None,
+                                                      deps=(f"{name}/curate",))
+                result = self.evaluate(f"{name}/eval", {"model": model_dir}, curated=shards,
+                                       filter_applied=ablation in ("filter", "capfilt"),
+                                       deps=(f"{name}/curate", f"{name}/pretrain"))
+                entries.append(entry(round_, ablation, model_dir, result["eval"], finetuned["filter"],
+                                     {"curate": t_curate, "pretrain": t_pretrain, "evaluate": result["eval_seconds"]},
+                                     web_fraction))
+                if ablation == "capfilt":
+                    previous = model_dir
+        report = {"rounds": entries, "finetuned": finetuned_log, "stages": self.stages.records,
+                  "total_seconds": time.perf_counter() - started, "config": _config_dict(cfg)}
+        write_report(self.out, report)
+        return report
+
+
+def ev_web_correct(truth: Path) -> float:
+    """Share of web rows whose caption is correct by the truth label (before any curation)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(truth, columns=["split", "noise_type"])
+    web = table.filter(pc.equal(table["split"], "web"))
+    if web.num_rows == 0:
+        raise ValueError(f"truth file {truth} has no web rows")
+    return pc.sum(pc.equal(web["noise_type"], "correct")).as_py() / web.num_rows
+
+
+def _config_dict(cfg) -> dict:
+    from jobs.bootstrap_config import as_dict
+
+    return as_dict(cfg)
 
 
 def run(args) -> int:
-    raise NotImplementedError("capfilt bootstrap is not implemented yet")
+    from jobs.bootstrap_config import load_config
+
+    try:
+        config = load_config(args.config)
+        if args.rounds is not None:
+            config.rounds = args.rounds
+        if args.ablations is not None:
+            config.ablations = [a.strip() for a in args.ablations.split(",") if a.strip()]
+        config.validate()
+    except ValueError as exc:
+        raise SystemExit(f"capfilt bootstrap: {exc}") from exc
+    threads = args.threads if args.threads is not None else config.threads
+    if threads is not None:
+        import torch
+
+        if threads < 1:
+            raise SystemExit(f"capfilt bootstrap: --threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    Bootstrap(config, args.out, force=args.force, threads=threads).run()
+    print(f"report: {args.out / 'report.md'} (data: {args.out / 'report.json'})")
+    return 0
