@@ -3,7 +3,8 @@
     capfilt demo [--out demo_out] [--rounds 2] [--threads 1]
 
 It is `capfilt bootstrap --config jobs/configs/demo.yaml` (the config ships inside the package),
-sized to finish in about 15 minutes on 2 CPU cores: a synthetic noisy-web world, round 0, the
+sized for about 15 minutes on an idle 2-core CPU (18 min measured at one thread with the
+other core busy, docs/results.md): a synthetic noisy-web world, round 0, the
 round-1 ablations of BLIP's Table 1, and the report. Re-running into the same --out skips the
 stages already done. docs/results.md gives what it reaches against the targets.
 """
@@ -19,7 +20,7 @@ DESCRIPTION = (
     "Run `capfilt bootstrap` with the embedded default config (jobs/configs/demo.yaml): a synthetic "
     "noisy-web world (45% of web captions noisy), round 0 (pretrain on web + human), finetuned captioner and "
     "filter, CLIP ranker, then round 1 with BLIP's ablations (filter only, captioner only, "
-    "captioner + filter), each a new model pretrained on the curated web split. About 15 minutes on "
+    "captioner + filter), each a new model pretrained on the curated web split. Sized for about 15 minutes on "
     "2 CPU cores. Prints where report.md and report.json are."
 )
 
@@ -32,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="bootstrap rounds after round 0 (default: the demo config's, 1); 2 adds a "
                         "second round from the round-1 captioner and filter")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: torch's choice; use 1 when other jobs share the CPU)")
+                        help="torch threads (default: the demo config's, 1)")
     parser.add_argument("--force", action="store_true", help="re-run every stage, even finished ones")
     parser.add_argument("--print-config", action="store_true", help="print the embedded config and exit")
 
