@@ -146,6 +146,15 @@ class CaptionHandler(_SampleHandler):
         return [dataclasses.replace(s, synthetic=list(c)) for s, c in zip(batch, captions)]
 
 
+def _score_candidates(model, batch: list[Sample]) -> list:
+    """``model.score`` of the candidate captions of every sample that has any, in one call;
+    one entry per sample of ``batch`` (None for a sample without candidates)."""
+    todo = [s for s in batch if candidates(s)]
+    scores = model.score([s.image for s in todo], [candidates(s) for s in todo]) if todo else []
+    by_id = {id(s): sc for s, sc in zip(todo, scores)}
+    return [by_id.get(id(s)) for s in batch]
+
+
 def _split_scores(sample: Sample, values) -> tuple[float | None, list[float]]:
     """Scores in candidate order -> (web score or None, synthetic scores)."""
     values = [float(v) for v in values]
@@ -165,12 +174,8 @@ class FilterHandler(_SampleHandler):
         return load_filter(self._spec, device=self._cfg.device, bf16=self._cfg.bf16)
 
     def infer(self, batch, model):
-        todo = [s for s in batch if candidates(s)]
-        scores = model.score([s.image for s in todo], [candidates(s) for s in todo]) if todo else []
-        by_id = {id(s): sc for s, sc in zip(todo, scores)}
         out = []
-        for s in batch:
-            sc = by_id.get(id(s))
+        for s, sc in zip(batch, _score_candidates(model, batch)):
             if sc is None:
                 out.append(dataclasses.replace(s, synthetic_itm=[], synthetic_itc=[]))
                 continue
@@ -193,12 +198,8 @@ class RankHandler(_SampleHandler):
         return ClipRanker.load(self._spec, device=self._cfg.device, bf16=self._cfg.bf16)
 
     def infer(self, batch, model):
-        todo = [s for s in batch if candidates(s)]
-        scores = model.score([s.image for s in todo], [candidates(s) for s in todo]) if todo else []
-        by_id = {id(s): sc for s, sc in zip(todo, scores)}
         out = []
-        for s in batch:
-            sc = by_id.get(id(s))
+        for s, sc in zip(batch, _score_candidates(model, batch)):
             web_clip, syn_clip = _split_scores(s, sc) if sc is not None else (None, [])
             out.append(dataclasses.replace(s, web_clip=web_clip, synthetic_clip=syn_clip))
         return out
