@@ -12,11 +12,19 @@ What is ours and why:
   trailing [SEP], stop at [SEP]).
 * **Per-sample randomness.** Row ``(key, i)`` samples with the seed
   ``sample_seed(run_seed, key, i)``; its captions do not depend on batch size or order.
+* **Fast path** (``fast``, default on; ``model.fastpath.FastPath``). transformers' decoder caches
+  the cross-attention keys/values after the first step, but per row: n identical copies per
+  image, each projected from the image (about 22 GFLOP per copy for BLIP-large) and read again
+  at every step. With ``cross_kv_once`` the decoder gets the un-repeated (B, P, D) embeddings
+  and ``grouped_cross_attention`` projects and caches them once per image; the n rows of an
+  image attend to them in one call. ``sdpa`` runs the vision tower's attention through torch's
+  SDPA. Both leave the sampled tokens unchanged up to float rounding (tests/test_fastpath.py).
 
 Lengths follow BLIP and transformers: ``max_length``/``min_length`` count the prompt tokens.
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -24,6 +32,7 @@ import torch
 from PIL import Image
 
 from model.device import check_images, inference_context, load_hf_model, resolve_device, use_bf16
+from model.fastpath import FastPath, enable_blip_fast_path, fast_attention, grouped_cross_attention, resolve_fast
 from model.sampling import SeededNucleusSampler, row_seeds
 
 
@@ -52,30 +61,36 @@ class CaptionConfig:
 class Captioner:
     """N seeded nucleus-sampled captions per image from a BLIP captioning model."""
 
-    def __init__(self, model, processor, device: torch.device, bf16: bool = False):
+    def __init__(self, model, processor, device: torch.device, bf16: bool = False,
+                 fast: bool | FastPath = True):
         self.model = model
         self.processor = processor
         self.device = device
         self.bf16 = bf16
+        self.fast = resolve_fast(fast)  # may be changed later: the model serves both paths
+        enable_blip_fast_path(model)
         text_config = model.config.text_config
         self.bos_token_id = text_config.bos_token_id
         self.sep_token_id = text_config.sep_token_id
         self.pad_token_id = text_config.pad_token_id
 
     @classmethod
-    def from_pretrained(cls, name_or_dir, device: str = "auto", bf16: bool = False) -> "Captioner":
-        """Load from a hub id or a ``save_pretrained`` directory (model + BlipProcessor)."""
+    def from_pretrained(cls, name_or_dir, device: str = "auto", bf16: bool | str = False,
+                        fast: bool | FastPath = True) -> "Captioner":
+        """Load from a hub id or a ``save_pretrained`` directory (model + BlipProcessor).
+        ``bf16``: True, False or "auto" (see ``model.device.use_bf16``)."""
         from transformers import BlipForConditionalGeneration, BlipProcessor
 
         resolved = resolve_device(device)
         model, processor = load_hf_model(BlipForConditionalGeneration, BlipProcessor, name_or_dir, resolved)
-        return cls(model, processor, resolved, bf16=use_bf16(bf16, resolved))
+        return cls(model, processor, resolved, bf16=use_bf16(bf16, resolved), fast=fast)
 
     def encode_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """(B, P, D) last hidden state of the vision tower, one forward for the batch."""
         pixels = self.processor.image_processor(images=check_images(images), return_tensors="pt")
         pixel_values = pixels["pixel_values"].to(self.device)  # (B, 3, H, W)
-        return self.model.vision_model(pixel_values=pixel_values).last_hidden_state
+        with fast_attention(self.fast.sdpa):
+            return self.model.vision_model(pixel_values=pixel_values).last_hidden_state
 
     def _prompt_ids(self, prompt: str, rows: int) -> torch.Tensor:
         """(rows, L) prompt ids as BLIP's generate feeds them: bos first, no trailing [SEP]."""
@@ -115,22 +130,33 @@ class Captioner:
             )
         with inference_context(self.device, self.bf16):
             image_embeds = self.encode_images(images)  # (B, P, D): the only vision forward
-            image_embeds = image_embeds.repeat_interleave(n, dim=0)  # (B*n, P, D), image-major rows
+            if self.fast.cross_kv_once:
+                # the decoder sees each image once; its n rows share the cross-attention K/V
+                image_inputs = {"encoder_hidden_states": image_embeds}
+                grouping = grouped_cross_attention(per_image=n, sdpa=self.fast.sdpa)
+            else:
+                image_embeds = image_embeds.repeat_interleave(n, dim=0)  # (B*n, P, D), image-major rows
+                image_inputs = {
+                    "encoder_hidden_states": image_embeds,
+                    "encoder_attention_mask": torch.ones(image_embeds.shape[:-1], dtype=torch.long,
+                                                         device=self.device),
+                }
+                grouping = contextlib.nullcontext()
             sampler = SeededNucleusSampler(row_seeds(seed, keys, n), top_p=config.top_p)
-            sequences = self.model.text_decoder.generate(
-                input_ids=prompt_ids,
-                attention_mask=torch.ones_like(prompt_ids),
-                encoder_hidden_states=image_embeds,
-                encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device),
-                eos_token_id=self.sep_token_id,
-                pad_token_id=self.pad_token_id,
-                do_sample=False,  # greedy over the sampler's perturbed scores = seeded sampling
-                num_beams=1,
-                max_length=config.max_length,
-                min_length=config.min_length,
-                repetition_penalty=config.repetition_penalty,
-                logits_processor=[sampler],
-            )  # (B*n, T) prompt + generated tokens
+            with grouping:
+                sequences = self.model.text_decoder.generate(
+                    input_ids=prompt_ids,
+                    attention_mask=torch.ones_like(prompt_ids),
+                    **image_inputs,
+                    eos_token_id=self.sep_token_id,
+                    pad_token_id=self.pad_token_id,
+                    do_sample=False,  # greedy over the sampler's perturbed scores = seeded sampling
+                    num_beams=1,
+                    max_length=config.max_length,
+                    min_length=config.min_length,
+                    repetition_penalty=config.repetition_penalty,
+                    logits_processor=[sampler],
+                )  # (B*n, T) prompt + generated tokens
         generated = sequences[:, prompt_ids.shape[1]:]
         texts = self.processor.tokenizer.batch_decode(generated, skip_special_tokens=True)
         texts = [t.strip() for t in texts]

@@ -9,6 +9,14 @@ batch into one padded text batch, points each caption at its image's cached embe
 gets ITM (cross-attending text encoder + ``itm_head``) and ITC (unimodal text encoder +
 projections) from that. The results equal the per-pair ``forward`` (tests/test_filter.py).
 
+Fast path (``fast``, default on; ``model.fastpath.FastPath``), BLIP only: with
+``cross_kv_once`` the ITM text encoder gets the (B, P, D) embeddings of the images, not a
+(T, P, D) copy per caption, and ``grouped_cross_attention`` projects them to cross-attention
+keys/values once per image per layer (BLIP-large: 1.8 GFLOP per layer per caption, about a third
+of encode-once scoring's FLOPs, saved for all captions but one per image); ``sdpa`` runs the
+vision tower's and that cross-attention's softmax through torch's SDPA. The scores stay equal to
+the plain path up to float rounding (tests/test_fastpath.py). BLIP-2's Q-Former is unchanged.
+
 ``load_filter`` picks the class from the checkpoint's config (``model_type`` ``blip`` or
 ``blip-2``).
 """
@@ -23,9 +31,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from model.device import (
-    check_images, inference_context, load_config, load_hf_model, resolve_device, use_bf16,
-)
+from model.device import check_images, inference_context, load_config, load_hf_model, resolve_device, use_bf16
+from model.fastpath import FastPath, enable_blip_fast_path, fast_attention, grouped_cross_attention, resolve_fast
 
 
 @dataclass
@@ -83,7 +90,7 @@ class EncodeOnceFilter(ABC):
         """(itm (T,), itc (T,)) of texts ``ids`` (T, L) against images ``owner`` (T,)."""
 
     def __init__(self, model, processor, device: torch.device, bf16: bool = False,
-                 max_text_tokens: int = 35, text_batch_size: int = 256):
+                 max_text_tokens: int = 35, text_batch_size: int = 256, fast: bool | FastPath = True):
         if max_text_tokens < 2 or text_batch_size < 1:
             raise ValueError(f"need max_text_tokens >= 2 and text_batch_size >= 1, got "
                              f"{max_text_tokens}, {text_batch_size}")
@@ -93,9 +100,11 @@ class EncodeOnceFilter(ABC):
         self.bf16 = bf16
         self.max_text_tokens = max_text_tokens  # BLIP's ITM/ITC text length (blip_itm.py: 35)
         self.text_batch_size = text_batch_size  # bounds the (T, P, D) copy of image embeddings
+        self.fast = resolve_fast(fast)  # may be changed later: the model serves both paths
+        enable_blip_fast_path(model)
 
     @classmethod
-    def from_pretrained(cls, name_or_dir, device: str = "auto", bf16: bool = False, **options):
+    def from_pretrained(cls, name_or_dir, device: str = "auto", bf16: bool | str = False, **options):
         import transformers
         from transformers import AutoProcessor
 
@@ -124,7 +133,7 @@ class EncodeOnceFilter(ABC):
         if not texts:
             empty = torch.zeros(0)
             return _split(empty, empty, counts)
-        with inference_context(self.device, self.bf16):
+        with inference_context(self.device, self.bf16), fast_attention(self.fast.sdpa):
             image_state = self.encode_images(self.pixel_values(images))
             owner_t = torch.tensor(owner, device=self.device)
             itm_parts, itc_parts = [], []
@@ -148,14 +157,30 @@ class BlipFilter(EncodeOnceFilter):
         feats = F.normalize(model.vision_proj(embeds[:, 0, :]), dim=-1)  # (B, E)
         return {"embeds": embeds, "feats": feats}
 
+    def _fused(self, image_embeds: torch.Tensor, owner: torch.Tensor, ids: torch.Tensor,
+               mask: torch.Tensor) -> torch.Tensor:
+        """(T, L, Dt) ITM text encoding (cross-attending to each caption's image)."""
+        encoder = self.model.text_encoder
+        if not self.fast.cross_kv_once:
+            embeds = image_embeds[owner]  # (T, P, Dv): each caption sees its own image
+            image_mask = torch.ones(embeds.shape[:-1], dtype=torch.long, device=embeds.device)  # (T, P)
+            return encoder(input_ids=ids, attention_mask=mask, encoder_hidden_states=embeds,
+                           encoder_attention_mask=image_mask).last_hidden_state
+        # Only the images this chunk of captions belongs to; owner is non-decreasing (image-major).
+        first, last = int(owner[0]), int(owner[-1])
+        embeds = image_embeds[first:last + 1]  # (B', P, Dv)
+        local = owner - first  # (T,)
+        counts = torch.bincount(local, minlength=embeds.shape[0])
+        if bool((counts == counts[0]).all()):
+            grouping = grouped_cross_attention(per_image=int(counts[0]), sdpa=self.fast.sdpa)
+        else:
+            grouping = grouped_cross_attention(owner=local, sdpa=self.fast.sdpa)
+        with grouping:  # the image mask is all ones, which transformers' BLIP ignores anyway
+            return encoder(input_ids=ids, attention_mask=mask, encoder_hidden_states=embeds).last_hidden_state
+
     def score_texts(self, image_state, owner: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor):
         model = self.model
-        embeds = image_state["embeds"][owner]  # (T, P, Dv): each caption sees its own image
-        image_mask = torch.ones(embeds.shape[:-1], dtype=torch.long, device=embeds.device)  # (T, P)
-        fused = model.text_encoder(
-            input_ids=ids, attention_mask=mask,
-            encoder_hidden_states=embeds, encoder_attention_mask=image_mask,
-        ).last_hidden_state  # (T, L, Dt)
+        fused = self._fused(image_state["embeds"], owner, ids, mask)  # (T, L, Dt)
         itm = model.itm_head(fused[:, 0, :]).float().softmax(dim=-1)[:, 1]  # (T,)
         text = model.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (T, L, Dt)
         text_feats = F.normalize(model.text_proj(text[:, 0, :]), dim=-1)  # (T, E)

@@ -15,9 +15,29 @@ Accepted specs:
 
 Weights must load (``require_pretrained``): a spec without weights is an error, not a silently
 random model. open_clip reads them with safetensors or ``torch.load(weights_only=True)``.
+
+Fast path (``fast``, default on; ``model.fastpath.FastPath.trim_clip_text``): open_clip pads every
+caption to the full context (77 tokens) and runs the text tower over all of it, though a
+CLIP text tower is causal and pools the end token, which never attends to the padding after it.
+``_encode_token_batch`` runs the same sub-modules on the batch's tokens up to its longest
+caption's end token (captions of 10-20 tokens: about 4x fewer text FLOPs); the features equal
+open_clip's ``encode_text`` up to float rounding. Text towers that are not causal or pool
+elsewhere (``CustomTextCLIP``, ``pool_type`` other than argmax/eos) keep ``encode_text``.
+open_clip's attention is ``nn.MultiheadAttention``, which already uses torch's SDPA.
+
+bf16 (when on, see ``model.device.use_bf16``) covers the image tower; on CPU not through
+autocast. Under CPU autocast ``nn.MultiheadAttention`` leaves its fused path, and its packed
+in-projection of the (L, N, D)-transposed batch becomes a broadcast ``bmm`` that copies the
+in-projection weight once per position: ViT-L-14 took 60 s per image in a batch of 2 instead
+of 2 s in fp32 (docs/benchmarks/capfilt.md). So on CPU the image tower runs from a bf16 copy of
+its weights (made on first use, 0.6 GB for ViT-L-14), where the fused path applies; the text
+tower stays in fp32 (with bf16 weights and its causal mask it is slow the same way, and the
+trimmed text is a small share of the work).
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,6 +46,7 @@ import torch
 from PIL import Image
 
 from model.device import check_images, inference_context, is_local_spec, resolve_device, use_bf16
+from model.fastpath import FastPath, resolve_fast
 
 _SCHEMES = ("hf-hub:", "local-dir:")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
@@ -63,16 +84,18 @@ class ClipRanker:
     """Image-caption cosine scores from an open_clip model; each image encoded once."""
 
     def __init__(self, model, preprocess, tokenizer, device: torch.device, bf16: bool = False,
-                 text_batch_size: int = 256):
+                 text_batch_size: int = 256, fast: bool | FastPath = True):
         self.model = model
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.device = device
         self.bf16 = bf16
         self.text_batch_size = text_batch_size
+        self.fast = resolve_fast(fast)  # may be changed later: the model serves both paths
+        self._visual_bf16 = None  # bf16 copy of the image tower for CPU bf16 (module docstring)
 
     @classmethod
-    def load(cls, spec: str, device: str = "auto", bf16: bool = False, **options) -> "ClipRanker":
+    def load(cls, spec: str, device: str = "auto", bf16: bool | str = False, **options) -> "ClipRanker":
         import open_clip
 
         name, pretrained = parse_spec(spec)
@@ -86,16 +109,69 @@ class ClipRanker:
             raise ValueError(f"cannot load CLIP model {spec!r}: {exc}") from exc
         return cls(model.eval(), preprocess, tokenizer, resolved, bf16=use_bf16(bf16, resolved), **options)
 
+    @property
+    def vision_tower(self) -> torch.nn.Module:
+        """The module that encodes images under the current settings."""
+        if self.bf16 and self.device.type == "cpu":
+            if self._visual_bf16 is None:
+                self._visual_bf16 = copy.deepcopy(self.model.visual).to(torch.bfloat16).eval()
+            return self._visual_bf16
+        return self.model.visual
+
     def _encode_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
         pixels = torch.stack([self.preprocess(image) for image in check_images(images)]).to(self.device)
+        if self.bf16 and self.device.type == "cpu":
+            with torch.autocast("cpu", enabled=False):
+                features = self.vision_tower(pixels.to(torch.bfloat16))  # (B, D) bf16
+            return torch.nn.functional.normalize(features.float(), dim=-1)
         return self.model.encode_image(pixels, normalize=True).float()  # (B, D)
 
     def _encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
         parts = []
-        for start in range(0, len(texts), self.text_batch_size):
-            tokens = self.tokenizer(list(texts[start:start + self.text_batch_size])).to(self.device)  # (t, C)
-            parts.append(self.model.encode_text(tokens, normalize=True).float())  # (t, D)
+        # see the module docstring: CPU autocast makes open_clip's text attention slower
+        fp32_text = self.bf16 and self.device.type == "cpu"
+        with torch.autocast("cpu", enabled=False) if fp32_text else contextlib.nullcontext():
+            for start in range(0, len(texts), self.text_batch_size):
+                tokens = self.tokenizer(list(texts[start:start + self.text_batch_size])).to(self.device)  # (t, C)
+                parts.append(self._encode_token_batch(tokens).float())  # (t, D)
         return torch.cat(parts)  # (T, D)
+
+    def _pool_index(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        """(t,) position the text tower pools for each row, or None when trimming is not exact."""
+        import open_clip
+
+        model = self.model
+        if not (self.fast.trim_clip_text and isinstance(model, open_clip.CLIP)
+                and getattr(model, "attn_mask", None) is not None):  # causal text tower only
+            return None
+        pool_type = getattr(model, "text_pool_type", "argmax")
+        if pool_type == "argmax":
+            return tokens.argmax(dim=-1)  # the end token has the highest id
+        if pool_type == "eos" and getattr(model, "text_eos_id", None) is not None:
+            return (tokens == model.text_eos_id).int().argmax(dim=-1)
+        return None
+
+    def _encode_token_batch(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(t, D) normalised features of (t, C) tokens; open_clip's ``encode_text``, or the
+        same sub-modules on the tokens up to the longest caption's pooled position."""
+        from open_clip.transformer import text_global_pool
+
+        pooled_at = self._pool_index(tokens)
+        if pooled_at is None:
+            return self.model.encode_text(tokens, normalize=True)
+        model = self.model
+        length = int(pooled_at.max()) + 1  # positions after it cannot change what is pooled
+        tokens = tokens[:, :length]  # (t, L)
+        cast_dtype = model.transformer.get_cast_dtype()
+        x = model.token_embedding(tokens).to(cast_dtype)  # (t, L, W)
+        x = x + model.positional_embedding[:length].to(cast_dtype)
+        x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+        x = model.ln_final(x)  # (t, L, W)
+        x = text_global_pool(x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+        projection = model.text_projection
+        if projection is not None:
+            x = projection(x) if isinstance(projection, torch.nn.Linear) else x @ projection
+        return torch.nn.functional.normalize(x, dim=-1)  # (t, D)
 
     def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         """(B, D) float32 L2-normalised image embeddings."""
