@@ -1,5 +1,6 @@
-"""Real-size end-to-end CapFilt stage, three ways on the same images: the naive per-pair loop,
-our model stack in fp32, and our default fast path. Not a test: it prints figures
+"""Real-size end-to-end CapFilt stage, several ways on the same images: the naive per-pair loop,
+our model stack in fp32, the fast path in fp32, our default (fast path + checked bf16), and
+unchecked bf16. Not a test: it prints figures
 (docs/benchmarks/capfilt.md).
 
 Models: the published configs in benchmarks/configs/ with random weights (BLIP-large captioner,
@@ -8,7 +9,7 @@ captioner samples --num-captions (10) captions with BLIP's settings, the filter 
 caption + those 10 (ITM p(match) + ITC cosine), the ranker scores the same 11 (CLIP cosine),
 and ``pipeline.select.select_captions`` makes the keep decision and picks the top-2 captions.
 
-Three ways:
+The ways:
 
 (a) naive: what a user of the libraries writes first, one pair at a time, fp32: for each caption
     ``BlipForConditionalGeneration.generate`` on one image and one sampled row (same seeded
@@ -22,12 +23,16 @@ Three ways:
 (b) our model stack in fp32 as curate runs it before issue 8: ``Captioner.caption``,
     ``BlipFilter.score``, ``ClipRanker.score`` on batches of --batch-size images, with
     ``FastPath.off()`` (transformers' and open_clip's modules as they are) and bf16 off.
-(c) our default fast path: the same calls with ``FastPath()``, fp32.
-(c_bf16) the fast path with bf16 autocast on (run by default when the CPU has native bf16). It
-    is faster but moves decisions beyond the budget (the drift check below), so it stays opt-in
-    (``capfilt curate --bf16``) rather than part of (c).
-(b), (c) and (c_bf16) share the loaded models (the path is chosen per call) and run batch by
-batch, taking turns at going first, so a change of load on the shared machine hits all of them.
+(c_fp32) the fast path in fp32: the same calls with ``FastPath()``.
+(c) our default: the fast path with ``--precision auto``, which is ``bf16-checked`` where the CPU
+    has native bf16 (pipeline/precision.py): captioner fp32, filter and ranker bf16, and the
+    images whose decision at curate's threshold a bf16 error could flip scored again in fp32
+    (``checked_filter_scores`` / ``checked_rank_scores``, the functions curate's handlers call).
+    Without native bf16, ``auto`` is fp32 and (c) is (c_fp32); (c) and (c_bf16) are then not run.
+(c_bf16) the fast path with every model in bf16, unchecked (``--precision bf16``).
+(b) and the fast ways share the loaded models (the path and precision are chosen per call) and
+run batch by batch, taking turns at going first, so a change of load on the shared machine hits
+all of them.
 
 Stage times of each way come from forward hooks on the vision towers: "blip vision" (the
 captioner's and the filter's ViT), "decoding" (the rest of ``caption``: sampling loop, decoder,
@@ -67,7 +72,8 @@ bf16 matmul peaks measured in the same run, before and after the ways (2048^2 in
 512^2 when the CPU has no bf16 instructions, as bench_models does). The decision-drift check
 compares each fast way with (b) -- sampled captions, scores, and keep decisions and selected
 captions at curate's ITM threshold and at (b)'s median ITM score -- on the real-size run and on
-tiny models over the synthetic world (--tiny-rows; trained ones with --tiny-models DIR holding
+tiny models over the synthetic world. (c) checks at curate's threshold; its filter and ranker
+are run once more, untimed, checking at (b)'s median (``c_checked_at_median_b``) (--tiny-rows; trained ones with --tiny-models DIR holding
 captioner/, itm/ and clip/). --ablations times each fast-path option on its own.
 
     OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python benchmarks/bench_capfilt.py --images 16 \\
@@ -100,6 +106,7 @@ from model.fastpath import FastPath, fast_attention  # noqa: E402
 from model.filter import load_filter  # noqa: E402
 from model.ranker import ClipRanker  # noqa: E402
 from model.sampling import SeededNucleusSampler, row_seeds  # noqa: E402
+from pipeline.precision import checked_filter_scores, checked_rank_scores, model_bf16  # noqa: E402
 from pipeline.select import select_captions  # noqa: E402
 
 CONFIGS = REPO / "benchmarks" / "configs"
@@ -198,7 +205,7 @@ def load_shapes() -> Shapes:
     return Shapes(cfg["captioner"], cfg["itm"], cfg["clip"])
 
 
-# --- the three ways --------------------------------------------------------------------------------
+# --- the ways -------------------------------------------------------------------------------------
 
 class StageClock:
     """Seconds spent inside the given modules' forwards (hooks), by name."""
@@ -220,39 +227,63 @@ class StageClock:
             hook.remove()
 
 
+WAYS = {  # name: (fast path, precision as pipeline.precision resolves it)
+    "b": (FastPath.off(), "fp32"),
+    "c_fp32": (FastPath(), "fp32"),
+    "c": (FastPath(), "bf16-checked"),
+    "c_bf16": (FastPath(), "bf16"),
+}
+
+
+def default_ways() -> list[str]:
+    """b, the fp32 fast path, and -- where bf16 is native -- the default (bf16-checked, what
+    ``--precision auto`` resolves to there) and unchecked bf16. Without native bf16 the default
+    *is* c_fp32, and the bf16 ways would run emulated, far slower than fp32."""
+    if use_bf16("auto", torch.device("cpu")):
+        return ["b", "c_fp32", "c", "c_bf16"]
+    return ["b", "c_fp32"]
+
+
 def way_settings(names: list[str]) -> dict:
-    """(fast path, bf16) of each way: b = the plain fp32 stack, c = the default fast path (fp32:
-    bf16 stays opt-in, see docs/benchmarks/capfilt.md), c_bf16 = the fast path with bf16 forced
-    on (native on AVX512-BF16 / AMX CPUs and GPUs, emulated and very slow elsewhere)."""
-    table = {"b": (FastPath.off(), False), "c": (FastPath(), False), "c_bf16": (FastPath(), True)}
-    unknown = [n for n in names if n not in table]
+    """(fast path, precision) of each way: b = the plain fp32 stack, c_fp32 = the fast path in
+    fp32, c = the default: fast path + ``bf16-checked`` (captioner fp32, filter and ranker bf16,
+    decisions near a flip re-scored in fp32), c_bf16 = the fast path with every model in bf16."""
+    unknown = [n for n in names if n not in WAYS]
     if unknown or "b" not in names:
-        raise ValueError(f"ways must include b and come from {sorted(table)}, got {names}")
-    return {n: table[n] for n in names}
+        raise ValueError(f"ways must include b and come from {sorted(WAYS)}, got {names}")
+    return {n: WAYS[n] for n in names}
 
 
-def set_way(models, fast: FastPath, bf16: bool) -> None:
-    for m in models:
-        m.fast, m.bf16 = fast, bf16
+def set_way(models, fast: FastPath, precision: str) -> None:
+    for m, stage in zip(models, ("caption", "filter", "rank")):
+        m.fast, m.bf16 = fast, model_bf16(precision, stage)
+    models[2].bf16_text = precision != "bf16-checked"  # as RankHandler loads it
 
 
-def run_batch(models, images, keys, web, n: int) -> tuple[list[dict], dict]:
-    """One CapFilt stage on a batch: rows (captions, scores, selection) and call seconds."""
+def run_batch(models, images, keys, web, n: int, precision: str = "fp32",
+              threshold: float = ITM_THRESHOLD, synthetic: list | None = None) -> tuple[list[dict], dict]:
+    """One CapFilt stage on a batch: rows (captions, scores, selection), call seconds and the
+    number of images re-scored in fp32 (bf16-checked, checked at ``threshold``). Given
+    ``synthetic``, the captioner is skipped and those captions are scored."""
     captioner, flt, ranker = models
+    check = precision == "bf16-checked"
     timing = {}
     t0 = time.perf_counter()
-    synthetic = captioner.caption(images, keys, n=n, seed=SEED)
+    if synthetic is None:
+        synthetic = captioner.caption(images, keys, n=n, seed=SEED)
     timing["caption"] = time.perf_counter() - t0
     candidates = [[w] + s for w, s in zip(web, synthetic)]
     t0 = time.perf_counter()
-    scores = flt.score(images, candidates)
+    filtered = checked_filter_scores(flt, images, candidates, check=check, itm_threshold=threshold)
     timing["filter"] = time.perf_counter() - t0
+    itm = [sc.itm for sc in filtered.scores]
     t0 = time.perf_counter()
-    clips = ranker.score(images, candidates)
+    ranked = checked_rank_scores(ranker, images, candidates, itm, check=check, web_first=[True] * len(images),
+                                 itm_threshold=threshold, keep_top=KEEP_TOP)
     timing["clip"] = time.perf_counter() - t0
     rows = [{"web": w, "synthetic": syn, "itm": sc.itm, "itc": sc.itc, "clip": cl}
-            for w, syn, sc, cl in zip(web, synthetic, scores, clips)]
-    return rows, timing
+            for w, syn, sc, cl in zip(web, synthetic, filtered.scores, ranked.scores)]
+    return rows, timing, {"filter": len(filtered.rescored), "rank": len(ranked.rescored)}
 
 
 def decide(rows: list[dict], threshold: float) -> list:
@@ -265,29 +296,39 @@ def decide(rows: list[dict], threshold: float) -> list:
     return out
 
 
-def run_ways(models, images, keys, web, n: int, batch_size: int, ways: dict, verbose: bool = True) -> dict:
-    """(b) and (c) batch by batch, alternating order; stage seconds from hooks."""
+def run_ways(models, images, keys, web, n: int, batch_size: int, ways: dict, verbose: bool = True,
+             threshold: float = ITM_THRESHOLD) -> dict:
+    """Every way batch by batch, taking turns at going first; stage seconds from hooks. The
+    checked way (c) checks its decisions at ``threshold``."""
     captioner, flt, ranker = models
     out = {name: {"rows": [], "calls": {"caption": 0.0, "filter": 0.0, "clip": 0.0},
-                  "vision": {"captioner": 0.0, "filter": 0.0, "clip": 0.0}} for name in ways}
+                  "vision": {"captioner": 0.0, "filter": 0.0, "clip": 0.0},
+                  "fp32_rescored": {"filter": 0, "rank": 0}} for name in ways}
     for b, start in enumerate(range(0, len(images), batch_size)):
         order = list(ways) if b % 2 == 0 else list(ways)[::-1]
         sl = slice(start, start + batch_size)
         for name in order:
-            set_way(models, *ways[name])
-            clock = StageClock({"captioner": captioner.model.vision_model, "filter": flt.model.vision_model,
-                                "clip": ranker.vision_tower})
+            fast, precision = ways[name]
+            set_way(models, fast, precision)
+            towers = {"captioner": captioner.model.vision_model, "filter": flt.model.vision_model,
+                      "clip": ranker.model.visual}
+            if ranker.vision_tower is not ranker.model.visual:  # its bf16 copy; fp32 re-scoring uses the other
+                towers["clip_bf16"] = ranker.vision_tower
+            clock = StageClock(towers)
             try:
-                rows, timing = run_batch(models, images[sl], keys[sl], web[sl], n)
+                rows, timing, rescored = run_batch(models, images[sl], keys[sl], web[sl], n, precision, threshold)
             finally:
                 clock.remove()
             out[name]["rows"] += rows
             for k, v in timing.items():
                 out[name]["calls"][k] += v
             for k, v in clock.seconds.items():
-                out[name]["vision"][k] += v
+                out[name]["vision"]["clip" if k == "clip_bf16" else k] += v
+            for k, v in rescored.items():
+                out[name]["fp32_rescored"][k] += v
             if verbose:
-                print(f"  batch {b} {name}: {dumps({k: round(v, 2) for k, v in timing.items()})}", flush=True)
+                print(f"  batch {b} {name}: {dumps({k: round(v, 2) for k, v in timing.items()})} "
+                      f"fp32 re-scored {rescored}", flush=True)
     count = len(images)
     for name, res in out.items():
         calls, vision = res["calls"], res["vision"]
@@ -299,6 +340,22 @@ def run_ways(models, images, keys, web, n: int, batch_size: int, ways: dict, ver
         res["s_per_image"] = total / count
         res["stages_s_per_image"] = {k: v / count for k, v in stages.items()}
     return out
+
+
+def checked_at(models, images, keys, web, rows: list[dict], threshold: float, batch_size: int) -> tuple[list, dict]:
+    """The checked way's filter and ranker again, checking at ``threshold``, on the captions it
+    sampled (its captioner is fp32, so they do not depend on the threshold). Untimed."""
+    set_way(models, *WAYS["c"])
+    out, rescored = [], {"filter": 0, "rank": 0}
+    for start in range(0, len(images), batch_size):
+        sl = slice(start, start + batch_size)
+        batch_rows, _, counts = run_batch(models, images[sl], keys[sl], web[sl], 0, "bf16-checked", threshold,
+                                          synthetic=[r["synthetic"] for r in rows[sl]])
+        out += batch_rows
+        for k, v in counts.items():
+            rescored[k] += v
+    set_way(models, *WAYS["c_fp32"])
+    return out, rescored
 
 
 def naive_caption(captioner: Captioner, image, key: str, index: int, n: int) -> str:
@@ -317,7 +374,7 @@ def naive_caption(captioner: Captioner, image, key: str, index: int, n: int) -> 
 def run_naive(models, images, keys, web, reference: list[dict], n: int, naive_captions: int, naive_pairs: int) -> dict:
     """(a) on the first pairs; per-image time extrapolated; outputs checked against (b)."""
     captioner, flt, ranker = models
-    set_way(models, FastPath.off(), False)
+    set_way(models, FastPath.off(), "fp32")
     cap_pairs = [(b, i) for b in range(len(images)) for i in range(n)][:naive_captions]
     score_pairs = [(b, j) for b in range(len(images)) for j in range(n + 1)][:naive_pairs]
     result = {"caption_calls_timed": len(cap_pairs), "pairs_timed": len(score_pairs)}
@@ -393,7 +450,7 @@ def counted(fn) -> float:
 
 def flop_check(models, shapes: Shapes, image, key: str, web: str, n: int) -> dict:
     captioner, flt, ranker = models
-    set_way(models, FastPath(), False)
+    set_way(models, FastPath(), "fp32")
     cfg = CaptionConfig()
     out = {}
     px = captioner.processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
@@ -484,9 +541,22 @@ def tiny_drift(work: Path, tiny_dir: Path | None, rows: int, n: int, batch_size:
               load_filter(tiny_dir / "itm", device="cpu"), ClipRanker.load(str(tiny_dir / "clip"), device="cpu"))
     images, keys, web = synth_rows(work, rows)
     res = run_ways(models, images, keys, web, n, batch_size, way_settings(ways), verbose=False)
-    return {"models": str(tiny_dir), "rows": len(images),
-            "drift_vs_b": {k: drift(res["b"]["rows"], res[k]["rows"]) for k in ways if k != "b"},
-            "s_per_image": {k: res[k]["s_per_image"] for k in ways}}
+    out = {"models": str(tiny_dir), "rows": len(images),
+           "drift_vs_b": {k: drift(res["b"]["rows"], res[k]["rows"]) for k in ways if k != "b"},
+           "s_per_image": {k: res[k]["s_per_image"] for k in ways},
+           "fp32_rescored": {k: res[k]["fp32_rescored"] for k in ways}}
+    if "c" in ways:
+        out.update(checked_at_median(models, images, keys, web, res, batch_size))
+    return out
+
+
+def checked_at_median(models, images, keys, web, res: dict, batch_size: int) -> dict:
+    """(c) checks its decisions at curate's threshold (0.5). The drift table also reads the
+    decisions at (b)'s median ITM score; this runs (c)'s filter and ranker checking there."""
+    median = float(np.median(np.concatenate([r["itm"] for r in res["b"]["rows"]])))
+    rows, rescored = checked_at(models, images, keys, web, res["c"]["rows"], median, batch_size)
+    return {"c_checked_at_median_b": {"threshold": median, "fp32_rescored": rescored,
+                                      "drift_vs_b": drift(res["b"]["rows"], rows)}}
 
 
 def beam_overhead(work: Path, rows: int, threads: int) -> dict:
@@ -503,7 +573,7 @@ def beam_overhead(work: Path, rows: int, threads: int) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     cfg = CurateConfig(inputs=tuple(str(s) for s in shards), out=str(out / "beam"), captioner=models["captioner"],
                        filter=models["itm"], clip=models["clip"], device="cpu", torch_threads=threads,
-                       progress_every=30.0)
+                       progress_every=30.0, precision="fp32")  # the plain loop calls the models unchecked
     loaded = bc.load_models(cfg)
     loop = bc.plain_loop(cfg, shards, loaded, out / "loop")
     beam = bc.beam_run(cfg, [])
@@ -587,7 +657,7 @@ def ablations(models, images, keys, web, n: int, reps: int, compile_vision: bool
 
         out["blip_vision_compile"] = interleaved({"eager": lambda: vision_run(False), "compiled": compiled_run}, reps)
         out["blip_vision_compile"]["compile_and_first_call_s"] = compile_s
-    set_way(models, FastPath(), False)
+    set_way(models, FastPath(), "fp32")
     return out
 
 
@@ -647,9 +717,10 @@ def main(argv=None) -> int:
                         help="synthetic-world rows for the tiny drift check (0: skip)")
     parser.add_argument("--tiny-models", type=Path, default=None,
                         help="directory with captioner/, itm/, clip/ (trained tiny models); default random tiny ones")
-    parser.add_argument("--ways", nargs="+", default=["b", "c"] + (["c_bf16"] if cpu_has_native_bf16() else []),
-                        help="ways besides (a): b (plain fp32), c (default fast path), c_bf16 (fast path + bf16); "
-                             "default: c_bf16 too when the CPU has native bf16")
+    parser.add_argument("--ways", nargs="+", default=default_ways(), choices=sorted(WAYS),
+                        help="ways besides (a): b (plain fp32), c_fp32 (fast path, fp32), c (the default: fast "
+                             "path + bf16-checked), c_bf16 (fast path, all bf16); default: b c_fp32, plus c "
+                             "and c_bf16 where the CPU has native bf16")
     parser.add_argument("--beam-rows", type=int, default=200, help="rows for the Beam overhead run (0: skip)")
     parser.add_argument("--ablations", action="store_true", help="also time each fast-path option on its own")
     parser.add_argument("--ablations-only", action="store_true")
@@ -678,25 +749,28 @@ def main(argv=None) -> int:
             print("peaks", dumps(report["peaks_before"]), flush=True)
             # Warm-up, untimed, each way on 2 images with all captions: the first calls of a way
             # allocate its buffers, build its kernels (bf16 ones too) and make the bf16 CLIP copy.
-            for fast, bf16 in way_settings(args.ways).values():
-                set_way(models, fast, bf16)
-                run_batch(models, images[:2], keys[:2], web[:2], args.num_captions)
+            for fast, precision in way_settings(args.ways).values():
+                set_way(models, fast, precision)
+                run_batch(models, images[:2], keys[:2], web[:2], args.num_captions, precision)
             res = run_ways(models, images, keys, web, args.num_captions, args.batch_size, way_settings(args.ways))
             report["ways"] = {k: {kk: vv for kk, vv in v.items() if kk != "rows"} for k, v in res.items()}
             report["drift_real_vs_b"] = {k: drift(res["b"]["rows"], res[k]["rows"]) for k in args.ways if k != "b"}
+            if "c" in args.ways:
+                report["drift_real_vs_b"].update(checked_at_median(models, images, keys, web, res, args.batch_size))
             print("ways", dumps(report["ways"]), "\ndrift", dumps(report["drift_real_vs_b"]), flush=True)
             report["naive"] = run_naive(models, images, keys, web, res["b"]["rows"], args.num_captions,
                                         args.naive_captions, args.naive_pairs)
             print("naive", dumps(report["naive"]), flush=True)
             shapes = load_shapes()
-            report["minimal_gflop_per_image"] = minimal_flops(shapes, models, res["c"]["rows"], web)
+            # from (b)'s captions: every way with an fp32 captioner samples the same ones
+            report["minimal_gflop_per_image"] = minimal_flops(shapes, models, res["b"]["rows"], web)
             if args.flop_check:
                 report["flop_check"] = flop_check(models, shapes, images[0], keys[0], web[0], args.num_captions)
                 print("flop_check", dumps(report["flop_check"]), flush=True)
             report["peaks_after"] = peaks()
         del models
     if args.tiny_rows and not args.ablations_only:
-        tiny_ways = ["b", "c", "c_bf16"]
+        tiny_ways = default_ways()
         report["tiny"] = tiny_drift(args.work_dir, args.tiny_models, args.tiny_rows, args.num_captions,
                                     args.batch_size, tiny_ways)
         print("tiny", dumps(report["tiny"]), flush=True)

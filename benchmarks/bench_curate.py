@@ -168,7 +168,8 @@ def main(argv=None) -> int:
         cfg = CurateConfig(inputs=tuple(str(s) for s in shards), out=str(out / "beam"), captioner=models["captioner"],
                            filter=models["itm"], clip=models["clip"], num_captions=args.num_captions,
                            max_length=args.max_length, batch_size=args.batch_size, device="cpu",
-                           torch_threads=args.threads, progress_every=30.0)
+                           torch_threads=args.threads, progress_every=30.0,
+                           precision="fp32")  # the plain loop calls the models unchecked
         loaded = load_models(cfg)
         loop = plain_loop(cfg, shards, loaded, out / "loop")
         beam = beam_run(cfg, beam_args)

@@ -14,6 +14,8 @@ import argparse
 import logging
 import sys
 
+from pipeline.precision import DEFAULT_CLIP_MARGIN, DEFAULT_ITM_MARGIN, PRECISIONS
+
 HELP = "Run the CapFilt Beam pipeline over raw shards (caption, filter, CLIP-rank, select)"
 DESCRIPTION = (
     "Curate img2dataset shards (parquet or webdataset tars) with BLIP's CapFilt: decode and "
@@ -46,7 +48,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     models.add_argument("--filter", metavar="M", help="BLIP or BLIP-2 ITM model (not needed with --no-filter)")
     models.add_argument("--clip", metavar="M", help="open_clip ranker")
     models.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    models.add_argument("--bf16", action="store_true", help="bf16 autocast where the hardware supports it")
+    models.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="fp32; bf16 (all models, fastest, decisions may change); bf16-checked (captioner "
+                             "fp32, filter and ranker bf16, images whose decision a bf16 error could flip are "
+                             "scored again in fp32); auto (default): bf16-checked where the hardware has native "
+                             "bf16, else fp32. See docs/benchmarks/capfilt.md")
+    models.add_argument("--bf16", dest="precision", action="store_const", const="bf16",
+                        help="the same as --precision bf16")
+    models.add_argument("--itm-margin", type=float, default=DEFAULT_ITM_MARGIN, metavar="E",
+                        help="bf16-checked: ITM scores within E of --itm-threshold are recomputed in fp32")
+    models.add_argument("--clip-margin", type=float, default=DEFAULT_CLIP_MARGIN, metavar="E",
+                        help="bf16-checked: CLIP rankings with neighbours within 2E are recomputed in fp32")
 
     capfilt = parser.add_argument_group("CapFilt")
     capfilt.add_argument("--num-captions", type=int, default=10, metavar="N", help="synthetic captions per image")
@@ -92,7 +104,8 @@ def config_from_args(args):
         itm_threshold=args.itm_threshold, keep_top=args.keep_top, seed=args.seed, round=args.round,
         no_synthetic=args.no_synthetic, no_filter=args.no_filter, no_images=args.no_images,
         max_pixels=args.max_pixels, min_side=args.min_side, max_aspect=args.max_aspect,
-        max_words=args.max_words, batch_size=args.batch_size, device=args.device, bf16=args.bf16,
+        max_words=args.max_words, batch_size=args.batch_size, device=args.device,
+        precision=args.precision, itm_margin=args.itm_margin, clip_margin=args.clip_margin,
         share_model_across_processes=args.share_model_across_processes, torch_threads=args.torch_threads,
         shards_per_pipeline=args.shards_per_pipeline, overwrite=args.overwrite,
         progress_every=args.progress_every,

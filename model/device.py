@@ -7,9 +7,10 @@
 * ``inference_context(device, bf16)`` is ``torch.inference_mode()`` plus bf16 autocast when
   it was asked for and the hardware has it. It is decided once, at load time, by
   ``use_bf16`` (``True``: on where supported, with a warning elsewhere; ``"auto"``: on where
-  supported, silently). The adapters default to fp32: on trained tiny models and real-size
-  configs bf16 changed more keep decisions and selected captions than issue 8 allows
-  (docs/benchmarks/capfilt.md), so it stays a request (``capfilt curate --bf16``).
+  supported, silently). The adapters default to fp32: bf16 on every model changed more keep
+  decisions and selected captions than issue 8 allows (docs/benchmarks/capfilt.md). Curate
+  chooses per model with ``--precision`` (``pipeline.precision``: by default the filter and
+  ranker in bf16 with an fp32 check of close decisions, where bf16 is native).
 * ``check_images`` is the input check the three adapters share (PIL images, made RGB).
 * ``load_hf_model`` / ``check_model_dir`` read transformers model directories (or hub ids)
   with ``from_pretrained``, never with remote code, and turn every way a directory can be

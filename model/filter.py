@@ -125,15 +125,19 @@ class EncodeOnceFilter(ABC):
         pixels = self.processor.image_processor(images=check_images(images), return_tensors="pt")
         return pixels["pixel_values"].to(self.device)  # (B, 3, H, W)
 
-    def score(self, images: Sequence[Image.Image], captions_per_image: Sequence[Sequence[str]]) -> list[CaptionScores]:
-        """ITM p(match) and ITC cosine for every caption of every image; vision once per image."""
+    def score(self, images: Sequence[Image.Image], captions_per_image: Sequence[Sequence[str]],
+              bf16: bool | None = None) -> list[CaptionScores]:
+        """ITM p(match) and ITC cosine for every caption of every image; vision once per image.
+        ``bf16`` overrides the adapter's precision for this call (``pipeline.precision`` re-scores
+        in fp32 with ``bf16=False``)."""
         texts, owner, counts = _flatten(images, captions_per_image)
         if not images:
             return []
         if not texts:
             empty = torch.zeros(0)
             return _split(empty, empty, counts)
-        with inference_context(self.device, self.bf16), fast_attention(self.fast.sdpa):
+        bf16 = self.bf16 if bf16 is None else bf16
+        with inference_context(self.device, bf16), fast_attention(self.fast.sdpa):
             image_state = self.encode_images(self.pixel_values(images))
             owner_t = torch.tensor(owner, device=self.device)
             itm_parts, itc_parts = [], []

@@ -25,14 +25,18 @@ open_clip's ``encode_text`` up to float rounding. Text towers that are not causa
 elsewhere (``CustomTextCLIP``, ``pool_type`` other than argmax/eos) keep ``encode_text``.
 open_clip's attention is ``nn.MultiheadAttention``, which already uses torch's SDPA.
 
-bf16 (when on, see ``model.device.use_bf16``) covers the image tower; on CPU not through
-autocast. Under CPU autocast ``nn.MultiheadAttention`` leaves its fused path, and its packed
-in-projection of the (L, N, D)-transposed batch becomes a broadcast ``bmm`` that copies the
-in-projection weight once per position: ViT-L-14 took 60 s per image in a batch of 2 instead
-of 2 s in fp32 (docs/benchmarks/capfilt.md). So on CPU the image tower runs from a bf16 copy of
-its weights (made on first use, 0.6 GB for ViT-L-14), where the fused path applies; the text
-tower stays in fp32 (with bf16 weights and its causal mask it is slow the same way, and the
-trimmed text is a small share of the work).
+bf16 (when on, see ``model.device.use_bf16``; ``score(..., bf16=False)`` turns it off for one
+call) covers both towers. On CPU it runs from bf16 *copies* of the image tower and of the text
+transformer, made on first use (0.6 + 0.25 GB for ViT-L-14), not through autocast: under CPU
+autocast ``nn.MultiheadAttention`` leaves its fused path, and its packed in-projection of the
+(L, N, D)-transposed batch becomes a broadcast ``bmm`` that copies the in-projection weight
+once per position (ViT-L-14 took 60 s per image in a batch of 2 instead of 2 s in fp32,
+docs/benchmarks/capfilt.md). With bf16 weights and no autocast the fused path applies: the
+ViT-L-14 text transformer ran 11 x 77 tokens in 0.84 s against 1.68 s in fp32. Embeddings,
+the final norm and the projections stay fp32. Untrimmed text (``encode_text``) stays fp32.
+``bf16_text=False`` keeps the whole text tower in fp32 (``--precision bf16-checked``): on the
+trained tiny CLIP a bf16 text tower moved cosines by up to 0.0126, more than the check's margin,
+against 2.8e-3 for a bf16 image tower alone (docs/benchmarks/capfilt.md).
 """
 from __future__ import annotations
 
@@ -84,15 +88,18 @@ class ClipRanker:
     """Image-caption cosine scores from an open_clip model; each image encoded once."""
 
     def __init__(self, model, preprocess, tokenizer, device: torch.device, bf16: bool = False,
-                 text_batch_size: int = 256, fast: bool | FastPath = True):
+                 text_batch_size: int = 256, fast: bool | FastPath = True, bf16_text: bool = True):
         self.model = model
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.device = device
         self.bf16 = bf16
+        # With bf16 on: the text tower too (True), or the image tower only (False: pipeline.precision's
+        # bf16-checked, whose CLIP margin is sized for the image tower's error; module docstring).
+        self.bf16_text = bf16_text
         self.text_batch_size = text_batch_size
         self.fast = resolve_fast(fast)  # may be changed later: the model serves both paths
-        self._visual_bf16 = None  # bf16 copy of the image tower for CPU bf16 (module docstring)
+        self._bf16_copies: dict[str, torch.nn.Module] = {}  # CPU bf16 towers (module docstring)
 
     @classmethod
     def load(cls, spec: str, device: str = "auto", bf16: bool | str = False, **options) -> "ClipRanker":
@@ -109,31 +116,44 @@ class ClipRanker:
             raise ValueError(f"cannot load CLIP model {spec!r}: {exc}") from exc
         return cls(model.eval(), preprocess, tokenizer, resolved, bf16=use_bf16(bf16, resolved), **options)
 
+    def _cpu_bf16(self, bf16: bool | None) -> bool:
+        """Whether this call runs the towers from their bf16 copies (bf16 on a CPU)."""
+        return (self.bf16 if bf16 is None else bf16) and self.device.type == "cpu"
+
+    def _bf16_copy(self, name: str) -> torch.nn.Module:
+        if name not in self._bf16_copies:
+            # Made outside inference mode, with parameters that keep requires_grad as loaded:
+            # a copy made inside (inference tensors) or with requires_grad off ran the
+            # ViT-L-14 text transformer 3x slower in bf16 on CPU (5.2 s against 1.7 s for
+            # 22 x 77 tokens, torch 2.14.1). Calls run under inference mode, so no graph is kept.
+            with torch.inference_mode(False):
+                self._bf16_copies[name] = copy.deepcopy(getattr(self.model, name)).to(torch.bfloat16).eval()
+        return self._bf16_copies[name]
+
     @property
     def vision_tower(self) -> torch.nn.Module:
-        """The module that encodes images under the current settings."""
-        if self.bf16 and self.device.type == "cpu":
-            if self._visual_bf16 is None:
-                self._visual_bf16 = copy.deepcopy(self.model.visual).to(torch.bfloat16).eval()
-            return self._visual_bf16
-        return self.model.visual
+        """The module that encodes images under the adapter's settings."""
+        return self._bf16_copy("visual") if self._cpu_bf16(None) else self.model.visual
 
-    def _encode_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+    def _encode_images(self, images: Sequence[Image.Image], bf16: bool | None = None) -> torch.Tensor:
         pixels = torch.stack([self.preprocess(image) for image in check_images(images)]).to(self.device)
-        if self.bf16 and self.device.type == "cpu":
+        if self._cpu_bf16(bf16):
             with torch.autocast("cpu", enabled=False):
-                features = self.vision_tower(pixels.to(torch.bfloat16))  # (B, D) bf16
+                features = self._bf16_copy("visual")(pixels.to(torch.bfloat16))  # (B, D) bf16
             return torch.nn.functional.normalize(features.float(), dim=-1)
         return self.model.encode_image(pixels, normalize=True).float()  # (B, D)
 
-    def _encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+    def _encode_texts(self, texts: Sequence[str], bf16: bool | None = None) -> torch.Tensor:
         parts = []
-        # see the module docstring: CPU autocast makes open_clip's text attention slower
-        fp32_text = self.bf16 and self.device.type == "cpu"
-        with torch.autocast("cpu", enabled=False) if fp32_text else contextlib.nullcontext():
+        bf16 = self.bf16 if bf16 is None else bf16
+        cpu_bf16 = bf16 and self.bf16_text and self.device.type == "cpu"
+        # No autocast for the text on CPU (it makes open_clip's text attention slower, module
+        # docstring: the bf16 copy runs instead), nor where the text is to stay fp32.
+        no_autocast = bf16 and (self.device.type == "cpu" or not self.bf16_text)
+        with torch.autocast(self.device.type, enabled=False) if no_autocast else contextlib.nullcontext():
             for start in range(0, len(texts), self.text_batch_size):
                 tokens = self.tokenizer(list(texts[start:start + self.text_batch_size])).to(self.device)  # (t, C)
-                parts.append(self._encode_token_batch(tokens).float())  # (t, D)
+                parts.append(self._encode_token_batch(tokens, cpu_bf16).float())  # (t, D)
         return torch.cat(parts)  # (T, D)
 
     def _pool_index(self, tokens: torch.Tensor) -> torch.Tensor | None:
@@ -151,7 +171,7 @@ class ClipRanker:
             return (tokens == model.text_eos_id).int().argmax(dim=-1)
         return None
 
-    def _encode_token_batch(self, tokens: torch.Tensor) -> torch.Tensor:
+    def _encode_token_batch(self, tokens: torch.Tensor, cpu_bf16: bool = False) -> torch.Tensor:
         """(t, D) normalised features of (t, C) tokens; open_clip's ``encode_text``, or the
         same sub-modules on the tokens up to the longest caption's pooled position."""
         from open_clip.transformer import text_global_pool
@@ -165,7 +185,12 @@ class ClipRanker:
         cast_dtype = model.transformer.get_cast_dtype()
         x = model.token_embedding(tokens).to(cast_dtype)  # (t, L, W)
         x = x + model.positional_embedding[:length].to(cast_dtype)
-        x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+        mask = model.attn_mask[:length, :length]  # (L, L) causal
+        if cpu_bf16:
+            transformer = self._bf16_copy("transformer")
+            x = transformer(x.to(torch.bfloat16), attn_mask=mask.to(torch.bfloat16)).float()
+        else:
+            x = model.transformer(x, attn_mask=mask)
         x = model.ln_final(x)  # (t, L, W)
         x = text_global_pool(x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
         projection = model.text_projection
@@ -187,8 +212,10 @@ class ClipRanker:
         with inference_context(self.device, self.bf16):
             return self._encode_texts(texts).cpu().numpy()
 
-    def score(self, images: Sequence[Image.Image], captions_per_image: Sequence[Sequence[str]]) -> list[np.ndarray]:
-        """result[b] is float32 (n_b,): cosine of image b with each of its captions."""
+    def score(self, images: Sequence[Image.Image], captions_per_image: Sequence[Sequence[str]],
+              bf16: bool | None = None) -> list[np.ndarray]:
+        """result[b] is float32 (n_b,): cosine of image b with each of its captions. ``bf16``
+        overrides the adapter's precision for this call."""
         if len(images) != len(captions_per_image):
             raise ValueError(f"got {len(images)} images but {len(captions_per_image)} caption lists")
         texts, owner = [], []
@@ -199,10 +226,11 @@ class ClipRanker:
             owner.extend([b] * len(captions))
         if not images:
             return []
-        with inference_context(self.device, self.bf16):
-            image_feats = self._encode_images(images)  # (B, D): one forward per image
+        bf16 = self.bf16 if bf16 is None else bf16
+        with inference_context(self.device, bf16):
+            image_feats = self._encode_images(images, bf16)  # (B, D): one forward per image
             if texts:
-                text_feats = self._encode_texts(texts)  # (T, D)
+                text_feats = self._encode_texts(texts, bf16)  # (T, D)
                 cosines = (image_feats[torch.tensor(owner, device=self.device)] * text_feats).sum(dim=-1)  # (T,)
             else:
                 cosines = torch.zeros(0)

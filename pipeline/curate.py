@@ -36,6 +36,7 @@ from pipeline import progress, state
 from pipeline.decode import DecodeImages, ResolveDuplicateKeys
 from pipeline.handlers import CaptionHandler, FilterHandler, InferStage, RankHandler
 from pipeline.options import is_local_runner, make_pipeline_options, num_workers, runner_name
+from pipeline.precision import resolve_precision
 from pipeline.sinks import (
     SelectCaptions,
     WriteShards,
@@ -150,6 +151,7 @@ def run_curate(cfg, beam_args: list[str] | None = None) -> CurateResult:
         store.clean_incomplete(done)
         store.save_settings(settings)
         run_counts = {"input_rows": 0, "kept": 0, "dropped": 0, "errors": 0}
+        rescored = {"filter": 0, "rank": 0}  # images re-scored in fp32 (pipeline.precision)
         total = sum(s.num_rows for s in pending)
         LOG.info("curate: %d input shards, %d done earlier, %d to do (%d rows); runner %s, %d worker(s)",
                  len(shards), len(skipped), len(pending), total, runner_name(options), num_workers(options))
@@ -159,6 +161,8 @@ def run_curate(cfg, beam_args: list[str] | None = None) -> CurateResult:
                 counts = _run_group(group, cfg, options, store, reporter)
                 for k in run_counts:
                     run_counts[k] += counts[k]
+                for k in rescored:
+                    rescored[k] += counts["fp32_rescored"][k]
         finally:
             if reporter:
                 reporter.stop()
@@ -166,7 +170,8 @@ def run_curate(cfg, beam_args: list[str] | None = None) -> CurateResult:
         run = dict(run_counts, shards_processed=len(pending), shards_skipped=len(skipped),
                    elapsed_s=round(elapsed, 3),
                    rows_per_s=round(run_counts["input_rows"] / elapsed, 3) if elapsed > 0 else 0.0,
-                   runner=runner_name(options), workers=num_workers(options), batch_size=cfg.batch_size)
+                   runner=runner_name(options), workers=num_workers(options), batch_size=cfg.batch_size,
+                   precision=resolve_precision(cfg.precision, cfg.device), fp32_rescored=rescored)
         store.remove(store.staging_root)
         markers = list(store.markers().values())
         stats = build_stats(markers, run if pending else store.last_run() or run)
@@ -204,6 +209,7 @@ def _run_group(group, cfg, options, store, reporter) -> dict:
         for shard in group:
             store.complete(shard, *[p + ".parquet" for p in targets[shard.ordinal]], files[shard.shard_id],
                            input_sha256=file_sha256(shard.path))
+        counts["fp32_rescored"] = {k: metrics.get(f"{k}_fp32_rescored", 0) for k in ("filter", "rank")}
         return counts
     finally:
         store.remove(staging)

@@ -30,6 +30,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunInference
 
+from pipeline.precision import checked_filter_scores, checked_rank_scores, model_bf16, resolve_precision
 from pipeline.sources import NAMESPACE, ErrorRow, Sample
 
 LOG = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ class _SampleHandler(ModelHandler):
             import torch
 
             torch.set_num_threads(self._cfg.torch_threads)
-        ident = (self._spec, self._cfg.device, self._cfg.bf16)
+        ident = (self._spec, self._cfg.device, self._cfg.precision)
         with _LOADED_LOCK:
             cached = _LOADED.get(self.stage)
             if cached is not None and cached[0] == ident:
@@ -122,6 +123,14 @@ class _SampleHandler(ModelHandler):
     def load(self):
         raise NotImplementedError
 
+    def bf16(self) -> bool:
+        """Whether this stage's model runs in bf16 (``pipeline.precision``), decided on the worker."""
+        return model_bf16(resolve_precision(self._cfg.precision, self._cfg.device), self.stage)
+
+    def checked(self) -> bool:
+        """Whether bf16 decisions are checked in fp32 (``--precision bf16-checked`` or ``auto``)."""
+        return resolve_precision(self._cfg.precision, self._cfg.device) == "bf16-checked"
+
     def infer(self, batch: list[Sample], model) -> list[Sample]:
         raise NotImplementedError
 
@@ -134,7 +143,7 @@ class CaptionHandler(_SampleHandler):
     def load(self):
         from model.captioner import Captioner
 
-        return Captioner.from_pretrained(self._spec, device=self._cfg.device, bf16=self._cfg.bf16)
+        return Captioner.from_pretrained(self._spec, device=self._cfg.device, bf16=self.bf16())
 
     def infer(self, batch, model):
         cfg = self._cfg
@@ -146,11 +155,12 @@ class CaptionHandler(_SampleHandler):
         return [dataclasses.replace(s, synthetic=list(c)) for s, c in zip(batch, captions)]
 
 
-def _score_candidates(model, batch: list[Sample]) -> list:
-    """``model.score`` of the candidate captions of every sample that has any, in one call;
-    one entry per sample of ``batch`` (None for a sample without candidates)."""
-    todo = [s for s in batch if candidates(s)]
-    scores = model.score([s.image for s in todo], [candidates(s) for s in todo]) if todo else []
+def _with_candidates(batch: list[Sample]) -> list[Sample]:
+    return [s for s in batch if candidates(s)]
+
+
+def _by_sample(batch: list[Sample], todo: list[Sample], scores: list) -> list:
+    """One entry per sample of ``batch``: its scores, or None for a sample without candidates."""
     by_id = {id(s): sc for s, sc in zip(todo, scores)}
     return [by_id.get(id(s)) for s in batch]
 
@@ -171,11 +181,15 @@ class FilterHandler(_SampleHandler):
     def load(self):
         from model.filter import load_filter
 
-        return load_filter(self._spec, device=self._cfg.device, bf16=self._cfg.bf16)
+        return load_filter(self._spec, device=self._cfg.device, bf16=self.bf16())
 
     def infer(self, batch, model):
+        todo = _with_candidates(batch)
+        result = checked_filter_scores(model, [s.image for s in todo], [candidates(s) for s in todo],
+                                       check=self.checked(), itm_threshold=self._cfg.itm_threshold, margin=self._cfg.itm_margin)
+        Metrics.counter(NAMESPACE, "filter_fp32_rescored").inc(len(result.rescored))
         out = []
-        for s, sc in zip(batch, _score_candidates(model, batch)):
+        for s, sc in zip(batch, _by_sample(batch, todo, result.scores)):
             if sc is None:
                 out.append(dataclasses.replace(s, synthetic_itm=[], synthetic_itc=[]))
                 continue
@@ -195,11 +209,23 @@ class RankHandler(_SampleHandler):
     def load(self):
         from model.ranker import ClipRanker
 
-        return ClipRanker.load(self._spec, device=self._cfg.device, bf16=self._cfg.bf16)
+        # bf16-checked sizes its CLIP margin for a bf16 image tower; the text stays fp32
+        return ClipRanker.load(self._spec, device=self._cfg.device, bf16=self.bf16(), bf16_text=not self.checked())
 
     def infer(self, batch, model):
+        cfg = self._cfg
+        todo = _with_candidates(batch)
+        itm = None
+        if cfg.use_filter:  # the filter ran before: candidates' ITM in candidate order
+            itm = [([s.web_itm] if s.web_caption else []) + list(s.synthetic_itm or []) for s in todo]
+        result = checked_rank_scores(
+            model, [s.image for s in todo], [candidates(s) for s in todo], itm,
+            check=self.checked(), web_first=[bool(s.web_caption) for s in todo], itm_threshold=cfg.itm_threshold,
+            keep_top=cfg.keep_top, margin=cfg.clip_margin,
+        )
+        Metrics.counter(NAMESPACE, "rank_fp32_rescored").inc(len(result.rescored))
         out = []
-        for s, sc in zip(batch, _score_candidates(model, batch)):
+        for s, sc in zip(batch, _by_sample(batch, todo, result.scores)):
             web_clip, syn_clip = _split_scores(s, sc) if sc is not None else (None, [])
             out.append(dataclasses.replace(s, web_clip=web_clip, synthetic_clip=syn_clip))
         return out

@@ -22,6 +22,7 @@ from apache_beam.options.pipeline_options import (
     WorkerOptions,
 )
 
+from pipeline.precision import DEFAULT_CLIP_MARGIN, DEFAULT_ITM_MARGIN, PRECISIONS
 from transforms.image import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
 from transforms.text import DEFAULT_MAX_WORDS
 
@@ -68,7 +69,9 @@ class CurateConfig:
     # Execution.
     batch_size: int = 8
     device: str = "auto"
-    bf16: bool = False
+    precision: str = "auto"  # pipeline.precision: auto, fp32, bf16, bf16-checked
+    itm_margin: float = DEFAULT_ITM_MARGIN  # bf16-checked: ITM scores this close to the threshold get fp32
+    clip_margin: float = DEFAULT_CLIP_MARGIN  # bf16-checked: CLIP error assumed per score
     share_model_across_processes: bool = False
     torch_threads: int | None = None  # per worker process; None: torch's default
     shards_per_pipeline: int = 8
@@ -97,6 +100,10 @@ class CurateConfig:
         _check_range("--max-words", self.max_words, 1, 100_000)
         if self.min_length > self.max_length:
             raise ValueError(f"--min-length {self.min_length} exceeds --max-length {self.max_length}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        _check_range("--itm-margin", self.itm_margin, 0.0, 1.0)
+        _check_range("--clip-margin", self.clip_margin, 0.0, 2.0)
         if self.progress_every <= 0:
             raise ValueError(f"--progress-every must be > 0 seconds, got {self.progress_every}")
 

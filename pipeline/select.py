@@ -76,26 +76,72 @@ def select_captions(
     if synthetic and synthetic_clip is None:
         raise ValueError("synthetic_clip is missing for the synthetic captions")
 
-    # (candidate order, text, source, itm, clip)
+    candidates = _candidates(web_caption, synthetic, web_itm, synthetic_itm, web_clip, synthetic_clip)
+    if not candidates:
+        reason = EMPTY_WEB_EMPTY_SYNTHETIC if synthetic else EMPTY_WEB_NO_SYNTHETIC
+        return Selection([], [], False, reason)
+    ranked = _ranked(candidates, itm_threshold, use_filter)
+    if not ranked:
+        return Selection([], [], False, NONE_PASSED_FILTER)
+    ranked = ranked[:keep_top]
+    return Selection([c[1] for c in ranked], [c[2] for c in ranked], True, None)
+
+
+def _candidates(web_caption, synthetic, web_itm, synthetic_itm, web_clip, synthetic_clip) -> list[tuple]:
+    """(candidate order, text, source, itm, clip) of every non-empty caption (rule 1)."""
     candidates = []
     if web_caption:
         candidates.append((0, web_caption, "web", _score(web_itm), _score(web_clip)))
     for i, text in enumerate(synthetic):
         if text:
             itm = _score(synthetic_itm[i]) if synthetic_itm is not None else -math.inf
-            candidates.append((i + 1, text, "synthetic", itm, _score(synthetic_clip[i])))
-    if not candidates:
-        reason = EMPTY_WEB_EMPTY_SYNTHETIC if synthetic else EMPTY_WEB_NO_SYNTHETIC
-        return Selection([], [], False, reason)
+            clip = _score(synthetic_clip[i]) if synthetic_clip is not None else -math.inf
+            candidates.append((i + 1, text, "synthetic", itm, clip))
+    return candidates
 
+
+def _ranked(candidates: list[tuple], itm_threshold: float, use_filter: bool) -> list[tuple]:
+    """The passing candidates (rule 2), first of each text (rule 3), best CLIP first (rule 4)."""
     passing = [c for c in candidates if not use_filter or c[3] >= itm_threshold]
-    if not passing:
-        return Selection([], [], False, NONE_PASSED_FILTER)
-
     seen, unique = set(), []
     for c in passing:
         if c[1] not in seen:
             seen.add(c[1])
             unique.append(c)
-    ranked = sorted(unique, key=lambda c: (-c[4], c[0]))[:keep_top]
-    return Selection([c[1] for c in ranked], [c[2] for c in ranked], True, None)
+    return sorted(unique, key=lambda c: (-c[4], c[0]))
+
+
+# -- how close a decision is to flipping (bf16 scores checked in fp32, pipeline/precision.py) ----
+
+def near_itm_threshold(itm_scores: Sequence[float | None], itm_threshold: float, margin: float) -> bool:
+    """True when some score lies within ``margin`` of the threshold: an error of up to
+    ``margin`` in the scores could then change whether that caption passes (rule 2)."""
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
+    return any(abs(_score(v) - itm_threshold) <= margin for v in itm_scores)
+
+
+def close_clip_ranking(
+    web_caption: str | None,
+    synthetic: Sequence[str],
+    web_itm: float | None,
+    synthetic_itm: Sequence[float] | None,
+    web_clip: float | None,
+    synthetic_clip: Sequence[float] | None,
+    *,
+    margin: float,
+    itm_threshold: float = 0.5,
+    keep_top: int = 2,
+    use_filter: bool = True,
+) -> bool:
+    """True when an error of up to ``margin`` in each CLIP score could change the selection:
+    which captions are selected or their order (rule 4). That happens when two neighbours among
+    the first ``keep_top + 1`` ranked captions are at most ``2 * margin`` apart. The ITM scores
+    are taken as exact (they were checked before, with :func:`near_itm_threshold`)."""
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
+    synthetic = list(synthetic or [])
+    candidates = _candidates(web_caption, synthetic, web_itm, synthetic_itm, web_clip, synthetic_clip)
+    ranked = _ranked(candidates, itm_threshold, use_filter)[:keep_top + 1]
+    clips = [c[4] for c in ranked]
+    return any(a - b <= 2 * margin for a, b in zip(clips, clips[1:]))

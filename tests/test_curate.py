@@ -60,7 +60,8 @@ def extra_shard(tmp_path, synth_world):
 def model_args(tiny_models):
     return ["--captioner", str(tiny_models["captioner"]), "--filter", str(tiny_models["itm"]),
             "--clip", str(tiny_models["clip"]), "--num-captions", "2", "--max-length", "12",
-            "--min-length", "4", "--seed", str(SEED), "--progress-every", "1", "--torch-threads", "1"]
+            "--min-length", "4", "--seed", str(SEED), "--progress-every", "1", "--torch-threads", "1",
+            "--precision", "fp32"]  # the scores are compared with fp32 model calls to 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -205,6 +206,51 @@ def test_selection_rule_matches_direct_model_scores(clean_run, direct):
         assert sorted(passing.values(), reverse=True)[:len(row["captions"])] == [passing[c] for c in row["captions"]]
         kept += row["keep"]
     assert 0 < kept < len(direct["keys"]), "threshold should keep some rows and drop others"
+
+
+def test_checked_bf16_keeps_every_decision_of_fp32(clean_run, inputs, tiny_models, direct, tmp_path):
+    """``--precision bf16-checked`` (the default where bf16 is native): the same rows as fp32 but
+    for bf16 rounding of scores far from any decision. With margins of 1 every image is
+    re-scored in fp32, so the scores equal fp32's too."""
+    from model.device import cpu_has_native_bf16
+
+    native = cpu_has_native_bf16()
+    rows32, _ = load_rows(clean_run["out"])
+    for margins, name in ((("--itm-margin", "1", "--clip-margin", "1"), "all"), ((), "default")):
+        out = tmp_path / name
+        code, _, stderr = run_cli(curate_argv(inputs, out, tiny_models, direct, "--batch-size", "8",
+                                              "--precision", "bf16-checked", *margins))
+        assert code == 0, stderr
+        run = json.loads((out / "stats.json").read_text())["this_run"]
+        rows, _ = load_rows(out)
+        assert sorted(rows) == sorted(rows32)
+        for key, row in rows.items():
+            ref = rows32[key]
+            assert (row["captions"], row["caption_sources"], row["keep"], row["drop_reason"],
+                    row["synthetic_captions"]) == (ref["captions"], ref["caption_sources"], ref["keep"],
+                                                   ref["drop_reason"], ref["synthetic_captions"]), key
+        if not native:  # no bf16 hardware: checked bf16 falls back to fp32, nothing to re-score
+            assert run["precision"] == "fp32" and run["fp32_rescored"] == {"filter": 0, "rank": 0}
+            continue
+        assert run["precision"] == "bf16-checked"
+        if name != "all":
+            continue
+        threshold = float(direct["threshold"])
+        ranked = set()  # rows with two passing texts or more: a CLIP ranking the check can look at
+        for key, ref in rows32.items():
+            texts = [ref["web_caption"]] if ref["web_caption"] else []
+            scores = ([ref["web_itm"]] if ref["web_caption"] else []) + ref["synthetic_itm"]
+            if len({t for t, v in zip(texts + ref["synthetic_captions"], scores) if t and v >= threshold}) >= 2:
+                ranked.add(key)
+        assert 0 < len(ranked) < len(rows)
+        assert run["fp32_rescored"]["filter"] == len(rows)
+        # at least every ranking; more once a model goes fp32-first (pipeline/precision.py)
+        assert len(ranked) <= run["fp32_rescored"]["rank"] <= len(rows)
+        for key, row in rows.items():
+            ref = rows32[key]
+            np.testing.assert_allclose(row["synthetic_itm"], ref["synthetic_itm"], atol=1e-5)
+            clip_tol = 1e-5 if key in ranked else 0.01  # the others keep their bf16 CLIP scores
+            np.testing.assert_allclose(row["synthetic_clip"], ref["synthetic_clip"], atol=clip_tol)
 
 
 def test_batch_size_one_on_two_worker_processes_gives_identical_output(clean_run, inputs, tiny_models, direct, tmp_path):

@@ -110,9 +110,10 @@ def test_fast_path_keeps_decisions_and_scores(models, world, plain_rows):
 
 
 def test_bf16_is_opt_in_and_stays_close(models, world, plain_rows):
-    """bf16 autocast moved keep decisions and selections beyond the budget on trained tiny models
-    (docs/benchmarks/capfilt.md), so the default fast path is fp32 and bf16 is asked for
-    (``--bf16``). When it is on (natively or emulated), the scores stay close to fp32."""
+    """bf16 on every model moved keep decisions and selections beyond the budget on trained tiny
+    models (docs/benchmarks/capfilt.md), so the adapters load in fp32 and bf16 is asked for
+    (curate's ``--precision``, tests/test_precision.py). When it is on (natively or emulated),
+    the scores stay close to fp32."""
     assert all(m.bf16 is False and m.fast == FastPath() for m in models)  # the loaders' defaults
     images, keys, web = world
     few = (images[:16], keys[:16], web[:16])
