@@ -169,7 +169,7 @@ def init_model(kind: str, out_dir, tokenizer_dir=None, seed: int = 0, overrides:
             model, image_size = _build_blip2(config, ids)
             max_text = model.config.qformer_config.max_position_embeddings
         else:
-            model, image_size = _build_blip(kind, config, ids)
+            model, image_size = _build_blip(kind, config, ids, seed)
             max_text = model.config.text_config.max_position_embeddings
     model.eval()
     model.save_pretrained(out)
@@ -185,18 +185,36 @@ def _seeded(seed: int):
         yield
 
 
-def _build_blip(kind: str, config: dict, ids: dict):
+def _build_blip(kind: str, config: dict, ids: dict, seed: int = 0):
     from transformers import BlipConfig, BlipForConditionalGeneration, BlipForImageTextRetrieval
 
     config = _deep_merge(config, {"text_config": ids})
+    # Not a BlipConfig field: the std of the vision position embedding at init. transformers
+    # draws it with the tower's initializer_range (0.02), while the patch embedding of a
+    # normalised image comes out ~1 per channel after a few steps, so the position signal is a
+    # few percent of every token and a tiny tower trained from scratch for minutes never learns
+    # where things are (the decoder's cross-attention has no other position information).
+    position_std = config.pop("vision_position_std", None)
     blip_config = BlipConfig(**config)
     cls = BlipForConditionalGeneration if kind == "captioner" else BlipForImageTextRetrieval
-    return cls(blip_config), blip_config.vision_config.image_size
+    model = cls(blip_config)
+    if position_std is not None:
+        if not float(position_std) > 0:
+            raise ValueError(f"vision_position_std must be > 0, got {position_std!r}")
+        embeddings = model.vision_model.embeddings
+        # own generator: the captioner and the itm model must get the same tower (BLIP shares it)
+        gen = torch.Generator().manual_seed(int(seed))
+        with torch.no_grad():
+            embeddings.position_embedding.copy_(
+                torch.randn(embeddings.position_embedding.shape, generator=gen) * float(position_std))
+    return model, blip_config.vision_config.image_size
 
 
 def _build_blip2(config: dict, ids: dict):
     from transformers import Blip2Config, Blip2ForImageTextRetrieval
 
+    if "vision_position_std" in config:
+        raise ValueError("vision_position_std is supported for the BLIP kinds (captioner, itm), not blip2-itm")
     qformer = {"vocab_size": ids["vocab_size"], "pad_token_id": ids["pad_token_id"]}
     config = _deep_merge(config, {"qformer_config": qformer})
     if not config["qformer_config"].get("use_qformer_text_input"):

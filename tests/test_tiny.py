@@ -176,6 +176,24 @@ def test_seed_controls_weights_and_overrides_apply(tmp_path, tiny_tokenizer):
     assert config["vision_config"]["num_hidden_layers"] == tiny.load_config("itm")["vision_config"]["num_hidden_layers"]
 
 
+def test_vision_position_std_sets_the_position_embedding_scale(tmp_path, tiny_tokenizer):
+    """A larger position-embedding init lets a tiny ViT trained from scratch learn where things
+    are (docs/results.md); the captioner and the filter get the same tower for a seed."""
+    key = "vision_model.embeddings.position_embedding"
+    default = load_file(str(tiny.init_model("itm", tmp_path / "d", tokenizer_dir=tiny_tokenizer) / "model.safetensors"))
+    wide = {kind: load_file(str(tiny.init_model(kind, tmp_path / kind, tokenizer_dir=tiny_tokenizer, seed=3,
+                                                overrides={"vision_position_std": 1.0}) / "model.safetensors"))
+            for kind in ("itm", "captioner")}
+    assert 0.01 < float(default[key].std()) < 0.03
+    assert 0.9 < float(wide["itm"][key].std()) < 1.1
+    assert torch.equal(wide["itm"][key], wide["captioner"][key])
+    assert "vision_position_std" not in json.loads((tmp_path / "itm" / "config.json").read_text())
+    with pytest.raises(ValueError, match="vision_position_std must be > 0"):
+        tiny.init_model("itm", tmp_path / "bad", tokenizer_dir=tiny_tokenizer, overrides={"vision_position_std": 0})
+    with pytest.raises(ValueError, match="not blip2-itm"):
+        tiny.init_model("blip2-itm", tmp_path / "b2", tokenizer_dir=tiny_tokenizer, overrides={"vision_position_std": 1.0})
+
+
 def test_init_model_rejects_bad_input(tmp_path):
     with pytest.raises(ValueError, match="unknown model kind 'vit'"):
         tiny.init_model("vit", tmp_path)
