@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import io
 import json
+import re
 import os
 import shutil
 import signal
@@ -170,6 +171,7 @@ def test_schema_accounting_and_run_record(clean_run, inputs, tiny_models, direct
     # progress lines while running, the summary table at the end
     assert "curate: " in clean_run["stderr"] and "rows/s" in clean_run["stderr"]
     assert "input_rows = kept + dropped + errors" in clean_run["stdout"]
+    assert re.search(r"precision +fp32\n", clean_run["stdout"] + "\n")  # --precision fp32: nothing checked
     assert not (out / "_staging").exists()
 
 
@@ -218,8 +220,8 @@ def test_checked_bf16_keeps_every_decision_of_fp32(clean_run, inputs, tiny_model
     rows32, _ = load_rows(clean_run["out"])
     for margins, name in ((("--itm-margin", "1", "--clip-margin", "1"), "all"), ((), "default")):
         out = tmp_path / name
-        code, _, stderr = run_cli(curate_argv(inputs, out, tiny_models, direct, "--batch-size", "8",
-                                              "--precision", "bf16-checked", *margins))
+        code, stdout, stderr = run_cli(curate_argv(inputs, out, tiny_models, direct, "--batch-size", "8",
+                                                   "--precision", "bf16-checked", *margins))
         assert code == 0, stderr
         run = json.loads((out / "stats.json").read_text())["this_run"]
         rows, _ = load_rows(out)
@@ -231,6 +233,7 @@ def test_checked_bf16_keeps_every_decision_of_fp32(clean_run, inputs, tiny_model
                                                    ref["drop_reason"], ref["synthetic_captions"]), key
         if not native:  # no bf16 hardware: checked bf16 falls back to fp32, nothing to re-score
             assert run["precision"] == "fp32" and run["fp32_rescored"] == {"filter": 0, "rank": 0}
+            assert re.search(r"precision +fp32\n", stdout + "\n")
             continue
         assert run["precision"] == "bf16-checked"
         if name != "all":
@@ -244,6 +247,7 @@ def test_checked_bf16_keeps_every_decision_of_fp32(clean_run, inputs, tiny_model
                 ranked.add(key)
         assert 0 < len(ranked) < len(rows)
         assert run["fp32_rescored"]["filter"] == len(rows)
+        assert f"bf16-checked; images scored in fp32 by the check: filter {len(rows)}, rank" in stdout
         # at least every ranking; more once a model goes fp32-first (pipeline/precision.py)
         assert len(ranked) <= run["fp32_rescored"]["rank"] <= len(rows)
         for key, row in rows.items():
