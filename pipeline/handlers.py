@@ -67,6 +67,7 @@ class _SampleHandler(ModelHandler):
         super().__init__()
         self._spec = spec
         self._cfg = cfg
+        self._precision: str | None = None  # resolved on first use, in the worker process
 
     # -- what RunInference asks --------------------------------------------------------
     def load_model(self):
@@ -123,13 +124,24 @@ class _SampleHandler(ModelHandler):
     def load(self):
         raise NotImplementedError
 
+    def precision(self) -> str:
+        """``--precision`` resolved once, on the worker (its hardware decides ``auto``)."""
+        if self._precision is None:
+            self._precision = resolve_precision(self._cfg.precision, self._cfg.device)
+        return self._precision
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_precision"] = None  # a worker on other hardware resolves ``auto`` again
+        return state
+
     def bf16(self) -> bool:
-        """Whether this stage's model runs in bf16 (``pipeline.precision``), decided on the worker."""
-        return model_bf16(resolve_precision(self._cfg.precision, self._cfg.device), self.stage)
+        """Whether this stage's model runs in bf16 (``pipeline.precision``)."""
+        return model_bf16(self.precision(), self.stage)
 
     def checked(self) -> bool:
         """Whether bf16 decisions are checked in fp32 (``--precision bf16-checked`` or ``auto``)."""
-        return resolve_precision(self._cfg.precision, self._cfg.device) == "bf16-checked"
+        return self.precision() == "bf16-checked"
 
     def infer(self, batch: list[Sample], model) -> list[Sample]:
         raise NotImplementedError

@@ -170,6 +170,14 @@ def test_handlers_load_checked_bf16_as_documented(monkeypatch, tiny_models):
     assert (captioner.bf16, flt.bf16, ranker.bf16, ranker.bf16_text) == (False, True, True, False)
     fp32 = cfg.replace(precision="fp32")
     assert handlers.RankHandler(fp32.clip, fp32).load_model().bf16 is False
+    # resolved once per handler, and again by a worker that unpickles it
+    import pickle
+
+    handler = handlers.FilterHandler(cfg.filter, cfg)
+    assert handler.precision() == "bf16-checked"
+    monkeypatch.setattr(dev, "cpu_has_native_bf16", lambda: False)
+    assert handler.precision() == "bf16-checked"
+    assert pickle.loads(pickle.dumps(handler)).precision() == "fp32"
 
 
 # -- on tiny models with bf16 forced on ------------------------------------------------------------
