@@ -38,6 +38,8 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from pipeline.select import close_clip_ranking, near_itm_threshold
+
 PRECISIONS = ("auto", "fp32", "bf16", "bf16-checked")
 DEFAULT_ITM_MARGIN = 0.02
 DEFAULT_CLIP_MARGIN = 0.01
@@ -124,8 +126,6 @@ def checked_filter_scores(model, images: Sequence, captions: Sequence[Sequence[s
                           itm_threshold: float, margin: float = DEFAULT_ITM_MARGIN) -> CheckedScores:
     """``model.score`` (a filter, in its own precision); with ``check`` and a bf16 model, the
     images with an ITM score within ``margin`` of the threshold are scored again in fp32."""
-    from pipeline.select import near_itm_threshold
-
     if not (check and model.bf16):
         return CheckedScores(model.score(images, captions), [])
     return _checked(model, images, captions, lambda b, sc: near_itm_threshold(sc.itm, itm_threshold, margin))
@@ -141,8 +141,6 @@ def checked_rank_scores(model, images: Sequence, captions: Sequence[Sequence[str
     ``web_first[b]``, then the synthetic ones; ``itm[b]`` their ITM scores in the same order
     (``itm=None``: no filter, every candidate passes).
     """
-    from pipeline.select import close_clip_ranking
-
     if not (check and model.bf16):
         return CheckedScores(model.score(images, captions), [])
 
