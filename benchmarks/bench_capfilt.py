@@ -278,7 +278,7 @@ def run_batch(models, images, keys, web, n: int, precision: str = "fp32",
     timing["filter"] = time.perf_counter() - t0
     itm = [sc.itm for sc in filtered.scores]
     t0 = time.perf_counter()
-    ranked = checked_rank_scores(ranker, images, candidates, itm, check=check, web_first=[True] * len(images),
+    ranked = checked_rank_scores(ranker, images, candidates, itm, check=check,
                                  itm_threshold=threshold, keep_top=KEEP_TOP)
     timing["clip"] = time.perf_counter() - t0
     rows = [{"web": w, "synthetic": syn, "itm": sc.itm, "itc": sc.itc, "clip": cl}

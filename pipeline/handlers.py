@@ -232,7 +232,7 @@ class RankHandler(_SampleHandler):
             itm = [([s.web_itm] if s.web_caption else []) + list(s.synthetic_itm or []) for s in todo]
         result = checked_rank_scores(
             model, [s.image for s in todo], [candidates(s) for s in todo], itm,
-            check=self.checked(), web_first=[bool(s.web_caption) for s in todo], itm_threshold=cfg.itm_threshold,
+            check=self.checked(), itm_threshold=cfg.itm_threshold,
             keep_top=cfg.keep_top, margin=cfg.clip_margin,
         )
         Metrics.counter(NAMESPACE, "rank_fp32_rescored").inc(len(result.rescored))

@@ -132,26 +132,17 @@ def checked_filter_scores(model, images: Sequence, captions: Sequence[Sequence[s
 
 
 def checked_rank_scores(model, images: Sequence, captions: Sequence[Sequence[str]],
-                        itm: Sequence[Sequence[float]] | None, *, check: bool, web_first: Sequence[bool],
-                        itm_threshold: float, keep_top: int, margin: float = DEFAULT_CLIP_MARGIN) -> CheckedScores:
+                        itm: Sequence[Sequence[float]] | None, *, check: bool, itm_threshold: float,
+                        keep_top: int, margin: float = DEFAULT_CLIP_MARGIN) -> CheckedScores:
     """``model.score`` (a ranker, in its own precision); with ``check`` and a bf16 model, the images
     whose selection could change under an error of ``margin`` per CLIP score are scored again in fp32.
 
-    ``captions[b]`` are image b's candidates in candidate order: the web caption first when
-    ``web_first[b]``, then the synthetic ones; ``itm[b]`` their ITM scores in the same order
-    (``itm=None``: no filter, every candidate passes).
+    ``captions[b]`` are image b's candidates in candidate order (the web caption first, when it has
+    one) and ``itm[b]`` their ITM scores in the same order (``itm=None``: no filter, every
+    candidate passes).
     """
     if not (check and model.bf16):
         return CheckedScores(model.score(images, captions), [])
-
-    def close(b: int, clip) -> bool:
-        texts, split = captions[b], 1 if web_first[b] else 0
-        itm_b = None if itm is None else list(itm[b])
-        return close_clip_ranking(
-            texts[0] if split else None, list(texts[split:]), itm_b[0] if (split and itm_b) else None,
-            None if itm_b is None else itm_b[split:], float(clip[0]) if split else None,
-            [float(c) for c in clip[split:]], margin=margin, itm_threshold=itm_threshold,
-            keep_top=keep_top, use_filter=itm is not None,
-        )
-
-    return _checked(model, images, captions, close)
+    return _checked(model, images, captions, lambda b, clip: close_clip_ranking(
+        captions[b], None if itm is None else itm[b], clip, margin=margin, itm_threshold=itm_threshold,
+        keep_top=keep_top))

@@ -122,26 +122,29 @@ def near_itm_threshold(itm_scores: Sequence[float | None], itm_threshold: float,
 
 
 def close_clip_ranking(
-    web_caption: str | None,
-    synthetic: Sequence[str],
-    web_itm: float | None,
-    synthetic_itm: Sequence[float] | None,
-    web_clip: float | None,
-    synthetic_clip: Sequence[float] | None,
+    texts: Sequence[str],
+    itm_scores: Sequence[float] | None,
+    clip_scores: Sequence[float],
     *,
     margin: float,
     itm_threshold: float = 0.5,
     keep_top: int = 2,
-    use_filter: bool = True,
 ) -> bool:
     """True when an error of up to ``margin`` in each CLIP score could change the selection:
     which captions are selected or their order (rule 4). That happens when two neighbours among
-    the first ``keep_top + 1`` ranked captions are at most ``2 * margin`` apart. The ITM scores
-    are taken as exact (they were checked before, with :func:`near_itm_threshold`)."""
+    the first ``keep_top + 1`` ranked captions are at most ``2 * margin`` apart.
+
+    ``texts`` are one image's candidates in candidate order (web first, when it has one), with
+    their ``itm_scores`` (``None``: no filter, every candidate passes) and ``clip_scores`` in the
+    same order. The ITM scores are taken as exact (they were checked before, with
+    :func:`near_itm_threshold`)."""
     if margin < 0:
         raise ValueError(f"margin must be >= 0, got {margin}")
-    synthetic = list(synthetic or [])
-    candidates = _candidates(web_caption, synthetic, web_itm, synthetic_itm, web_clip, synthetic_clip)
-    ranked = _ranked(candidates, itm_threshold, use_filter)[:keep_top + 1]
+    if len(clip_scores) != len(texts) or (itm_scores is not None and len(itm_scores) != len(texts)):
+        raise ValueError(f"{len(texts)} captions but {len(clip_scores)} CLIP and "
+                         f"{'no' if itm_scores is None else len(itm_scores)} ITM scores")
+    candidates = [(i, text, "", -math.inf if itm_scores is None else _score(itm_scores[i]), _score(clip_scores[i]))
+                  for i, text in enumerate(texts) if text]  # rule 1, as _candidates
+    ranked = _ranked(candidates, itm_threshold, use_filter=itm_scores is not None)[:keep_top + 1]
     clips = [c[4] for c in ranked]
     return any(a - b <= 2 * margin for a, b in zip(clips, clips[1:]))

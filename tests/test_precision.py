@@ -53,7 +53,7 @@ def test_near_itm_threshold_is_inclusive_and_ignores_missing_scores():
 
 def close(syn_clip, syn_itm=(0.9, 0.9, 0.9, 0.9), web_clip=0.0, web_itm=0.9, keep_top=2, margin=0.01, syn=None):
     syn = syn or [f"s{i}" for i in range(len(syn_clip))]
-    return close_clip_ranking("web", syn, web_itm, list(syn_itm)[:len(syn)], web_clip, list(syn_clip),
+    return close_clip_ranking(["web"] + syn, [web_itm] + list(syn_itm)[:len(syn)], [web_clip] + list(syn_clip),
                               margin=margin, itm_threshold=0.5, keep_top=keep_top)
 
 
@@ -142,14 +142,14 @@ def test_checked_rank_uses_the_itm_scores_and_candidate_order():
     model = FakeRanker(clip)
     caps = [["w", "s0", "s1"], ["w", "s0", "s1"], ["s0", "s1", "s2"]]
     itm = [[0.9, 0.9, 0.9], [0.9, 0.1, 0.9], [0.9, 0.9, 0.9]]
-    out = pr.checked_rank_scores(model, [0, 1, 2], caps, itm, check=True, web_first=[True, True, False],
+    out = pr.checked_rank_scores(model, [0, 1, 2], caps, itm, check=True,
                                  itm_threshold=0.5, keep_top=2, margin=0.01)
     # image 1: s0 (0.295) is close to w but fails the filter; image 2: ranks 2 and 3 are 0.005 apart
     assert out.rescored == [2]
     np.testing.assert_allclose(out.scores[2], clip[2])
     np.testing.assert_allclose(out.scores[1], np.asarray(clip[1]) - 0.004)
     no_filter = pr.checked_rank_scores(FakeRanker(clip), [0, 1, 2], caps, None, check=True,
-                                       web_first=[True, True, False], itm_threshold=0.5, keep_top=2, margin=0.01)
+                                       itm_threshold=0.5, keep_top=2, margin=0.01)
     assert no_filter.rescored == [1, 2]  # without a filter, s0 of image 1 competes
 
 
@@ -237,7 +237,7 @@ def test_checked_bf16_makes_the_fp32_decisions_at_a_threshold_that_splits(scored
     assert itm_error < 0.001
     flt = pr.checked_filter_scores(scored["flt"], images, caps, check=True, itm_threshold=threshold, margin=0.002)
     itm = [s.itm for s in flt.scores]
-    rank = pr.checked_rank_scores(scored["ranker"], images, caps, itm, check=True, web_first=[True] * len(caps),
+    rank = pr.checked_rank_scores(scored["ranker"], images, caps, itm, check=True,
                                   itm_threshold=threshold, keep_top=2)
     expected = _decisions(caps, scored["itm32"], scored["clip32"], threshold)
     assert _decisions(caps, itm, rank.scores, threshold) == expected
