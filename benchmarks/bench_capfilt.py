@@ -619,8 +619,13 @@ def ablations(models, images, keys, web, n: int, reps: int, compile_vision: bool
         captioner.caption(image, keys[:1], n=n, seed=SEED)
 
     out["captioner_cross_kv_once"] = interleaved(
-        {"off": lambda: cap_run(FastPath(cross_kv_once=False, sdpa=False)),
-         "on": lambda: cap_run(FastPath(sdpa=False)), "on+sdpa": lambda: cap_run(FastPath())}, max(1, reps - 1))
+        {"off": lambda: cap_run(FastPath(cross_kv_once=False, sdpa=False, nucleus_candidates=0)),
+         "on": lambda: cap_run(FastPath(sdpa=False, nucleus_candidates=0)),
+         "on+sdpa": lambda: cap_run(FastPath(nucleus_candidates=0))}, max(1, reps - 1))
+    # top-p by sorting the vocabulary (transformers' warper) or by testing 8 candidates
+    out["captioner_nucleus_candidates"] = interleaved(
+        {"sort": lambda: cap_run(FastPath(nucleus_candidates=0)), "candidates": lambda: cap_run(FastPath())},
+        max(1, reps - 1))
 
     def filter_run(fast):
         flt.fast = fast

@@ -18,7 +18,9 @@ What is ours and why:
   at every step. With ``cross_kv_once`` the decoder gets the un-repeated (B, P, D) embeddings
   and ``grouped_cross_attention`` projects and caches them once per image; the n rows of an
   image attend to them in one call. ``sdpa`` runs the vision tower's attention through torch's
-  SDPA. Both leave the sampled tokens unchanged up to float rounding (tests/test_fastpath.py).
+  SDPA. ``nucleus_candidates`` finds each top-p draw without sorting the vocabulary
+  (``model.sampling``). All leave the sampled tokens unchanged up to float rounding
+  (tests/test_fastpath.py, tests/test_sampling.py).
 
 Lengths follow BLIP and transformers: ``max_length``/``min_length`` count the prompt tokens.
 """
@@ -142,7 +144,8 @@ class Captioner:
                                                          device=self.device),
                 }
                 grouping = contextlib.nullcontext()
-            sampler = SeededNucleusSampler(row_seeds(seed, keys, n), top_p=config.top_p)
+            sampler = SeededNucleusSampler(row_seeds(seed, keys, n), top_p=config.top_p,
+                                           test_candidates=self.fast.nucleus_candidates)
             with grouping:
                 sequences = self.model.text_decoder.generate(
                     input_ids=prompt_ids,

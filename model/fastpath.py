@@ -48,6 +48,9 @@ class FastPath:
     trim_clip_text: run CLIP's causal text tower on the batch's longest caption (up to its
                     end token) instead of the full 77-token context; the pooled end token never
                     sees the padding after it, so the features are the same.
+    nucleus_candidates: the captioner's top-p draw tests this many best Gumbel-perturbed tokens
+                    for nucleus membership instead of sorting the vocabulary at every step
+                    (``model.sampling.nucleus_argmax``); 0 sorts, as transformers' warper does.
 
     ``torch.compile`` is not among them: on this CPU it took 34-70 s per process (and per batch
     shape) to compile BLIP's ViT-L and then saved 4-5% of its time (docs/benchmarks/capfilt.md).
@@ -56,11 +59,12 @@ class FastPath:
     cross_kv_once: bool = True
     sdpa: bool = True
     trim_clip_text: bool = True
+    nucleus_candidates: int = 8
 
     @classmethod
     def off(cls) -> "FastPath":
         """The plain stack: transformers' and open_clip's modules exactly as they are."""
-        return cls(cross_kv_once=False, sdpa=False, trim_clip_text=False)
+        return cls(cross_kv_once=False, sdpa=False, trim_clip_text=False, nucleus_candidates=0)
 
     @property
     def any(self) -> bool:

@@ -4,7 +4,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from model.sampling import SeededNucleusSampler, gumbel_noise, row_seeds, step_seed
+from model.sampling import SeededNucleusSampler, gumbel_noise, nucleus_argmax, row_seeds, step_seed
 from transforms.seeding import sample_seed
 
 # Probabilities chosen so the nucleus boundary is unambiguous: with top_p=0.8 the tokens kept
@@ -107,3 +107,37 @@ def test_input_errors():
     sampler = SeededNucleusSampler([1, 2], top_p=0.9)
     with pytest.raises(ValueError, match="3 rows but the sampler was given 2 seeds"):
         sampler(torch.zeros(3, 2, dtype=torch.long), torch.zeros(3, 10))
+
+
+@pytest.mark.parametrize("scale", [0.05, 1.0, 4.0])  # flat (random weights) to peaked (trained)
+def test_candidate_search_draws_what_the_sorting_warper_draws(scale):
+    torch.manual_seed(2)
+    rows, vocab = 96, 3000
+    logits = torch.randn(rows, vocab) * scale
+    logits[:, 5] = float("-inf")  # a banned token (min length bans [SEP])
+    seeds = list(range(100, 100 + rows))
+    ids = torch.zeros(rows, 9, dtype=torch.long)
+    for top_p in (0.3, 0.9):
+        sorted_way = SeededNucleusSampler(seeds, top_p)(ids, logits).argmax(dim=-1)
+        candidates = SeededNucleusSampler(seeds, top_p, test_candidates=4)(ids, logits)
+        assert torch.equal(candidates.argmax(dim=-1), sorted_way)
+        assert torch.isfinite(candidates).sum(dim=-1).eq(1).all()  # only the drawn token is finite
+        assert not bool((candidates.argmax(dim=-1) == 5).any())
+
+
+def test_candidate_search_falls_back_to_the_warper_when_no_candidate_is_in_the_nucleus():
+    # top_p 0.0 keeps only the most probable token; one candidate rarely is it
+    torch.manual_seed(3)
+    logits = torch.randn(64, 200) * 2.0
+    ids = torch.zeros(64, 4, dtype=torch.long)
+    probs = torch.softmax(logits, dim=-1)
+    noise = gumbel_noise(list(range(64)), 4, 200, torch.device("cpu"))
+    unresolved = nucleus_argmax(torch.log(probs), noise, 0.0, candidates=1) < 0
+    assert 0 < int(unresolved.sum()) < 64  # both kinds of row occur
+    out = SeededNucleusSampler(list(range(64)), 0.0, test_candidates=1)(ids, logits)
+    assert torch.equal(out.argmax(dim=-1), logits.argmax(dim=-1))
+
+
+def test_test_candidates_is_validated():
+    with pytest.raises(ValueError, match="test_candidates"):
+        SeededNucleusSampler([1], 0.9, test_candidates=-1)
