@@ -35,7 +35,8 @@ def add_loop_arguments(parser) -> None:
     parser.add_argument("--warmup", type=int, default=0, help="linear warmup steps before the cosine decay")
     parser.add_argument("--min-lr-ratio", type=float, default=0.0, help="final lr as a fraction of --lr")
     parser.add_argument("--clip-grad", type=float, default=1.0, help="max gradient norm (0: off)")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    parser.add_argument("--bf16", action="store_true",
+                        help="bf16 autocast where the hardware runs bf16 natively (else fp32, with a warning)")
     parser.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every N steps (0: at the end)")
     parser.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")

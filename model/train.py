@@ -32,6 +32,7 @@ from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
 
 from model.data import ImageTextStream, SourceSpec
+from model.device import use_bf16
 from transforms.seeding import sample_seed
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ class TrainConfig:
     warmup: int = 0
     min_lr_ratio: float = 0.0
     clip_grad: float = 1.0  # max grad norm; 0 disables
-    bf16: bool = False
+    bf16: bool | str = False  # True / "auto": bf16 autocast where the hardware runs it natively
     checkpoint_every: int = 0  # 0: only the final checkpoint
     keep_checkpoints: int = 2
     log_every: int = 10
@@ -102,6 +103,9 @@ class Trainer:
 
         self.cfg = cfg
         self.rank, self.world, self.device = setup_distributed()
+        # bf16 only where it is native: emulated bf16 on an AVX2 CPU is ~100x slower than fp32
+        # (docs/benchmarks/models.md); there the run goes on in fp32, with a warning.
+        self.bf16 = use_bf16(cfg.bf16, self.device)
         torch.manual_seed(cfg.seed + self.rank)  # dropout differs per rank, as in any DDP run
         self.module = model.to(self.device)
         self.out = Path(cfg.out_dir)
@@ -154,7 +158,7 @@ class Trainer:
                 self.save_checkpoint()
         bar.close()
         summary = {"steps": self.step, "finished": self.step >= cfg.steps, "global_batch": global_batch,
-                   "world_size": self.world, "seconds_this_run": time.perf_counter() - t_start,
+                   "world_size": self.world, "bf16": self.bf16, "seconds_this_run": time.perf_counter() - t_start,
                    "last": last, "data": self.stream.describe(), "exported": []}
         if summary["finished"] and self.is_main:
             self.module.eval()
@@ -167,7 +171,7 @@ class Trainer:
     def _one_step(self) -> dict:
         cfg = self.cfg
         sums: dict[str, torch.Tensor] = {}
-        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.bf16
+        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16
                     else contextlib.nullcontext())
         for micro in range(cfg.accum):
             batch = self.module.collate(self.stream.next_batch())

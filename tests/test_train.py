@@ -278,3 +278,20 @@ def test_cli_errors(tmp_path):
         main(["finetune", "--task", "caption", "--init", str(tmp_path), "--data", "x", "--out", str(tmp_path)])
     with pytest.raises(ValueError, match="weight must be > 0"):
         main(["pretrain", "--arch", "clip", "--mix", "x.parquet:0", "--out", str(tmp_path), "--no-progress"])
+
+
+def test_bf16_training_runs_only_where_the_hardware_has_it(tmp_path, synth_world, tiny_tokenizer,
+                                                           monkeypatch, caplog):
+    from model import device as dev
+
+    monkeypatch.setattr(dev, "cpu_has_native_bf16", lambda: False)
+    model = build("clip", tmp_path, tiny_tokenizer)
+    with caplog.at_level("WARNING"):
+        run(model, synth_world / "human", tmp_path / "emulated", steps=1, batch_size=4, lr=1e-3, bf16=True)
+    assert "no native bf16" in caplog.text
+    assert json.loads((tmp_path / "emulated" / "train_summary.json").read_text())["bf16"] is False
+    monkeypatch.setattr(dev, "cpu_has_native_bf16", lambda: True)
+    run(model, synth_world / "human", tmp_path / "native", steps=1, batch_size=4, lr=1e-3, bf16=True)
+    assert json.loads((tmp_path / "native" / "train_summary.json").read_text())["bf16"] is True
+    run(model, synth_world / "human", tmp_path / "off", steps=1, batch_size=4, lr=1e-3, bf16=False)
+    assert json.loads((tmp_path / "off" / "train_summary.json").read_text())["bf16"] is False
