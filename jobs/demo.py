@@ -3,7 +3,7 @@
     capfilt demo [--out demo_out] [--rounds 2] [--threads 1]
 
 It is `capfilt bootstrap --config jobs/configs/demo.yaml` (the config ships inside the package),
-sized for about 15 minutes on a 2-core CPU (measured: 18 min at one thread on an idle
+sized for about 15 minutes on a 2-core CPU (measured: 19 min at one thread on an idle
 machine, docs/results.md): a synthetic noisy-web world, round 0, the
 round-1 ablations of BLIP's Table 1, and the report. Re-running into the same --out skips the
 stages already done. docs/results.md gives what it reaches against the targets.
