@@ -100,25 +100,22 @@ class SeededNucleusSampler(LogitsProcessor):
         noise = gumbel_noise(self.seeds, step, vocab, scores.device)  # (R, V)
         if self.test_candidates and self._top_p is not None:
             log_probs = torch.log_softmax(scores.float(), dim=-1)  # (R, V), untruncated
-            drawn = nucleus_argmax(log_probs, noise, self.top_p, self.test_candidates)  # (R,)
-            unresolved = drawn < 0
-            if not bool(unresolved.any()):
-                return _only(drawn, log_probs + noise)
-            rows = unresolved.nonzero().squeeze(1)
-            full = self.truncated_log_probs(input_ids[rows], scores[rows]) + noise[rows]  # the warper's way
-            drawn[rows] = full.argmax(dim=-1)
-            return _only(drawn, log_probs + noise)
+            perturbed = log_probs + noise  # (R, V)
+            drawn = nucleus_argmax(log_probs, perturbed, self.top_p, self.test_candidates)  # (R,)
+            rows = (drawn < 0).nonzero().squeeze(1)
+            if rows.numel():  # no candidate in the nucleus: these rows go the warper's way
+                drawn[rows] = (self.truncated_log_probs(input_ids[rows], scores[rows]) + noise[rows]).argmax(dim=-1)
+            return _only(drawn, perturbed)
         log_probs = self.truncated_log_probs(input_ids, scores)
         return log_probs + noise
 
 
-def nucleus_argmax(log_probs: torch.Tensor, noise: torch.Tensor, top_p: float, candidates: int) -> torch.Tensor:
-    """(R,) the nucleus token with the best perturbed score ``log_probs + noise``, or -1 where none
-    of the ``candidates`` best-scoring tokens of the row is in the nucleus.
+def nucleus_argmax(log_probs: torch.Tensor, perturbed: torch.Tensor, top_p: float, candidates: int) -> torch.Tensor:
+    """(R,) the nucleus token with the best perturbed score, or -1 where none of the
+    ``candidates`` best-scoring tokens of the row is in the nucleus.
 
-    log_probs: (R, V) untruncated log-softmax; noise: (R, V) Gumbel noise.
+    log_probs: (R, V) untruncated log-softmax; perturbed: (R, V) ``log_probs`` + Gumbel noise.
     """
-    perturbed = log_probs + noise  # (R, V)
     order = perturbed.topk(min(candidates, perturbed.shape[1]), dim=-1).indices  # (R, k), best first
     probs = log_probs.exp()  # (R, V)
     top = probs.max(dim=-1).values  # (R,)

@@ -132,7 +132,7 @@ def test_candidate_search_falls_back_to_the_warper_when_no_candidate_is_in_the_n
     ids = torch.zeros(64, 4, dtype=torch.long)
     probs = torch.softmax(logits, dim=-1)
     noise = gumbel_noise(list(range(64)), 4, 200, torch.device("cpu"))
-    unresolved = nucleus_argmax(torch.log(probs), noise, 0.0, candidates=1) < 0
+    unresolved = nucleus_argmax(torch.log(probs), torch.log(probs) + noise, 0.0, candidates=1) < 0
     assert 0 < int(unresolved.sum()) < 64  # both kinds of row occur
     out = SeededNucleusSampler(list(range(64)), 0.0, test_candidates=1)(ids, logits)
     assert torch.equal(out.argmax(dim=-1), logits.argmax(dim=-1))
