@@ -185,6 +185,11 @@ def _split_scores(sample: Sample, values) -> tuple[float | None, list[float]]:
     return None, values
 
 
+def _joined_scores(sample: Sample, web, synthetic) -> list[float]:
+    """(web score, synthetic scores) -> scores in candidate order; the inverse of ``_split_scores``."""
+    return ([web] if sample.web_caption else []) + list(synthetic or [])
+
+
 class FilterHandler(_SampleHandler):
     """Sample -> Sample with ITM p(match) and ITC cosine of every candidate caption."""
 
@@ -229,7 +234,7 @@ class RankHandler(_SampleHandler):
         todo = _with_candidates(batch)
         itm = None
         if cfg.use_filter:  # the filter ran before: candidates' ITM in candidate order
-            itm = [([s.web_itm] if s.web_caption else []) + list(s.synthetic_itm or []) for s in todo]
+            itm = [_joined_scores(s, s.web_itm, s.synthetic_itm) for s in todo]
         result = checked_rank_scores(
             model, [s.image for s in todo], [candidates(s) for s in todo], itm,
             check=self.checked(), itm_threshold=cfg.itm_threshold,
