@@ -16,12 +16,22 @@ finished records its command in ``OUT/stages/<name>.json``; a re-run skips it wh
 unchanged and its outputs exist, re-runs it (from scratch) when the command changed, and resumes
 an interrupted training stage from its last checkpoint. The report is `OUT/report.json` and
 `OUT/report.md` (see `jobs/bootstrap_report.py`).
+
+Independent stages run side by side with ``jobs`` > 1 (``--jobs``, the config's ``jobs``): the
+ablations of a round (each a chain curate -> pretrain -> evaluate, the bulk of a bootstrap's
+time), the two finetunes of a round, and round 0's pretraining with the CLIP ranker's. They run
+in that many worker processes, each with ``threads`` torch threads; their results and stage
+records are the same as a sequential run's, in the same order (tests/test_bootstrap.py).
+Processes rather than threads: each stage sets torch's global thread count and holds the
+interpreter while it trains. Neither Beam nor torch schedules whole CLI stages, so this uses
+the standard library's process pool directly.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -53,6 +63,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for training and evaluation (default: the config's `threads`, "
                         "else torch's default); 1 is fastest on a machine shared with other jobs")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="independent stages (a round's ablations, its two finetunes, round 0 beside "
+                        "the CLIP ranker) run in this many processes at once (default: the config's "
+                        "`jobs`, else 1); keep jobs x threads <= the CPU cores")
 
 
 class Stages:
@@ -129,11 +143,14 @@ def _write_json(path: Path, data: dict) -> None:
 class Bootstrap:
     """One bootstrap run: the stages of every round and ablation, then the report."""
 
-    def __init__(self, config, out: Path, force: bool = False, threads: int | None = None):
+    def __init__(self, config, out: Path, force: bool = False, threads: int | None = None, jobs: int = 1):
         from jobs.bootstrap_config import cli_options
 
+        if jobs < 1:
+            raise ValueError(f"jobs must be >= 1, got {jobs}")
         self.config = config
         self.threads = threads
+        self.jobs = jobs
         self.out = out
         self.stages = Stages(out, force)
         self.opts = cli_options
@@ -195,12 +212,14 @@ class Bootstrap:
         filter's quality on the web split (what the next curate will face)."""
         cap_dir, itm_dir = self.out / name / "finetune_caption", self.out / name / "finetune_retrieval"
         base = ["--init", model_dir, "--data", self.human]
-        seconds = self._train(f"{name}/finetune_caption", ["finetune", "--task", "caption", *base],
-                              self.config.finetune_caption, cap_dir, [cap_dir / "captioner" / "config.json"],
-                              (f"{name}/pretrain",))
-        seconds += self._train(f"{name}/finetune_retrieval", ["finetune", "--task", "retrieval", *base],
-                               self.config.finetune_retrieval, itm_dir, [itm_dir / "itm" / "config.json"],
-                               (f"{name}/pretrain",))
+        seconds = sum(self._parallel([
+            ("_train", (f"{name}/finetune_caption", ["finetune", "--task", "caption", *base],
+                        self.config.finetune_caption, cap_dir, [cap_dir / "captioner" / "config.json"],
+                        (f"{name}/pretrain",))),
+            ("_train", (f"{name}/finetune_retrieval", ["finetune", "--task", "retrieval", *base],
+                        self.config.finetune_retrieval, itm_dir, [itm_dir / "itm" / "config.json"],
+                        (f"{name}/pretrain",))),
+        ]))
         deps = (f"{name}/finetune_caption", f"{name}/finetune_retrieval")
         result = self.evaluate(f"{name}/finetuned_eval", {"captioner": cap_dir, "filter": itm_dir}, deps=deps)
         return {"captioner": cap_dir / "captioner", "filter": itm_dir / "itm", "seconds": seconds,
@@ -260,6 +279,55 @@ class Bootstrap:
         seconds = self.stages.run(name, key, [path], work, deps=(*self.world_deps, *deps))
         return {"eval": json.loads(path.read_text()), "eval_seconds": seconds}
 
+    def ablation(self, round_: int, ablation: str, finetuned: dict, clip: Path) -> dict:
+        """One ablation's chain: curate the web split, pretrain a new model on it, evaluate."""
+        name = f"round{round_}/{ablation}"
+        shards, t_curate = self.curate(name, round_, ablation, finetuned, clip)
+        kept = json.loads((shards.parent / "stats.json").read_text())["kept"]
+        if kept == 0:  # nothing survived curation: the new model sees the human split only
+            log.warning("[%s] curation kept no row; pretraining on the human split alone", name)
+        model_dir, t_pretrain = self.pretrain(name, str(shards / "*.parquet") if kept else None,
+                                              deps=(f"{name}/curate",))
+        result = self.evaluate(f"{name}/eval", {"model": model_dir}, curated=shards,
+                               filter_applied=ablation in ("filter", "capfilt"),
+                               deps=(f"{name}/curate", f"{name}/pretrain"))
+        return {"model": model_dir, "eval": result["eval"],
+                "seconds": {"curate": t_curate, "pretrain": t_pretrain, "evaluate": result["eval_seconds"]}}
+
+    def _parallel(self, calls: list[tuple[str, tuple]]) -> list:
+        """``getattr(self, method)(*args)`` for each ``(method, args)`` of ``calls``: independent
+        stages, in ``self.jobs`` worker processes at once (in this process, one after the other,
+        when ``jobs`` is 1). Results, stage records and stamps come back in the order of ``calls``.
+        A failed call does not stop the others: they finish (and record their stages, so a re-run
+        skips them) before its error is raised."""
+        workers = min(self.jobs, len(calls))
+        if workers <= 1:
+            return [getattr(self, method)(*args) for method, args in calls]
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        names = [next((a for a in args if isinstance(a, str)), method) for method, args in calls]
+        log.info("%d independent stages in %d processes: %s", len(calls), workers, ", ".join(names))
+        state = (self.config, self.out, self.stages.force, self.threads, dict(self.stages.stamps))
+        # spawn: a fresh interpreter per worker (fork would copy torch's thread pools and locks).
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(_worker, state, method, args) for method, args in calls]
+            outcomes = []
+            for future in futures:
+                try:
+                    outcomes.append(future.result())
+                except Exception as exc:  # noqa: BLE001 - re-raised below, after the others finish
+                    outcomes.append(exc)
+        for outcome in outcomes:
+            if not isinstance(outcome, Exception):
+                _, records, stamps = outcome
+                self.stages.records.extend(records)
+                self.stages.stamps.update(stamps)
+        failed = [o for o in outcomes if isinstance(o, Exception)]
+        if failed:
+            raise failed[0]
+        return [o[0] for o in outcomes]
+
     # --- rounds --------------------------------------------------------------------------------
 
     def run(self) -> dict:
@@ -269,13 +337,14 @@ class Bootstrap:
         if cfg.data is None:
             self.world()
         entries, finetuned_log = [], []
-        model_dir, seconds = self.pretrain("round0/none", self.web)
+        # The CLIP ranker needs only the world: it trains beside round 0's model.
+        first = self._parallel([("pretrain", ("round0/none", self.web))] + ([("clip", ())] if cfg.rounds >= 1 else []))
+        model_dir, seconds = first[0]
+        clip = first[1] if cfg.rounds >= 1 else None
         result = self.evaluate("round0/none/eval", {"model": model_dir}, deps=("round0/none/pretrain",))
         web_fraction = ev_web_correct(self.truth)
         entries.append(entry(0, "none", model_dir, result["eval"], None,
                              {"pretrain": seconds, "evaluate": result["eval_seconds"]}, web_fraction))
-        if cfg.rounds >= 1:
-            clip = self.clip()
         previous = model_dir
         for round_ in range(1, cfg.rounds + 1):
             source = "round0/none" if round_ == 1 else f"round{round_ - 1}/capfilt"
@@ -283,26 +352,30 @@ class Bootstrap:
             finetuned_log.append({"used_in_round": round_, "from": source, **finetuned["eval"],
                                   "seconds": finetuned["seconds"] + finetuned["eval_seconds"]})
             ablations = [a for a in cfg.ablations if a != "none"] if round_ == 1 else ["capfilt"]
-            for ablation in ablations:
-                name = f"round{round_}/{ablation}"
-                shards, t_curate = self.curate(name, round_, ablation, finetuned, clip)
-                kept = json.loads((shards.parent / "stats.json").read_text())["kept"]
-                if kept == 0:  # nothing survived curation: the new model sees the human split only
-                    log.warning("[%s] curation kept no row; pretraining on the human split alone", name)
-                model_dir, t_pretrain = self.pretrain(name, str(shards / "*.parquet") if kept else None,
-                                                      deps=(f"{name}/curate",))
-                result = self.evaluate(f"{name}/eval", {"model": model_dir}, curated=shards,
-                                       filter_applied=ablation in ("filter", "capfilt"),
-                                       deps=(f"{name}/curate", f"{name}/pretrain"))
-                entries.append(entry(round_, ablation, model_dir, result["eval"], finetuned["filter"],
-                                     {"curate": t_curate, "pretrain": t_pretrain, "evaluate": result["eval_seconds"]},
-                                     web_fraction))
+            chains = self._parallel([("ablation", (round_, a, finetuned, clip)) for a in ablations])
+            for ablation, done in zip(ablations, chains):
+                entries.append(entry(round_, ablation, done["model"], done["eval"], finetuned["filter"],
+                                     done["seconds"], web_fraction))
                 if ablation == "capfilt":
-                    previous = model_dir
+                    previous = done["model"]
         report = {"rounds": entries, "finetuned": finetuned_log, "stages": self.stages.records,
                   "total_seconds": time.perf_counter() - started, "config": _config_dict(cfg)}
         write_report(self.out, report)
         return report
+
+
+def _worker(state, method: str, args: tuple):
+    """``Bootstrap.<method>(*args)`` in a worker process: its result, stage records and new stamps."""
+    config, out, force, threads, stamps = state
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s [pid {os.getpid()}] %(name)s: %(message)s")
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    boot = Bootstrap(config, out, force=force, threads=threads)
+    boot.stages.stamps.update(stamps)
+    result = getattr(boot, method)(*args)
+    return result, boot.stages.records, {k: v for k, v in boot.stages.stamps.items() if k not in stamps}
 
 
 def ev_web_correct(truth: Path) -> float:
@@ -332,6 +405,8 @@ def run(args) -> int:
             config.rounds = args.rounds
         if args.ablations is not None:
             config.ablations = [a.strip() for a in args.ablations.split(",") if a.strip()]
+        if getattr(args, "jobs", None) is not None:
+            config.jobs = args.jobs
         config.validate()
     except ValueError as exc:
         raise SystemExit(f"capfilt bootstrap: {exc}") from exc
@@ -342,7 +417,11 @@ def run(args) -> int:
         if threads < 1:
             raise SystemExit(f"capfilt bootstrap: --threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
+    cores = os.cpu_count() or 1
+    if config.jobs > 1 and config.jobs * (threads or cores) > cores:
+        log.warning("%d jobs x %s torch threads on %d cores: the processes will compete for cores "
+                    "(set --threads so that jobs x threads <= cores)", config.jobs, threads or "all", cores)
     args.out.mkdir(parents=True, exist_ok=True)
-    Bootstrap(config, args.out, force=args.force, threads=threads).run()
+    Bootstrap(config, args.out, force=args.force, threads=threads, jobs=config.jobs).run()
     print(f"report: {args.out / 'report.md'} (data: {args.out / 'report.json'})")
     return 0

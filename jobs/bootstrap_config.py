@@ -79,6 +79,7 @@ class BootstrapConfig:
     seed: int = 0
     rounds: int = 1
     threads: int | None = None  # torch threads in training/evaluation; None = torch's default
+    jobs: int = 1  # independent stages run in this many processes at once (jobs.bootstrap)
     # JSON deep-merged into the tiny BLIP config of every pretrained model (`pretrain
     # --model-config`), e.g. {"vision_config": {"num_hidden_layers": 4}}; None = model/configs.
     model_config: dict | None = None
@@ -101,6 +102,8 @@ class BootstrapConfig:
     def validate(self) -> None:
         if self.rounds < 0:
             raise ValueError(f"rounds must be >= 0, got {self.rounds}")
+        if not isinstance(self.jobs, int) or self.jobs < 1:
+            raise ValueError(f"jobs must be an integer >= 1, got {self.jobs!r}")
         bad = [a for a in self.ablations if a not in ABLATIONS]
         if bad:
             raise ValueError(f"unknown ablation {bad[0]!r}; expected some of {ABLATIONS}")

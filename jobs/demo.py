@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "second round from the round-1 captioner and filter")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: the demo config's, 1)")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="independent stages run in this many processes at once (default: the demo "
+                        "config's, 2; 1 runs every stage one after the other)")
     parser.add_argument("--force", action="store_true", help="re-run every stage, even finished ones")
     parser.add_argument("--print-config", action="store_true", help="print the embedded config and exit")
 
@@ -56,6 +59,7 @@ def run(args) -> int:
         config_path.write_text(text, encoding="utf-8")  # kept beside the report: what produced it
     log.info("capfilt demo: config %s, output %s", config_path, args.out)
     code = bootstrap.run(argparse.Namespace(config=config_path, out=args.out, rounds=args.rounds,
-                                            ablations=None, force=args.force, threads=args.threads))
+                                            ablations=None, force=args.force, threads=args.threads,
+                                            jobs=args.jobs))
     print(f"demo finished: open {args.out / 'report.md'}")
     return code

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from importlib import resources
 from pathlib import Path
 
@@ -39,6 +40,7 @@ def test_packaged_configs_load(name):
         ("rounds: 2\nablations: [none, filter]", "keep 'capfilt'"),
         ("- just a list", "must be a YAML mapping"),
         ("clip: {steps: 0}", "clip: steps and batch_size must be >= 1"),
+        ("jobs: 0", "jobs must be an integer >= 1, got 0"),
     ],
 )
 def test_bad_configs_name_the_problem(tmp_path, text, match):
@@ -161,6 +163,39 @@ def test_ci_small_bootstrap_end_to_end(tmp_path, capsys):
     again = json.loads((out / "report.json").read_text())
     assert all(s["skipped"] for s in again["stages"])
     assert again["rounds"] == report["rounds"]
+
+    # The same bootstrap with independent stages in 2 processes (--jobs 2): round 0's model beside
+    # the CLIP ranker, the two finetunes, the three ablations. Same results, same stage order.
+    par = tmp_path / "parallel"
+    argv = ["bootstrap", "--config", str(_config_path("ci_small.yaml")), "--out", str(par), "--threads", "1", "--jobs", "2"]
+    assert cli.main(argv) == 0
+    parallel = json.loads((par / "report.json").read_text())
+    assert [s["stage"] for s in parallel["stages"]] == [s["stage"] for s in report["stages"]]
+
+    def comparable(entries, root):
+        return [json.loads(json.dumps({k: v for k, v in e.items() if k != "seconds"}).replace(str(root), "OUT"))
+                for e in entries]
+
+    assert comparable(parallel["rounds"], par) == comparable(report["rounds"], out)
+
+    # Round 1 again, with the finetuned captioner's weights missing: the captioner and capfilt
+    # chains fail, the filter chain finishes and records its stages anyway, and the error
+    # reaches the caller. Fixed and re-run, only the failed chains run.
+    shutil.rmtree(par / "round1")
+    for marker in (par / "stages").glob("round1__*.json"):
+        marker.unlink()
+    weights = par / "round0" / "none" / "finetune_caption" / "captioner" / "model.safetensors"
+    weights.rename(weights.with_suffix(".moved"))
+    with pytest.raises(RuntimeError, match=r"`capfilt curate .*round1/captioner.* exited with code"):
+        cli.main(argv)
+    markers = {m.stem for m in (par / "stages").glob("round1__*.json")}
+    assert markers == {"round1__filter__curate", "round1__filter__pretrain", "round1__filter__eval"}
+    weights.with_suffix(".moved").rename(weights)
+    assert cli.main(argv) == 0
+    again = json.loads((par / "report.json").read_text())
+    ran = [s["stage"] for s in again["stages"] if not s["skipped"]]
+    assert ran == [f"round1/{a}/{s}" for a in ("captioner", "capfilt") for s in ("curate", "pretrain", "eval")]
+    assert comparable(again["rounds"], par) == comparable(report["rounds"], out)
 
 
 # --- orchestration, with every stage faked ---------------------------------------------------
