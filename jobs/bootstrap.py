@@ -338,7 +338,7 @@ class Bootstrap:
             self.world()
         entries, finetuned_log = [], []
         # The CLIP ranker needs only the world: it trains beside round 0's model.
-        first = self._parallel([("pretrain", ("round0/none", self.web))] + ([("clip", ())] if cfg.rounds >= 1 else []))
+        first = self._parallel([("pretrain", ("round0/none", self.web)), *([("clip", ())] if cfg.rounds >= 1 else [])])
         model_dir, seconds = first[0]
         clip = first[1] if cfg.rounds >= 1 else None
         result = self.evaluate("round0/none/eval", {"model": model_dir}, deps=("round0/none/pretrain",))
@@ -367,7 +367,8 @@ class Bootstrap:
 def _worker(state, method: str, args: tuple):
     """``Bootstrap.<method>(*args)`` in a worker process: its result, stage records and new stamps."""
     config, out, force, threads, stamps = state
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s [pid {os.getpid()}] %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO,  # a spawned interpreter starts without the CLI's logging
+                        format=f"%(asctime)s %(levelname)s [pid {os.getpid()}] %(name)s: %(message)s")
     if threads is not None:
         import torch
 

@@ -167,7 +167,8 @@ def test_ci_small_bootstrap_end_to_end(tmp_path, capsys):
     # The same bootstrap with independent stages in 2 processes (--jobs 2): round 0's model beside
     # the CLIP ranker, the two finetunes, the three ablations. Same results, same stage order.
     par = tmp_path / "parallel"
-    argv = ["bootstrap", "--config", str(_config_path("ci_small.yaml")), "--out", str(par), "--threads", "1", "--jobs", "2"]
+    argv = ["bootstrap", "--config", str(_config_path("ci_small.yaml")), "--out", str(par),
+            "--threads", "1", "--jobs", "2"]
     assert cli.main(argv) == 0
     parallel = json.loads((par / "report.json").read_text())
     assert [s["stage"] for s in parallel["stages"]] == [s["stage"] for s in report["stages"]]
