@@ -110,8 +110,11 @@ def _pct(x) -> str:
 
 
 def markdown(report: dict) -> str:
+    jobs = report.get("config", {}).get("jobs", 1)
+    parallel = (f" (wall clock; independent stages ran {jobs} at a time, so the stage times below add "
+                "up to more)") if jobs > 1 else ""
     lines = ["# CapFilt bootstrap report", "",
-             f"Total time {report['total_seconds']:.0f} s. Fractions and recalls in percent; "
+             f"Total time {report['total_seconds']:.0f} s{parallel}. Fractions and recalls in percent; "
              "R@1 on the held-out test split (ITC). Filter P/R/F1: \"web caption is noisy\" "
              "against the truth.", "",
              "## Rounds and ablations", "",

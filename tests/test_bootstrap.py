@@ -178,6 +178,8 @@ def test_ci_small_bootstrap_end_to_end(tmp_path, capsys):
                 for e in entries]
 
     assert comparable(parallel["rounds"], par) == comparable(report["rounds"], out)
+    assert "independent stages ran 2 at a time" in (par / "report.md").read_text()
+    assert "at a time" not in md
 
     # Round 1 again, with the finetuned captioner's weights missing: the captioner and capfilt
     # chains fail, the filter chain finishes and records its stages anyway, and the error
