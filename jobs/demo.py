@@ -1,10 +1,10 @@
 """`capfilt demo` — the whole CapFilt bootstrap on the embedded default config.
 
-    capfilt demo [--out demo_out] [--rounds 2] [--threads 1]
+    capfilt demo [--out demo_out] [--rounds 2] [--threads 1] [--jobs 2]
 
 It is `capfilt bootstrap --config jobs/configs/demo.yaml` (the config ships inside the package),
-sized for about 15 minutes on a 2-core CPU (measured: 19 min at one thread on an idle
-machine, docs/results.md): a synthetic noisy-web world, round 0, the
+sized for about 15 minutes on a 2-core CPU (measured: 13 min on an idle machine, two
+single-threaded stages at a time, docs/results.md): a synthetic noisy-web world, round 0, the
 round-1 ablations of BLIP's Table 1, and the report. Re-running into the same --out skips the
 stages already done. docs/results.md gives what it reaches against the targets.
 """
