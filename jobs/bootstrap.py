@@ -81,6 +81,7 @@ class Stages:
     def __init__(self, out: Path, force: bool = False):
         self.out = out
         self.force = force
+        self.dry = False  # only skip: a stage that would run raises WouldRun instead (Bootstrap._parallel)
         self.records: list[dict] = []
         self.stamps: dict[str, str] = {}
         (out / "stages").mkdir(parents=True, exist_ok=True)
@@ -104,6 +105,8 @@ class Stages:
             self.stamps[name] = done["stamp"]
             self.records.append({"stage": name, "seconds": done["seconds"], "skipped": True})
             return done["seconds"]
+        if self.dry:
+            raise WouldRun(name)
         resume = False
         if out_dir is not None and out_dir.exists():
             if done is not None or self.force or not resumable:
@@ -123,6 +126,10 @@ class Stages:
         log.info("[%s] done in %.0f s", name, seconds)
         self.records.append({"stage": name, "seconds": seconds, "skipped": False})
         return seconds
+
+
+class WouldRun(Exception):
+    """Raised by ``Stages.run`` in dry mode for a stage that is not done yet."""
 
 
 def _cli(argv: list[str]) -> None:
@@ -297,15 +304,59 @@ class Bootstrap:
     def _parallel(self, calls: list[tuple[str, tuple]]) -> list:
         """``getattr(self, method)(*args)`` for each ``(method, args)`` of ``calls``: independent
         stages, in ``self.jobs`` worker processes at once (in this process, one after the other,
-        when ``jobs`` is 1). Results, stage records and stamps come back in the order of ``calls``.
-        A failed call does not stop the others: they finish (and record their stages, so a re-run
-        skips them) before its error is raised."""
-        workers = min(self.jobs, len(calls))
-        if workers <= 1:
+        when ``jobs`` is 1). Calls whose stages are all done already are answered here, without a
+        worker. Results, stage records and stamps come back in the order of ``calls``. A failed
+        call does not stop the others: they finish (and record their stages, so a re-run skips
+        them) before its error is raised."""
+        if min(self.jobs, len(calls)) <= 1:
             return [getattr(self, method)(*args) for method, args in calls]
+        outcomes, pending = [None] * len(calls), []
+        for i, (method, args) in enumerate(calls):
+            records, stamps = len(self.stages.records), dict(self.stages.stamps)
+            self.stages.dry = True
+            try:
+                result = getattr(self, method)(*args)
+            except Exception:  # noqa: BLE001 - WouldRun, or an error the worker will raise and report
+                self.stages.stamps = stamps  # forget the stages it skipped: the worker skips them again
+                pending.append(i)
+            else:
+                outcomes[i] = (result, self.stages.records[records:], {})
+            finally:
+                self.stages.dry = False
+                del self.stages.records[records:]  # put back below, in the order of `calls`
+        if len(pending) == 1:  # nothing to run beside it: no worker needed
+            method, args = calls[pending[0]]
+            outcomes[pending[0]] = self._here(method, args)
+        elif pending:
+            for i, outcome in zip(pending, self._in_workers([calls[i] for i in pending])):
+                outcomes[i] = outcome
+        for outcome in outcomes:
+            if not isinstance(outcome, Exception):
+                self.stages.records.extend(outcome[1])
+                self.stages.stamps.update(outcome[2])
+        failed = [o for o in outcomes if isinstance(o, Exception)]
+        if failed:
+            raise failed[0]
+        return [o[0] for o in outcomes]
+
+    def _here(self, method: str, args: tuple):
+        """One call in this process, as ``_in_workers`` returns it: (result, records, new stamps)."""
+        records, stamps = len(self.stages.records), set(self.stages.stamps)
+        try:
+            result = getattr(self, method)(*args)
+        except Exception as exc:  # noqa: BLE001 - re-raised by _parallel
+            return exc
+        finally:
+            new = self.stages.records[records:]
+            del self.stages.records[records:]  # _parallel puts them back in the order of the calls
+        return result, new, {k: v for k, v in self.stages.stamps.items() if k not in stamps}
+
+    def _in_workers(self, calls: list[tuple[str, tuple]]) -> list:
+        """Each call's (result, stage records, new stamps) from a worker process, or its exception."""
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
+        workers = min(self.jobs, len(calls))
         names = [next((a for a in args if isinstance(a, str)), method) for method, args in calls]
         log.info("%d independent stages in %d processes: %s", len(calls), workers, ", ".join(names))
         state = (self.config, self.out, self.stages.force, self.threads, dict(self.stages.stamps))
@@ -316,17 +367,9 @@ class Bootstrap:
             for future in futures:
                 try:
                     outcomes.append(future.result())
-                except Exception as exc:  # noqa: BLE001 - re-raised below, after the others finish
+                except Exception as exc:  # noqa: BLE001 - re-raised by _parallel, after the others finish
                     outcomes.append(exc)
-        for outcome in outcomes:
-            if not isinstance(outcome, Exception):
-                _, records, stamps = outcome
-                self.stages.records.extend(records)
-                self.stages.stamps.update(stamps)
-        failed = [o for o in outcomes if isinstance(o, Exception)]
-        if failed:
-            raise failed[0]
-        return [o[0] for o in outcomes]
+        return outcomes
 
     # --- rounds --------------------------------------------------------------------------------
 

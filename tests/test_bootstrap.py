@@ -119,7 +119,7 @@ def _in_range(value) -> bool:
     return value is None or 0.0 <= value <= 1.0
 
 
-def test_ci_small_bootstrap_end_to_end(tmp_path, capsys):
+def test_ci_small_bootstrap_end_to_end(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     assert cli.main(["bootstrap", "--config", str(_config_path("ci_small.yaml")), "--out", str(out),
                      "--threads", "1"]) == 0
@@ -199,6 +199,17 @@ def test_ci_small_bootstrap_end_to_end(tmp_path, capsys):
     ran = [s["stage"] for s in again["stages"] if not s["skipped"]]
     assert ran == [f"round1/{a}/{s}" for a in ("captioner", "capfilt") for s in ("curate", "pretrain", "eval")]
     assert comparable(again["rounds"], par) == comparable(report["rounds"], out)
+
+    # A finished run re-run with --jobs 2 starts no worker process: every stage is found done here.
+    import jobs.bootstrap as bootstrap
+
+    def no_workers(self, calls):
+        raise AssertionError(f"workers started for {calls}")
+
+    monkeypatch.setattr(bootstrap.Bootstrap, "_in_workers", no_workers)
+    assert cli.main(argv) == 0
+    done = json.loads((par / "report.json").read_text())
+    assert all(s["skipped"] for s in done["stages"]) and done["rounds"] == again["rounds"]
 
 
 # --- orchestration, with every stage faked ---------------------------------------------------
@@ -315,3 +326,35 @@ def test_empty_curation_pretrains_on_the_human_split(tmp_path, monkeypatch):
     _bootstrap(tmp_path, fake, monkeypatch, ablations=["none", "capfilt"])
     (pretrain,) = fake.of("pretrain", "round1/capfilt")
     assert pretrain[pretrain.index("--data") + 1].endswith("world/human/*.parquet") and "--mix" not in pretrain
+
+
+def test_parallel_groups_send_only_unfinished_stages_to_workers(tmp_path, monkeypatch):
+    """--jobs 2 with the stages faked: workers stood in for by this process (a spawned worker
+    would not see the fakes). Which calls go to workers, and the order of the stage records."""
+    import jobs.bootstrap as bootstrap
+
+    _fake_evaluation(monkeypatch)
+    sent = []
+
+    def in_workers(self, calls):
+        sent.append([next((a for a in args if isinstance(a, str)), method) for method, args in calls])
+        return [self._here(method, args) for method, args in calls]
+
+    monkeypatch.setattr(bootstrap.Bootstrap, "_in_workers", in_workers)
+    (tmp_path / "seq").mkdir()
+    (tmp_path / "par").mkdir()
+    sequential = _bootstrap(tmp_path / "seq", FakeStages(), monkeypatch)
+    parallel = _bootstrap(tmp_path / "par", FakeStages(), monkeypatch, jobs=2)
+    assert sent == [["round0/none", "clip"], ["round0/none/finetune_caption", "round0/none/finetune_retrieval"],
+                    ["filter", "captioner", "capfilt"]]
+    assert [s["stage"] for s in parallel["stages"]] == [s["stage"] for s in sequential["stages"]]
+    # A longer CLIP training: only the ranker and the curations that read it run again. The ranker
+    # is the one unfinished stage of its group, so it runs here; the three chains go to workers.
+    sent.clear()
+    fake = FakeStages()
+    again = _bootstrap(tmp_path / "par", fake, monkeypatch, jobs=2, clip={"steps": 7})
+    assert sent == [["filter", "captioner", "capfilt"]]
+    assert [c[0] for c in fake.calls] == ["pretrain", "curate", "pretrain", "curate", "pretrain", "curate", "pretrain"]
+    assert [s["stage"] for s in again["stages"]] == [s["stage"] for s in sequential["stages"]]
+    assert {s["stage"] for s in again["stages"] if not s["skipped"]} == {
+        "clip", *(f"round1/{a}/{s}" for a in ("filter", "captioner", "capfilt") for s in ("curate", "pretrain", "eval"))}
