@@ -22,8 +22,8 @@ ablations of a round (each a chain curate -> pretrain -> evaluate, the bulk of a
 time), the two finetunes of a round, and round 0's pretraining with the CLIP ranker's. They run
 in that many worker processes, each with ``threads`` torch threads; their results and stage
 records are the same as a sequential run's, in the same order (tests/test_bootstrap.py).
-Processes rather than threads: each stage sets torch's global thread count and holds the
-interpreter while it trains. Neither Beam nor torch schedules whole CLI stages, so this uses
+Processes rather than threads: each stage sets torch's global thread count, and its Python
+code holds the interpreter lock between torch calls. Neither Beam nor torch schedules whole CLI stages, so this uses
 the standard library's process pool directly.
 """
 from __future__ import annotations
@@ -381,7 +381,8 @@ class Bootstrap:
             self.world()
         entries, finetuned_log = [], []
         # The CLIP ranker needs only the world: it trains beside round 0's model.
-        first = self._parallel([("pretrain", ("round0/none", self.web)), *([("clip", ())] if cfg.rounds >= 1 else [])])
+        first = self._parallel([("pretrain", ("round0/none", self.web)),
+                                *([("clip", ())] if cfg.rounds >= 1 else [])])
         model_dir, seconds = first[0]
         clip = first[1] if cfg.rounds >= 1 else None
         result = self.evaluate("round0/none/eval", {"model": model_dir}, deps=("round0/none/pretrain",))
