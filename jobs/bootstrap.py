@@ -310,20 +310,15 @@ class Bootstrap:
         them) before its error is raised."""
         if min(self.jobs, len(calls)) <= 1:
             return [getattr(self, method)(*args) for method, args in calls]
-        outcomes, pending = [None] * len(calls), []
-        for i, (method, args) in enumerate(calls):
-            records, stamps = len(self.stages.records), dict(self.stages.stamps)
-            self.stages.dry = True
+        outcomes = []
+        for method, args in calls:
+            self.stages.dry = True  # skip what is done; WouldRun at the first stage that is not
             try:
-                result = getattr(self, method)(*args)
-            except Exception:  # noqa: BLE001 - WouldRun, or an error the worker will raise and report
-                self.stages.stamps = stamps  # forget the stages it skipped: the worker skips them again
-                pending.append(i)
-            else:
-                outcomes[i] = (result, self.stages.records[records:], {})
+                outcomes.append(self._here(method, args))
             finally:
                 self.stages.dry = False
-                del self.stages.records[records:]  # put back below, in the order of `calls`
+        # Calls with a stage to run (or an error, which the real run raises and reports again).
+        pending = [i for i, outcome in enumerate(outcomes) if isinstance(outcome, Exception)]
         if len(pending) == 1:  # nothing to run beside it: no worker needed
             method, args = calls[pending[0]]
             outcomes[pending[0]] = self._here(method, args)
