@@ -56,6 +56,9 @@ def add_loop_arguments(parser) -> None:
     parser.add_argument("--itm-random-steps", type=int, default=0, metavar="N",
                         help="with 'hard': draw uniformly for the first N steps, then by similarity; lets a "
                         "randomly initialised ITM leave its 0.64 plateau (docs/training.md)")
+    parser.add_argument("--itm-hard-fraction", type=float, default=1.0, metavar="F",
+                        help="with 'hard', after the uniform steps: the share of rows whose negative is drawn by "
+                        "similarity, the rest uniformly (1.0: BLIP)")
 
 
 def itm_random_steps(args) -> int:
@@ -81,6 +84,9 @@ def loop_config(args, run_name: str):
 
     if args.queue_size and not args.momentum:
         raise ValueError("--queue-size needs --momentum (the queue holds momentum features)")
+    if args.itm_negatives == "random" and args.itm_hard_fraction != 1.0:
+        raise ValueError(f"--itm-hard-fraction {args.itm_hard_fraction} needs --itm-negatives hard "
+                         "(random draws every negative uniformly)")
     return TrainConfig(
         out_dir=args.out, run_name=run_name, steps=args.steps, batch_size=args.batch_size, accum=args.accum,
         lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup, min_lr_ratio=args.min_lr_ratio,
@@ -133,7 +139,7 @@ def build_model(args, overrides):
         tasks = tuple(args.tasks.split(",")) if args.tasks else TASKS
         cfg = BlipTrainConfig(tasks=tasks, momentum=args.momentum, queue_size=args.queue_size, alpha=args.alpha,
                               max_text_len=args.max_text_len, prompt=args.prompt,
-                              itm_random_steps=itm_random_steps(args))
+                              itm_random_steps=itm_random_steps(args), itm_hard_fraction=args.itm_hard_fraction)
         return build_blip(cfg, args.out, init=args.init, seed=args.seed, tokenizer_dir=args.tokenizer,
                           overrides=overrides, vision_init=args.vision_init)
     if args.arch == "blip2":
@@ -141,7 +147,7 @@ def build_model(args, overrides):
 
         tasks = tuple(args.tasks.split(",")) if args.tasks else TASKS
         cfg = Blip2TrainConfig(tasks=tasks, max_text_len=args.max_text_len,
-                               itm_random_steps=itm_random_steps(args))
+                               itm_random_steps=itm_random_steps(args), itm_hard_fraction=args.itm_hard_fraction)
         return build_blip2(cfg, args.out, init=args.init, seed=args.seed, tokenizer_dir=args.tokenizer,
                            overrides=overrides, vision_init=args.vision_init)
     from model.clip_pretrain import build_clip

@@ -48,6 +48,7 @@ class Blip2TrainConfig:
     max_text_len: int = 35
     label_smoothing: float = 0.1
     itm_random_steps: int = 0  # uniform ITM negatives for the first N steps (see BlipTrainConfig)
+    itm_hard_fraction: float = 1.0  # then the share of rows with a hard negative (see BlipTrainConfig)
 
     def __post_init__(self):
         bad = [t for t in self.tasks if t not in TASKS]
@@ -55,6 +56,8 @@ class Blip2TrainConfig:
             raise ValueError(f"unknown BLIP-2 tasks {bad}; expected a subset of {TASKS}")
         if self.itm_random_steps < 0:
             raise ValueError(f"itm_random_steps must be >= 0, got {self.itm_random_steps}")
+        if not 0.0 <= self.itm_hard_fraction <= 1.0:
+            raise ValueError(f"itm_hard_fraction must be in [0, 1], got {self.itm_hard_fraction}")
 
 
 class Blip2TrainModel(nn.Module):
@@ -170,8 +173,8 @@ class Blip2TrainModel(nn.Module):
                 sim = torch.zeros_like(sim)
             positive = self._same(ident, ident)
             gen = torch.Generator().manual_seed(int(batch.get("seed", 0)))
-            neg_text = L.sample_hard_negatives(sim, positive, gen)[rows]
-            neg_image = L.sample_hard_negatives(sim.T, positive.T, gen)[rows]
+            neg_text = L.sample_hard_negatives(sim, positive, gen, self.cfg.itm_hard_fraction)[rows]
+            neg_image = L.sample_hard_negatives(sim.T, positive.T, gen, self.cfg.itm_hard_fraction)[rows]
         embeds_all = L.gather_with_grad(embeds)
         ids_all, mask_all = L.gather_no_grad(ids), L.gather_no_grad(mask)
         ids3 = torch.cat([ids, ids, ids_all[neg_text]])  # (3B, T)

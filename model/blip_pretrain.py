@@ -56,6 +56,10 @@ class BlipTrainConfig:
     # by similarity (BLIP's hard negatives; N = 0 is BLIP). From a random init hard negatives
     # keep ITM at its constant-predictor plateau for hundreds of steps (docs/training.md).
     itm_random_steps: int = 0
+    # After those steps, the share of rows whose negative is drawn by similarity; the others stay
+    # uniform (1.0 is BLIP). A mixture keeps the easy negatives' signal while the hard ones, which
+    # differ in the details ITC cannot yet see, ask the ITM head for them.
+    itm_hard_fraction: float = 1.0
 
     def __post_init__(self):
         bad = [t for t in self.tasks if t not in TASKS]
@@ -63,6 +67,8 @@ class BlipTrainConfig:
             raise ValueError(f"unknown BLIP tasks {bad}; expected a subset of {TASKS}")
         if self.itm_random_steps < 0:
             raise ValueError(f"itm_random_steps must be >= 0, got {self.itm_random_steps}")
+        if not 0.0 <= self.itm_hard_fraction <= 1.0:
+            raise ValueError(f"itm_hard_fraction must be in [0, 1], got {self.itm_hard_fraction}")
 
 
 def tie_text_encoder_decoder(encoder: nn.Module, decoder: nn.Module) -> None:
@@ -296,8 +302,8 @@ class BlipTrainModel(nn.Module):
             if batch.get("step", 0) < self.cfg.itm_random_steps:  # uniform over the non-matching
                 sim = torch.zeros_like(sim)
             gen = torch.Generator().manual_seed(int(batch.get("seed", 0)))
-            neg_text = L.sample_hard_negatives(sim, positive, gen)[rows]  # (B,) for each image
-            neg_image = L.sample_hard_negatives(sim.T, positive.T, gen)[rows]  # (B,) for each text
+            neg_text = L.sample_hard_negatives(sim, positive, gen, self.cfg.itm_hard_fraction)[rows]  # (B,)
+            neg_image = L.sample_hard_negatives(sim.T, positive.T, gen, self.cfg.itm_hard_fraction)[rows]
         embeds_all = L.gather_with_grad(image_embeds)  # (G, N, Dv)
         ids_all, mask_all = L.gather_no_grad(ids), L.gather_no_grad(mask)
         enc_ids = torch.cat([ids, ids, ids_all[neg_text]])  # (3B, T)

@@ -118,9 +118,17 @@ def negative_weights(sim: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_hard_negatives(sim: torch.Tensor, positive: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def sample_hard_negatives(sim: torch.Tensor, positive: torch.Tensor, generator: torch.Generator,
+                          hard_fraction: float = 1.0) -> torch.Tensor:
     """(B,) one negative column per row, drawn from `negative_weights`; never a positive,
-    unless every column of the row is one (a batch of a single image or caption)."""
+    unless every column of the row is one (a batch of a single image or caption). With
+    `hard_fraction` < 1 each row is drawn by similarity with that probability and uniformly among
+    its negatives otherwise (1.0, BLIP, makes no extra random draw)."""
+    if not 0.0 <= hard_fraction <= 1.0:
+        raise ValueError(f"hard_fraction must be in [0, 1], got {hard_fraction}")
+    if hard_fraction < 1.0:
+        uniform = torch.rand(sim.shape[0], generator=generator) >= hard_fraction  # (B,)
+        sim = sim.masked_fill(uniform[:, None].to(sim.device), 0.0)
     w = negative_weights(sim, positive)
     return torch.multinomial(w.cpu(), 1, generator=generator).squeeze(1).to(sim.device)
 

@@ -88,6 +88,27 @@ def test_hard_negatives_never_the_positive():
     assert torch.allclose(freq, expected, atol=0.045)  # 4 standard errors at 2000 draws
 
 
+def test_hard_fraction_mixes_hard_and_uniform_rows():
+    n, draws = 5, 4000
+    sim = torch.zeros(n, n)
+    sim[:, 1] = 30.0  # column 1 is every other row's hardest negative, by far
+    positive = torch.eye(n, dtype=torch.bool)
+    gen = torch.Generator().manual_seed(0)
+    hard = torch.stack([L.sample_hard_negatives(sim, positive, gen) for _ in range(200)])
+    assert (hard[:, [0, 2, 3, 4]] == 1).all()  # BLIP (fraction 1): always the hardest
+    mixed = torch.stack([L.sample_hard_negatives(sim, positive, gen, hard_fraction=0.5) for _ in range(draws)])
+    rows = mixed[:, 0]  # row 0: hard half the time (column 1), else uniform over columns 1-4
+    assert (rows != 0).all()
+    # P(column 1) = 0.5 + 0.5 / 4; each other negative 0.5 / 4 (4 standard errors at 4000 draws)
+    freq = torch.bincount(rows, minlength=n).float() / draws
+    assert torch.allclose(freq, torch.tensor([0.0, 0.625, 0.125, 0.125, 0.125]), atol=0.03)
+    uniform = torch.stack([L.sample_hard_negatives(sim, positive, gen, hard_fraction=0.0) for _ in range(draws)])
+    freq = torch.bincount(uniform[:, 0], minlength=n).float() / draws
+    assert torch.allclose(freq, torch.tensor([0.0, 0.25, 0.25, 0.25, 0.25]), atol=0.03)
+    with pytest.raises(ValueError, match="hard_fraction must be in \\[0, 1\\], got 1.5"):
+        L.sample_hard_negatives(sim, positive, gen, hard_fraction=1.5)
+
+
 def test_hard_negative_fallback_when_everything_matches():
     sim = torch.zeros(2, 2)
     w = L.negative_weights(sim, torch.ones(2, 2, dtype=torch.bool))

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from jobs.cli import main
 from model.data import ImageTextStream, Sample, SourceSpec
+from model.blip_pretrain import BlipTrainConfig
 from model.train import TrainConfig, Trainer
 
 VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
@@ -88,6 +89,29 @@ def _cli(out, tokenizer, config_file, data, *extra):
                  "--model-config", str(config_file), "--batch-size", "4", "--lr", "1e-3", "--warmup", "3",
                  "--momentum", "--queue-size", "8", "--no-progress", "--log-every", "1", "--shuffle-buffer", "8",
                  "--steps", "20", *extra])
+
+
+def test_itm_hard_fraction_reaches_the_negative_draw(tmp_path, synth_world, tiny_tokenizer, monkeypatch):
+    """--itm-hard-fraction goes from the command line to every hard-negative draw after the
+    uniform steps (two draws per step: a text per image and an image per text)."""
+    from model import losses
+
+    seen = []
+    real = losses.sample_hard_negatives
+
+    def spy(sim, positive, generator, hard_fraction=1.0):
+        seen.append((bool((sim == 0).all()), hard_fraction))
+        return real(sim, positive, generator, hard_fraction)
+
+    monkeypatch.setattr(losses, "sample_hard_negatives", spy)
+    cfg_file = tmp_path / "micro.json"
+    cfg_file.write_text(json.dumps(MICRO["blip"]))
+    assert main(["pretrain", "--arch", "blip", "--data", str(synth_world / "web"), "--out", str(tmp_path / "m"),
+                 "--tokenizer", str(tiny_tokenizer), "--model-config", str(cfg_file), "--batch-size", "4",
+                 "--steps", "4", "--warmup", "1", "--no-progress", "--tasks", "itc,itm",
+                 "--itm-random-steps", "2", "--itm-hard-fraction", "0.25"]) == 0
+    # steps 0-1 uniform (all-zero similarities), steps 2-3 by similarity with the fraction
+    assert seen == [(True, 0.25)] * 4 + [(False, 0.25)] * 4
 
 
 def test_resume_is_exact(tmp_path, synth_world, tiny_tokenizer):
@@ -271,6 +295,11 @@ def test_finetune_makes_separate_captioner_and_filter(tmp_path, synth_world, tin
 def test_cli_errors(tmp_path):
     with pytest.raises(ValueError, match="--queue-size needs --momentum"):
         main(["pretrain", "--arch", "blip", "--data", "x", "--out", str(tmp_path), "--queue-size", "8"])
+    with pytest.raises(ValueError, match="--itm-hard-fraction 0.5 needs --itm-negatives hard"):
+        main(["pretrain", "--arch", "blip", "--data", "x", "--out", str(tmp_path), "--itm-negatives", "random",
+              "--itm-hard-fraction", "0.5"])
+    with pytest.raises(ValueError, match="itm_hard_fraction must be in \\[0, 1\\], got 2.0"):
+        BlipTrainConfig(itm_hard_fraction=2.0)
     with pytest.raises(ValueError, match="no parquet shards match"):
         main(["pretrain", "--arch", "clip", "--data", str(tmp_path / "none*.parquet"), "--out", str(tmp_path),
               "--steps", "1", "--no-progress"])
