@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from transforms.synth import ATTRIBUTES
+
 RETRIEVAL_KEYS = ("i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5", "i2t_r10", "t2i_r10")
 CAPTION_KEYS = ("bleu4", "cider", "attribute_accuracy", "exact")
 PRF = ("precision", "recall", "f1")
@@ -132,13 +134,16 @@ def markdown(report: dict) -> str:
     if report["finetuned"]:
         lines += ["", "## Finetuned captioner and filter (used to curate the next round)", "",
                   "| used in round | finetuned from | filter P / R / F1 | best P at R >= 90 | "
+                  "flagged: wrong colour / shape / position | "
                   "caption CIDEr | attribute acc. | exact captions | time (s) |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|"]
         for f in report["finetuned"]:
             flt, cap = f["filter"], f["caption"]
+            wrong = flt.get("per_wrong_attribute", {})
+            flagged = " / ".join(_pct(wrong.get(a, {}).get("flagged_fraction")) for a in ATTRIBUTES)
             lines.append(
                 f"| {f['used_in_round']} | {f['from']} | {' / '.join(_pct(flt[k]) for k in PRF)} | "
-                f"{_pct(flt['at_recall_0.9']['precision'])} | {cap['cider']:.3f} | "
+                f"{_pct(flt['at_recall_0.9']['precision'])} | {flagged} | {cap['cider']:.3f} | "
                 f"{_pct(cap.get('attribute_accuracy'))} | {_pct(cap.get('exact'))} | {f['seconds']:.0f} |")
     lines += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
     for name, t in report["targets"].items():

@@ -220,12 +220,14 @@ def evaluate_captions(model_dir, data: str, truth=None, batch_size: int = 32, se
 
 # --- filter and curated ------------------------------------------------------------------------
 
-def _filter_result(web_itm: np.ndarray, noise_types: list[str], threshold: float, n_skipped: int) -> dict:
+def _filter_result(web_itm: np.ndarray, rows: list[dict], threshold: float, n_skipped: int) -> dict:
     """Flag at the threshold, plus the best precision reachable at recall >= 0.9."""
+    noise_types = [r["noise_type"] for r in rows]
+    wrong = [r["wrong_attribute"] for r in rows] if rows and "wrong_attribute" in rows[0] else None
     noisy = np.array([t != "correct" for t in noise_types])
     flagged = ~(web_itm >= threshold)  # NaN (no score: empty caption) counts as flagged
     result = {"n": int(len(noise_types)), "skipped": n_skipped, "threshold": threshold,
-              **metrics.filter_metrics(flagged, noise_types)}
+              **metrics.filter_metrics(flagged, noise_types, wrong)}
     noisy_score = 1.0 - np.nan_to_num(web_itm, nan=0.0)
     best = metrics.precision_at_recall(noisy_score, noisy, 0.9)
     if best["threshold"] is not None:  # flagged when 1 - itm >= t, i.e. itm <= 1 - t
@@ -251,8 +253,7 @@ def evaluate_filter(model_dir, data: str, truth, threshold: float = 0.5, batch_s
         web_itm = np.array([np.nan if v is None else v for v in table.column("web_itm").to_pylist()],
                            dtype=np.float64)
         rows = _truth_rows(truth_table, keys, str(data))
-        return {"source": "web_itm column", **_filter_result(web_itm, [r["noise_type"] for r in rows],
-                                                              threshold, 0)}
+        return {"source": "web_itm column", **_filter_result(web_itm, rows, threshold, 0)}
     if model_dir is None:
         raise ValueError(f"{data!r} has no web_itm column: pass --model to score it with a filter")
     from model.filter import load_filter
@@ -267,7 +268,7 @@ def evaluate_filter(model_dir, data: str, truth, threshold: float = 0.5, batch_s
             web_itm[idx] = [float(s.itm[0]) for s in scores]
     rows = _truth_rows(truth_table, evalset.keys, str(data))
     return {"source": str(_subdir(model_dir, "itm")),
-            **_filter_result(web_itm, [r["noise_type"] for r in rows], threshold, len(evalset.skipped))}
+            **_filter_result(web_itm, rows, threshold, len(evalset.skipped))}
 
 
 def evaluate_curated(data: str, truth) -> dict:

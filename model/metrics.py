@@ -225,12 +225,16 @@ def precision_at_recall(noisy_score: Sequence[float], actual: Sequence[bool], mi
             "threshold": float(s[last][best]), "average_precision": ap}
 
 
-def filter_metrics(flagged: Sequence[bool], noise_types: Sequence[str]) -> dict:
+def filter_metrics(flagged: Sequence[bool], noise_types: Sequence[str],
+                   wrong_attributes: Sequence[str | None] | None = None) -> dict:
     """Quality of "the web caption is noisy" predictions against the truth's noise types.
 
     Overall precision/recall/F1 (noisy = any type but ``correct``), and per noise type: its
     count, the fraction flagged (the recall for a noisy type, the false-alarm rate for
     ``correct``), and precision/recall/F1 on the rows of that type plus the correct rows.
+    With the truth's ``wrong_attribute`` per row, ``per_wrong_attribute`` splits the
+    one-wrong-attribute rows by the attribute that is wrong (count, fraction flagged): a filter
+    that sees colour but not shape shows it there.
     """
     flagged = np.asarray(flagged, dtype=bool)
     types = np.asarray(noise_types, dtype=object)
@@ -252,6 +256,15 @@ def filter_metrics(flagged: Sequence[bool], noise_types: Sequence[str]) -> dict:
                           if k in ("precision", "recall", "f1")})
         per_type[name] = entry
     out["per_type"] = per_type
+    if wrong_attributes is not None:
+        if len(wrong_attributes) != flagged.size:
+            raise ValueError(f"{len(wrong_attributes)} wrong_attribute values for {flagged.size} rows")
+        wrong = np.asarray(wrong_attributes, dtype=object)
+        per_attribute = {}
+        for name in sorted({w for w, t in zip(wrong, types) if t == "attribute" and w is not None}):
+            rows = (types == "attribute") & (wrong == name)
+            per_attribute[str(name)] = {"n": int(rows.sum()), "flagged_fraction": float(flagged[rows].mean())}
+        out["per_wrong_attribute"] = per_attribute
     return out
 
 

@@ -157,6 +157,10 @@ def test_ci_small_bootstrap_end_to_end(tmp_path, capsys, monkeypatch):
     for round_, ablation in rows:
         assert f"| {round_} | {ablation} |" in md
     assert "## Time per stage" in md and "round1/capfilt/curate" in md
+    # The finetuned filter's flags on one-wrong-attribute captions, split by the wrong attribute:
+    # this world has none (noise_mix other=1), so the split is empty and the table says so.
+    assert report["finetuned"][0]["filter"]["per_wrong_attribute"] == {}
+    assert "flagged: wrong colour / shape / position" in md and "| – / – / – |" in md
 
     # A re-run finds every stage done and skips it.
     assert cli.main(["bootstrap", "--config", str(_config_path("ci_small.yaml")), "--out", str(out)]) == 0

@@ -203,6 +203,12 @@ def test_filter_metrics_per_noise_type():
     assert r["per_type"]["junk"]["recall"] == 1.0
     with pytest.raises(ValueError, match="unknown noise type 'spam'"):
         filter_metrics([0], ["spam"])
+    assert "per_wrong_attribute" not in r  # only with the truth's wrong_attribute column
+    wrong = [None] * 6 + ["shape", "colour"] + [None] * 2
+    split = filter_metrics(flagged, types, wrong)["per_wrong_attribute"]
+    assert split == {"colour": {"n": 1, "flagged_fraction": 0.0}, "shape": {"n": 1, "flagged_fraction": 1.0}}
+    with pytest.raises(ValueError, match="2 wrong_attribute values for 10 rows"):
+        filter_metrics(flagged, types, ["shape", None])
 
 
 def _truth(rows):
@@ -315,6 +321,11 @@ def test_evaluate_filter_on_raw_web_shards(tiny_models, synth_world, capsys):
     assert result["tp"] + result["fn"] == sum(r["noise_type"] != "correct" for r in web_truth)
     for name, entry in result["per_type"].items():
         assert entry["n"] == sum(r["noise_type"] == name for r in web_truth)
+    attribute_rows = [r for r in web_truth if r["noise_type"] == "attribute"]
+    assert attribute_rows and sum(e["n"] for e in result["per_wrong_attribute"].values()) == len(attribute_rows)
+    for name, entry in result["per_wrong_attribute"].items():
+        assert entry["n"] == sum(r["wrong_attribute"] == name for r in attribute_rows)
+        assert 0.0 <= entry["flagged_fraction"] <= 1.0
 
 
 def _write_curated(path, rows):
