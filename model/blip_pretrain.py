@@ -57,8 +57,9 @@ class BlipTrainConfig:
     # keep ITM at its constant-predictor plateau for hundreds of steps (docs/training.md).
     itm_random_steps: int = 0
     # After those steps, the share of rows whose negative is drawn by similarity; the others stay
-    # uniform (1.0 is BLIP). A mixture keeps the easy negatives' signal while the hard ones, which
-    # differ in the details ITC cannot yet see, ask the ITM head for them.
+    # uniform (1.0 is BLIP). The uniform share keeps a from-scratch ITM head off its plateau while
+    # the hard share offers negatives that differ only in details; in the synthetic world it
+    # made no better filter (docs/results.md).
     itm_hard_fraction: float = 1.0
 
     def __post_init__(self):
