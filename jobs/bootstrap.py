@@ -23,8 +23,8 @@ time), the two finetunes of a round, and round 0's pretraining with the CLIP ran
 in that many worker processes, each with ``threads`` torch threads; their results and stage
 records are the same as a sequential run's, in the same order (tests/test_bootstrap.py).
 Processes rather than threads: each stage sets torch's global thread count, and its Python
-code holds the interpreter lock between torch calls. Neither Beam nor torch schedules whole CLI stages, so this uses
-the standard library's process pool directly.
+code holds the interpreter lock between torch calls. Neither Beam nor torch schedules whole CLI
+stages, so this uses the standard library's process pool directly.
 """
 from __future__ import annotations
 

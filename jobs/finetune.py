@@ -7,7 +7,7 @@ own checkpoints (OUT/checkpoints/finetune-<task>) and log.
 """
 from __future__ import annotations
 
-from jobs.pretrain import (add_loop_arguments, build_on_rank0_first, itm_random_steps, loop_config, report,
+from jobs.pretrain import (add_loop_arguments, build_on_rank0_first, itm_options, loop_config, report,
                            sources, train)
 
 HELP = "Finetune a captioner or filter on a clean split"
@@ -55,13 +55,13 @@ def build_model(args):
     if "itm" in dirs or "captioner" in dirs:
         cfg = BlipTrainConfig(tasks=tasks, momentum=args.momentum, queue_size=args.queue_size,
                               alpha=args.alpha, max_text_len=args.max_text_len,
-                              itm_random_steps=itm_random_steps(args), itm_hard_fraction=args.itm_hard_fraction)
+                              **itm_options(args))
         captioner_dir = None if "itm" in dirs else dirs["captioner"]
         return BlipTrainModel.from_dirs(cfg, itm_dir=dirs.get("itm"), captioner_dir=captioner_dir)
     if "blip2" in dirs:
         from model.blip2_pretrain import Blip2TrainConfig, build_blip2
 
         cfg = Blip2TrainConfig(tasks=tasks, max_text_len=args.max_text_len,
-                               itm_random_steps=itm_random_steps(args), itm_hard_fraction=args.itm_hard_fraction)
+                               **itm_options(args))
         return build_blip2(cfg, args.out, init=dirs["blip2"])
     raise ValueError(f"--init {args.init}: retrieval needs a BLIP or BLIP-2 itm directory, found {sorted(dirs)}")

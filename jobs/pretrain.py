@@ -61,9 +61,10 @@ def add_loop_arguments(parser) -> None:
                         "similarity, the rest uniformly (1.0: BLIP)")
 
 
-def itm_random_steps(args) -> int:
-    """--itm-negatives random means uniform negatives for every step."""
-    return 1 << 62 if args.itm_negatives == "random" else args.itm_random_steps
+def itm_options(args) -> dict:
+    """The train config's ITM negative options; --itm-negatives random is uniform for every step."""
+    steps = 1 << 62 if args.itm_negatives == "random" else args.itm_random_steps
+    return {"itm_random_steps": steps, "itm_hard_fraction": args.itm_hard_fraction}
 
 
 def sources(args):
@@ -139,7 +140,7 @@ def build_model(args, overrides):
         tasks = tuple(args.tasks.split(",")) if args.tasks else TASKS
         cfg = BlipTrainConfig(tasks=tasks, momentum=args.momentum, queue_size=args.queue_size, alpha=args.alpha,
                               max_text_len=args.max_text_len, prompt=args.prompt,
-                              itm_random_steps=itm_random_steps(args), itm_hard_fraction=args.itm_hard_fraction)
+                              **itm_options(args))
         return build_blip(cfg, args.out, init=args.init, seed=args.seed, tokenizer_dir=args.tokenizer,
                           overrides=overrides, vision_init=args.vision_init)
     if args.arch == "blip2":
@@ -147,7 +148,7 @@ def build_model(args, overrides):
 
         tasks = tuple(args.tasks.split(",")) if args.tasks else TASKS
         cfg = Blip2TrainConfig(tasks=tasks, max_text_len=args.max_text_len,
-                               itm_random_steps=itm_random_steps(args), itm_hard_fraction=args.itm_hard_fraction)
+                               **itm_options(args))
         return build_blip2(cfg, args.out, init=args.init, seed=args.seed, tokenizer_dir=args.tokenizer,
                            overrides=overrides, vision_init=args.vision_init)
     from model.clip_pretrain import build_clip
