@@ -14,6 +14,11 @@ One entry per round and ablation. Its fields, all fractions in [0, 1]:
   — CIDEr, BLEU-4 and attribute accuracy — of the model pretrained in this entry;
 * ``seconds`` — time per stage.
 
+``finetuned`` holds, per round, the quality of the captioner and filter finetuned for it: the
+filter's ``evaluate --task filter`` result on the web split, ``filter_clean`` (the share of
+clean pairs it flags, on the human split it was finetuned on and on the test split) and the
+captioner's caption metrics.
+
 ``targets`` checks the issue's quality targets against these numbers.
 """
 from __future__ import annotations
@@ -134,16 +139,18 @@ def markdown(report: dict) -> str:
     if report["finetuned"]:
         lines += ["", "## Finetuned captioner and filter (used to curate the next round)", "",
                   "| used in round | finetuned from | filter P / R / F1 | best P at R >= 90 | "
-                  "flagged: wrong colour / shape / position | "
+                  "flagged: wrong colour / shape / position | flagged clean pairs: human (trained on) / test | "
                   "caption CIDEr | attribute acc. | exact captions | time (s) |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for f in report["finetuned"]:
             flt, cap = f["filter"], f["caption"]
             wrong = flt.get("per_wrong_attribute", {})
             flagged = " / ".join(_pct(wrong.get(a, {}).get("flagged_fraction")) for a in ATTRIBUTES)
+            clean = f.get("filter_clean", {})
+            false_alarms = " / ".join(_pct(clean.get(s, {}).get("flagged_fraction")) for s in ("human", "test"))
             lines.append(
                 f"| {f['used_in_round']} | {f['from']} | {' / '.join(_pct(flt[k]) for k in PRF)} | "
-                f"{_pct(flt['at_recall_0.9']['precision'])} | {flagged} | {cap['cider']:.3f} | "
+                f"{_pct(flt['at_recall_0.9']['precision'])} | {flagged} | {false_alarms} | {cap['cider']:.3f} | "
                 f"{_pct(cap.get('attribute_accuracy'))} | {_pct(cap.get('exact'))} | {f['seconds']:.0f} |")
     lines += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
     for name, t in report["targets"].items():

@@ -3,6 +3,7 @@
     capfilt evaluate --task retrieval --model runs/r1/model --data 'world/test/*.parquet' [--itm-rerank 16]
     capfilt evaluate --task caption   --model runs/r1/model --data 'world/test/*.parquet' --truth world/truth.parquet
     capfilt evaluate --task filter    --model runs/r0/ft_retrieval --data 'world/web/*.parquet' --truth world/truth.parquet
+    capfilt evaluate --task filter    --model runs/r0/ft_retrieval --data 'coco_val/*.parquet'   # clean pairs: false alarms
     capfilt evaluate --task curated   --data 'runs/r1/capfilt/curated/shards/*.parquet' --truth world/truth.parquet
 
 The metrics live in `model/evaluation.py`; this module parses options, prints the JSON result
@@ -23,7 +24,8 @@ DESCRIPTION = (
     "synth`, the attribute accuracy of the generated captions. filter: precision/recall/F1 of "
     "'the web caption is noisy' (ITM p < --threshold) against the truth, overall and per noise "
     "type; --data may be raw shards (scored with --model) or curated shards (their web_itm "
-    "column). curated: the fraction of selected captions that are correct before and after "
+    "column). Without --truth, filter takes every pair of raw --data as a true match (a "
+    "human-labelled split) and reports the share it would flag: its false-alarm rate. curated: the fraction of selected captions that are correct before and after "
     "CapFilt. --model takes a model directory or a pretrain/finetune output directory (its "
     "captioner/, itm/ or clip/ subdirectory is used)."
 )
@@ -39,8 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model directory or pretrain output directory (not needed for --task curated, "
                         "nor for --task filter on curated shards)")
     parser.add_argument("--truth", type=Path, default=None,
-                        help="truth.parquet from `capfilt synth` (required for filter and curated; "
-                        "adds attribute accuracy to caption)")
+                        help="truth.parquet from `capfilt synth` (required for curated; filter without "
+                        "it measures false alarms on clean pairs; adds attribute accuracy to caption)")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON result to this file")
     parser.add_argument("--itm-rerank", type=int, default=0, metavar="K",
                         help="retrieval: re-rank each query's ITC top-K with the ITM head (0 = ITC only)")
@@ -58,8 +60,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check(args) -> None:
-    if args.task in ("filter", "curated") and args.truth is None:
-        raise SystemExit(f"capfilt evaluate: --task {args.task} needs --truth FILE")
+    if args.task == "curated" and args.truth is None:
+        raise SystemExit("capfilt evaluate: --task curated needs --truth FILE")
+    if args.task == "filter" and args.truth is None and args.model is None:
+        raise SystemExit("capfilt evaluate: --task filter without --truth scores clean raw shards "
+                         "for false alarms and needs --model DIR")
     if args.task in ("retrieval", "caption") and args.model is None:
         raise SystemExit(f"capfilt evaluate: --task {args.task} needs --model DIR")
     if args.model is not None and not args.model.exists():
@@ -84,6 +89,9 @@ def run(args) -> int:
         result = ev.evaluate_captions(args.model, args.data, truth=args.truth, batch_size=args.batch_size,
                                       seed=args.seed, top_p=args.top_p, prompt=args.prompt,
                                       device=args.device, **common)
+    elif args.task == "filter" and args.truth is None:
+        result = ev.evaluate_filter_clean(args.model, args.data, threshold=args.threshold,
+                                          batch_size=args.batch_size, device=args.device, **common)
     elif args.task == "filter":
         result = ev.evaluate_filter(args.model, args.data, truth=args.truth, threshold=args.threshold,
                                     batch_size=args.batch_size, device=args.device, **common)

@@ -161,6 +161,13 @@ def test_ci_small_bootstrap_end_to_end(tmp_path, capsys, monkeypatch):
     # this world has none (noise_mix other=1), so the split is empty and the table says so.
     assert report["finetuned"][0]["filter"]["per_wrong_attribute"] == {}
     assert "flagged: wrong colour / shape / position" in md and "| – / – / – |" in md
+    # ... and its false alarms on clean pairs: the 64 human pairs it was finetuned on, the 32 test pairs.
+    clean = report["finetuned"][0]["filter_clean"]
+    assert (clean["human"]["n"], clean["test"]["n"]) == (64, 32)
+    for split in ("human", "test"):
+        assert clean[split]["flagged"] == round(clean[split]["flagged_fraction"] * clean[split]["n"])
+    shown = " / ".join(f"{100 * clean[s]['flagged_fraction']:.1f}" for s in ("human", "test"))
+    assert "flagged clean pairs: human (trained on) / test" in md and f"| {shown} |" in md
 
     # A re-run finds every stage done and skips it.
     assert cli.main(["bootstrap", "--config", str(_config_path("ci_small.yaml")), "--out", str(out)]) == 0
@@ -259,6 +266,8 @@ def _fake_evaluation(monkeypatch):
     monkeypatch.setattr(ev, "evaluate_captions", lambda *a, **k: {"bleu4": 0.1, "cider": 0.2,
                                                                   "attribute_accuracy": 0.3, "exact": 0.1})
     monkeypatch.setattr(ev, "evaluate_filter", lambda *a, **k: dict(prf))
+    monkeypatch.setattr(ev, "evaluate_filter_clean", lambda *a, **k: {"n": 10, "flagged": 1,
+                                                                      "flagged_fraction": 0.1})
     monkeypatch.setattr(ev, "evaluate_curated", lambda *a, **k: {
         "rows": 2, "kept_rows": 1, "web_correct_fraction": 0.5, "selected_correct_fraction": 1.0,
         "web_selected_fraction": 0.5, "noise_removed": 1.0, "correct_by_source": {"web": 1.0}})

@@ -328,6 +328,23 @@ def test_evaluate_filter_on_raw_web_shards(tiny_models, synth_world, capsys):
         assert 0.0 <= entry["flagged_fraction"] <= 1.0
 
 
+def test_evaluate_filter_without_truth_counts_false_alarms_on_clean_pairs(tiny_models, synth_world, capsys):
+    from model.filter import load_filter
+
+    result = _run_evaluate(["--task", "filter", "--model", str(tiny_models["itm"]), "--threshold", "0.5",
+                            "--data", str(synth_world / "test")], capsys)
+    evalset = evaluation.load_eval_set(str(synth_world / "test"))
+    scores = load_filter(str(tiny_models["itm"]), device="cpu").score(
+        evalset.images, [[c] for c in evalset.captions])
+    itm = np.array([float(s.itm[0]) for s in scores])  # every test caption is its image's own
+    assert (result["n"], result["skipped"], result["threshold"]) == (16, 0, 0.5)
+    assert result["flagged"] == int((itm < 0.5).sum())
+    assert result["flagged_fraction"] == pytest.approx(result["flagged"] / 16)
+    assert result["itm_mean"] == pytest.approx(itm.mean(), abs=1e-6)
+    with pytest.raises(SystemExit, match="without --truth .* needs --model"):
+        cli.main(["evaluate", "--task", "filter", "--data", str(synth_world / "test")])
+
+
 def _write_curated(path, rows):
     table = pa.table({
         "key": [r["key"] for r in rows],
