@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> dict:
                        ("negatives", "what hard and uniform ITM negatives differ in, by the truth")):
         p = sub.add_parser(name, help=text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         p.add_argument("--model", required=True, help="ITM model directory (or a run with an itm/ subdirectory)")
-        p.add_argument("--world", required=True, type=Path, help="`capfilt synth` output (web/, human/, test/, truth.parquet)")
+        p.add_argument("--world", required=True, type=Path,
+                       help="`capfilt synth` output (web/, human/, test/, truth.parquet)")
         p.add_argument("--json-out", type=Path, help="also write the JSON here")
         if name == "negatives":
             p.add_argument("--batch-size", type=int, default=32, help="rows per drawn batch (the finetune's)")

@@ -25,9 +25,10 @@ DESCRIPTION = (
     "'the web caption is noisy' (ITM p < --threshold) against the truth, overall and per noise "
     "type; --data may be raw shards (scored with --model) or curated shards (their web_itm "
     "column). Without --truth, filter takes every pair of raw --data as a true match (a "
-    "human-labelled split) and reports the share it would flag: its false-alarm rate. curated: the fraction of selected captions that are correct before and after "
-    "CapFilt. --model takes a model directory or a pretrain/finetune output directory (its "
-    "captioner/, itm/ or clip/ subdirectory is used)."
+    "human-labelled split) and reports the share it would flag: its false-alarm rate. "
+    "curated: the fraction of selected captions that are correct before and after CapFilt. "
+    "--model takes a model directory or a pretrain/finetune output directory (its captioner/, "
+    "itm/ or clip/ subdirectory is used)."
 )
 TASKS = ("retrieval", "caption", "filter", "curated")
 

@@ -288,10 +288,10 @@ def evaluate_filter_clean(model_dir, data: str, threshold: float = 0.5, batch_si
     it learnt its training pairs rather than what makes a caption wrong (docs/results.md)."""
     evalset, itm, source = _score_raw_captions(model_dir, data, batch_size, device, limit)
     flagged = ~(itm >= threshold)  # NaN (empty caption) counts as flagged
+    scored = itm[np.isfinite(itm)]
     return {"source": source, "n": len(evalset.keys), "skipped": len(evalset.skipped),
-            "threshold": threshold, "flagged": int(flagged.sum()),
-            "flagged_fraction": float(flagged.mean()), "itm_mean": float(np.nanmean(itm)) if
-            np.isfinite(itm).any() else None}
+            "threshold": threshold, "flagged": int(flagged.sum()), "flagged_fraction": float(flagged.mean()),
+            "itm_mean": float(scored.mean()) if scored.size else None}
 
 
 def evaluate_curated(data: str, truth) -> dict:
