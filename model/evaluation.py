@@ -240,8 +240,6 @@ def _score_raw_captions(model_dir, data: str, batch_size: int, device: str,
                         limit: int | None) -> tuple[EvalSet, np.ndarray, str]:
     """(decoded rows, (N,) ITM p(match) of each row's own caption, filter directory) for raw
     shards. An empty caption is never a candidate in curate, so it gets NaN (counted as flagged)."""
-    if model_dir is None:
-        raise ValueError(f"{data!r} has no web_itm column: pass --model to score it with a filter")
     from model.filter import load_filter
 
     evalset = load_eval_set(data, limit)
@@ -274,6 +272,8 @@ def evaluate_filter(model_dir, data: str, truth, threshold: float = 0.5, batch_s
                            dtype=np.float64)
         rows = _truth_rows(truth_table, keys, str(data))
         return {"source": "web_itm column", **_filter_result(web_itm, rows, threshold, 0)}
+    if model_dir is None:
+        raise ValueError(f"{data!r} has no web_itm column: pass --model to score it with a filter")
     evalset, web_itm, source = _score_raw_captions(model_dir, data, batch_size, device, limit)
     rows = _truth_rows(truth_table, evalset.keys, str(data))
     return {"source": source, **_filter_result(web_itm, rows, threshold, len(evalset.skipped))}
@@ -286,6 +286,8 @@ def evaluate_filter_clean(model_dir, data: str, threshold: float = 0.5, batch_si
 
     On the filter's own finetuning pairs and on held-out clean pairs, the two rates show whether
     it learnt its training pairs rather than what makes a caption wrong (docs/results.md)."""
+    if model_dir is None:
+        raise ValueError(f"scoring {data!r} for false alarms needs a filter model directory")
     evalset, itm, source = _score_raw_captions(model_dir, data, batch_size, device, limit)
     flagged = ~(itm >= threshold)  # NaN (empty caption) counts as flagged
     scored = itm[np.isfinite(itm)]
