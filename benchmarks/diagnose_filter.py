@@ -40,13 +40,18 @@ import torch.nn.functional as F  # noqa: E402
 from model.evaluation import filter_itc_matrix, load_eval_set, read_truth  # noqa: E402
 from model.filter import load_filter  # noqa: E402
 from model.losses import negative_weights  # noqa: E402
+from model.model_dirs import find_model_dirs  # noqa: E402
 
 PROBED = {"colour": "colours", "shape": "shapes", "position": "positions"}  # name -> truth column
 
 
-def _itm_dir(model: str) -> str:
-    """A finetune/pretrain output's itm/ subdirectory, or the model directory itself."""
-    return str(Path(model) / "itm") if (Path(model) / "itm").is_dir() else model
+def _filter_dir(model: str) -> str:
+    """The ITM model (BLIP or BLIP-2) in ``model`` or its pretrain/finetune subdirectories."""
+    dirs = find_model_dirs(model)
+    for kind in ("itm", "blip2"):
+        if kind in dirs:
+            return dirs[kind]
+    raise ValueError(f"--model {model}: no ITM model directory, found {sorted(dirs)}")
 
 
 def _truth_by_key(world: Path) -> dict[str, dict]:
@@ -93,7 +98,7 @@ def linear_probe(x_fit: torch.Tensor, y_fit: torch.Tensor, x_test: torch.Tensor,
 
 
 def probe(model: str, world: Path) -> dict:
-    flt = load_filter(_itm_dir(model), device="cpu")
+    flt = load_filter(_filter_dir(model), device="cpu")
     truth = _truth_by_key(world)
     torch.manual_seed(0)
     x_fit, fit_rows = vision_tokens(flt, world, ["web", "human"], truth)
@@ -123,7 +128,7 @@ def negatives(model: str, world: Path, batch_size: int = 32, batches: int = 200,
               seed: int = 0) -> dict:
     if batch_size < 2 or batches < 1 or temp <= 0:
         raise ValueError(f"need batch_size >= 2, batches >= 1, temp > 0; got {batch_size}, {batches}, {temp}")
-    flt = load_filter(_itm_dir(model), device="cpu")
+    flt = load_filter(_filter_dir(model), device="cpu")
     truth = _truth_by_key(world)
     evalset = load_eval_set(str(world / "human"))
     n = len(evalset.keys)
