@@ -32,11 +32,11 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import tempfile
 import time
-import uuid
 from pathlib import Path
+
+from jobs.bootstrap_stages import Stages
 
 HELP = "Run CapFilt bootstrap rounds (and BLIP's ablations) from a YAML config"
 DESCRIPTION = (
@@ -67,69 +67,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="independent stages (a round's ablations, its two finetunes, round 0 beside "
                         "the CLIP ranker) run in this many processes at once (default: the config's "
                         "`jobs`, else 1); keep jobs x threads <= the CPU cores")
-
-
-class Stages:
-    """Runs named stages once.
-
-    A finished stage leaves ``OUT/stages/<name>.json`` with its key (the command), the stamps
-    of the stages it read from, and a stamp of its own. It is skipped when all of these still
-    match and its outputs exist; otherwise it runs again: from scratch when it had finished
-    before (its command or an input changed), resuming when it was interrupted and says it can.
-    """
-
-    def __init__(self, out: Path, force: bool = False):
-        self.out = out
-        self.force = force
-        self.dry = False  # only skip: a stage that would run raises WouldRun instead (Bootstrap._parallel)
-        self.records: list[dict] = []
-        self.stamps: dict[str, str] = {}
-        (out / "stages").mkdir(parents=True, exist_ok=True)
-
-    def _marker(self, name: str) -> Path:
-        return self.out / "stages" / (name.replace("/", "__") + ".json")
-
-    def run(self, name: str, key, outputs: list[Path], work, out_dir: Path | None = None,
-            resumable: bool = False, deps: tuple[str, ...] = ()) -> float:
-        """Run `work(resume)` unless stage `name` already finished with the same `key` and
-        inputs (`deps`, names of earlier stages) and its `outputs` exist. Returns the stage's
-        seconds (those of the earlier run when skipped)."""
-        unknown = [d for d in deps if d not in self.stamps]
-        if unknown:
-            raise RuntimeError(f"stage {name} depends on {unknown}, which have not run")
-        key = {"key": key, "deps": {d: self.stamps[d] for d in deps}}
-        marker = self._marker(name)
-        done = json.loads(marker.read_text()) if marker.is_file() else None
-        if done and done["key"] == key and all(p.exists() for p in outputs) and not self.force:
-            log.info("[%s] already done (%.0f s), skipped", name, done["seconds"])
-            self.stamps[name] = done["stamp"]
-            self.records.append({"stage": name, "seconds": done["seconds"], "skipped": True})
-            return done["seconds"]
-        if self.dry:
-            raise WouldRun(name)
-        resume = False
-        if out_dir is not None and out_dir.exists():
-            if done is not None or self.force or not resumable:
-                shutil.rmtree(out_dir)  # a different command or input, or not resumable: start clean
-            else:
-                resume = True  # interrupted before its marker: continue where it stopped
-        marker.unlink(missing_ok=True)
-        log.info("[%s] %s", name, "resuming" if resume else "running")
-        start = time.perf_counter()
-        work(resume)
-        seconds = time.perf_counter() - start
-        missing = [str(p) for p in outputs if not p.exists()]
-        if missing:
-            raise RuntimeError(f"stage {name} finished without writing {missing}")
-        self.stamps[name] = uuid.uuid4().hex
-        marker.write_text(json.dumps({"key": key, "stamp": self.stamps[name], "seconds": seconds}, indent=1))
-        log.info("[%s] done in %.0f s", name, seconds)
-        self.records.append({"stage": name, "seconds": seconds, "skipped": False})
-        return seconds
-
-
-class WouldRun(Exception):
-    """Raised by ``Stages.run`` in dry mode for a stage that is not done yet."""
 
 
 def _cli(argv: list[str]) -> None:

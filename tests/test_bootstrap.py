@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from jobs import cli
-from jobs.bootstrap import Stages
+from jobs.bootstrap_stages import Stages
 from jobs.bootstrap_config import ABLATIONS, cli_options, load_config
 from jobs.bootstrap_report import targets
 
