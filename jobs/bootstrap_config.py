@@ -7,7 +7,9 @@ go in an ``options`` mapping and are passed to the stage's CLI as ``--key value`
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -176,10 +178,72 @@ def load_config(path) -> BootstrapConfig:
                 value = getattr(config.data, name)
                 if not Path(value).is_absolute():
                     setattr(config.data, name, str(path.parent / value))
+        _check_types(config)
         config.validate()
+        _check_stage_options(config)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"bootstrap config {path}: {exc}") from exc
     return config
+
+
+# Annotation (as written above, a string under `from __future__ import annotations`) -> the
+# Python types YAML may give for it. bool is an int subclass, so it is refused explicitly.
+_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "dict": (dict,), "list[str]": (list,)}
+
+
+def _check_types(config, where: str = "") -> None:
+    """Raise naming a scalar field whose YAML value has the wrong type (``steps: ten``), which
+    would otherwise fail deep inside a stage, or not at all."""
+    for f in dataclasses.fields(config):
+        value, name = getattr(config, f.name), f"{where}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _check_types(value, name + ".")
+            continue
+        annotation = str(f.type).replace(" | None", "")
+        if value is None or annotation not in _TYPES:
+            continue
+        if isinstance(value, bool) or not isinstance(value, _TYPES[annotation]):
+            raise ValueError(f"{name} must be {annotation}, got {value!r}")
+
+
+def _check_stage_options(config: BootstrapConfig) -> None:
+    """Parse each stage's ``options`` with that stage's own command-line parser now, so that a
+    misspelt option fails before the first stage runs instead of after an hour of them."""
+    from jobs.cli import build_parser
+
+    x = "x"  # placeholder values for the options every stage gets from the bootstrap itself
+    stages = {
+        "pretrain": ["pretrain", "--arch", "blip", "--data", x, "--out", x],
+        "round0_pretrain": ["pretrain", "--arch", "blip", "--data", x, "--out", x],
+        "finetune_caption": ["finetune", "--task", "caption", "--init", x, "--data", x, "--out", x],
+        "finetune_retrieval": ["finetune", "--task", "retrieval", "--init", x, "--data", x, "--out", x],
+        "clip": ["pretrain", "--arch", "clip", "--data", x, "--out", x],
+        "curate": ["curate", "--input", x, "--out", x, "--clip", x],
+    }
+    if config.model_config is not None:  # a misspelt key would build the default model silently
+        from model.tiny import load_config as tiny_config
+
+        tiny_config("itm", config.model_config)
+    parser = build_parser()
+    for name, argv in stages.items():
+        section = getattr(config, name)
+        if section is None or not section.options:
+            continue
+        stderr = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(stderr):
+                _, extra = parser.parse_known_args([*argv, *cli_options(section.options)])
+        except SystemExit:  # argparse printed why: a bad value or a missing argument
+            raise ValueError(f"{name}.options: {stderr.getvalue().strip().splitlines()[-1]}") from None
+        if extra and name == "curate":  # the rest must be Beam pipeline options
+            from pipeline.options import make_pipeline_options
+
+            try:
+                make_pipeline_options(extra)
+            except ValueError as exc:
+                raise ValueError(f"{name}.options: {exc}") from None
+        elif extra:
+            raise ValueError(f"{name}.options: unknown option(s) {extra} for `capfilt {argv[0]}`")
 
 
 def as_dict(config: BootstrapConfig) -> dict:

@@ -69,9 +69,34 @@ def main(argv: list[str] | None = None) -> int:
     return int(args._run(args) or 0)
 
 
-def main_entry() -> None:
-    """Console-script entry point: exit with main()'s code."""
-    sys.exit(main())
+# Errors that mean "this input or option is wrong": the user fixes the command and re-runs.
+USAGE_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+                PermissionError)
+
+
+def main_entry(argv: list[str] | None = None) -> None:
+    """Console-script entry point: exit with main()'s code.
+
+    An error the command raises about its input (a ``ValueError`` naming the bad value, a
+    missing or unwritable path) is printed as one line, ``capfilt <command>: error: ...``, with
+    exit code 2 as for a bad option; other ``OSError``s (a full disk, a lost mount) the same way
+    with exit code 1. ``--log-level DEBUG`` shows the traceback as well. ``main()`` itself keeps
+    raising, for callers and tests that want the exception."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        code = main(argv)
+    except (ValueError, OSError) as exc:
+        if logging.getLogger().isEnabledFor(logging.DEBUG):
+            logging.getLogger("capfilt").exception("traceback")
+        command = next((a for a in argv if a in COMMANDS), None)
+        prefix = f"capfilt {command}" if command else "capfilt"
+        print(f"{prefix}: error: {exc}", file=sys.stderr)
+        code = 2 if isinstance(exc, USAGE_ERRORS) else 1
+    except KeyboardInterrupt:
+        print("capfilt: interrupted (re-run the same command to resume where the command supports it)",
+              file=sys.stderr)
+        code = 130
+    sys.exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

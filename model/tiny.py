@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import difflib
 import json
 import tempfile
 from importlib import resources
@@ -53,7 +54,52 @@ def load_config(kind: str, overrides: dict | None = None) -> dict:
     if kind not in KINDS:
         raise ValueError(f"unknown model kind {kind!r}; expected one of {KINDS}")
     text = resources.files("model").joinpath("configs", CONFIG_FILES[kind]).read_text("utf-8")
+    _check_override_keys(kind, overrides or {})
     return _deep_merge(json.loads(text), overrides or {})
+
+
+# Keys the project reads itself, beside the library config's own (see _build_blip).
+PROJECT_KEYS = {kind: {"vision_position_std"} for kind in ("captioner", "itm", "blip2-itm")}  # blip2: refused later, by name
+
+
+def _check_override_keys(kind: str, overrides: dict) -> None:
+    """Raise naming a key of `overrides` that the model's config does not have.
+
+    transformers' configs keep unknown keyword arguments as plain attributes, so a misspelt
+    ``vision_confg`` would otherwise build the default model without a word."""
+    for path, known in _known_keys(kind, overrides):
+        if not isinstance(path[1], dict):
+            raise ValueError(f"model config override {'.'.join(path[0]) or '(top)'} must be a mapping, "
+                             f"got {path[1]!r}")
+        for key in sorted(set(path[1]) - known):
+            where = ".".join(path[0]) or "the top level"
+            close = difflib.get_close_matches(str(key), sorted(known), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known: {sorted(known)}"
+            raise ValueError(f"unknown model config key {key!r} at {where} of a {kind} model{hint}")
+
+
+def _known_keys(kind: str, overrides: dict):
+    """(path, mapping) pairs of `overrides` to check, each with the keys allowed there."""
+    if kind == "clip":
+        import dataclasses
+        import inspect
+
+        from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+        yield ((), overrides), {"model_cfg", "preprocess_cfg"}
+        model_cfg = overrides.get("model_cfg", {})
+        yield (("model_cfg",), model_cfg), set(inspect.signature(CLIP.__init__).parameters) - {"self"}
+        for key, cfg_cls in (("vision_cfg", CLIPVisionCfg), ("text_cfg", CLIPTextCfg)):
+            if isinstance(model_cfg, dict) and key in model_cfg:
+                yield (("model_cfg", key), model_cfg[key]), {f.name for f in dataclasses.fields(cfg_cls)}
+        return
+    from transformers import Blip2Config, BlipConfig
+
+    config = (Blip2Config if kind == "blip2-itm" else BlipConfig)().to_dict()
+    yield ((), overrides), set(config) | PROJECT_KEYS.get(kind, set())
+    for key, value in overrides.items():
+        if isinstance(config.get(key), dict) and isinstance(value, dict):
+            yield ((key,), value), set(config[key])
 
 
 def _deep_merge(base: dict, extra: dict) -> dict:

@@ -41,6 +41,14 @@ def test_packaged_configs_load(name):
         ("- just a list", "must be a YAML mapping"),
         ("clip: {steps: 0}", "clip: steps and batch_size must be >= 1"),
         ("jobs: 0", "jobs must be an integer >= 1, got 0"),
+        # checked when the config is read, not when the stage finally runs
+        ("pretrain: {steps: ten}", "pretrain.steps must be int, got 'ten'"),
+        ("curate: {keep_top: true}", "curate.keep_top must be int, got True"),
+        ("world: {noise: high}", "world.noise must be float, got 'high'"),
+        ("curate: {options: {max_lenght: 12}}", r"curate.options: .*--max-lenght"),
+        ("finetune_retrieval: {options: {warmpu: 10}}", r"finetune_retrieval.options: unknown option\(s\) \['--warmpu'"),
+        ("pretrain: {options: {itm_negatives: sometimes}}", "pretrain.options: .*invalid choice: 'sometimes'"),
+        ("model_config: {vision_confg: {patch_size: 16}}", "unknown model config key 'vision_confg'"),
     ],
 )
 def test_bad_configs_name_the_problem(tmp_path, text, match):

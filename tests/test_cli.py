@@ -42,3 +42,40 @@ def test_missing_command_is_an_error(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main([])
     assert exc.value.code == 2
+
+
+def test_entry_point_prints_input_errors_as_one_line(capsys, tmp_path, monkeypatch):
+    """An error about the input reaches the user as one line naming the value, exit code 2."""
+    monkeypatch.setattr("sys.argv", ["capfilt", "synth", "--out", str(tmp_path / "w"), "--n", "-3"])
+    with pytest.raises(SystemExit) as exc:
+        cli.main_entry()
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("capfilt synth: error: ")
+    assert "-3" in err and "Traceback" not in err
+    # main() itself still raises, for callers that want the exception.
+    with pytest.raises(ValueError, match="-3"):
+        cli.main(["synth", "--out", str(tmp_path / "w2"), "--n", "-3"])
+
+
+def test_entry_point_missing_path_is_exit_2_and_other_os_errors_exit_1(capsys, monkeypatch):
+    def fail_with(exc):
+        def run(args):
+            raise exc
+        return run
+
+    monkeypatch.setattr("jobs.report.run", fail_with(FileNotFoundError("no such directory: X")))
+    with pytest.raises(SystemExit) as exc:
+        cli.main_entry(["report", "X"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip() == "capfilt report: error: no such directory: X"
+    monkeypatch.setattr("jobs.report.run", fail_with(OSError(28, "No space left on device")))
+    with pytest.raises(SystemExit) as exc:
+        cli.main_entry(["report", "X"])
+    assert exc.value.code == 1
+    assert "No space left on device" in capsys.readouterr().err
+    monkeypatch.setattr("jobs.report.run", fail_with(KeyboardInterrupt()))
+    with pytest.raises(SystemExit) as exc:
+        cli.main_entry(["report", "X"])
+    assert exc.value.code == 130
+    assert "interrupted" in capsys.readouterr().err

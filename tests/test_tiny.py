@@ -226,3 +226,24 @@ def test_cli_models_init_and_tokenizer(tmp_path, tiny_tokenizer, capsys):
         main(["models", "init", "--help"])
     assert exc.value.code == 0
     assert "--kind" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kind, overrides, bad", [
+    ("captioner", {"vision_confg": {"patch_size": 16}}, "'vision_confg' at the top level"),
+    ("itm", {"vision_config": {"patch_sise": 16}}, "'patch_sise' at vision_config .*'patch_size'"),
+    ("clip", {"model_cfg": {"vision_cfg": {"layerz": 2}}}, "'layerz' at model_cfg.vision_cfg"),
+    ("blip2-itm", {"qformer_config": {"num_hiden_layers": 1}}, "'num_hiden_layers' at qformer_config"),
+])
+def test_misspelt_model_config_key_is_an_error(kind, overrides, bad):
+    """transformers keeps unknown config kwargs as attributes, so a typo would build the default
+    model silently; the override is checked against the library's config first."""
+    with pytest.raises(ValueError, match=bad):
+        tiny.load_config(kind, overrides)
+
+
+def test_known_model_config_keys_are_merged():
+    config = tiny.load_config("itm", {"vision_position_std": 1.0, "vision_config": {"patch_size": 16}})
+    assert config["vision_position_std"] == 1.0 and config["vision_config"]["patch_size"] == 16
+    clip = tiny.load_config("clip", {"model_cfg": {"embed_dim": 32, "text_cfg": {"layers": 1}}})
+    assert clip["model_cfg"]["embed_dim"] == 32 and clip["model_cfg"]["text_cfg"]["layers"] == 1
+    assert clip["model_cfg"]["text_cfg"]["width"] == 128  # the rest of the base config stays
