@@ -50,9 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="world seed")
     parser.add_argument("--image-size", type=int, default=64, help="image side in pixels")
     parser.add_argument("--human", type=int, default=None,
-                        help="clean human-labelled images (default: n // 4)")
+                        help="clean human-labelled images; n // 4 when not given")
     parser.add_argument("--test", type=int, default=None,
-                        help="clean held-out test images (default: n // 4)")
+                        help="clean held-out test images; n // 4 when not given")
     parser.add_argument("--rows-per-shard", type=int, default=1000, help="rows per parquet shard")
     parser.add_argument(
         "--noise-mix", type=parse_noise_mix, default=None, metavar="other=W,attribute=W,junk=W",

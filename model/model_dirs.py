@@ -22,6 +22,13 @@ def find_model_dirs(init) -> dict[str, str]:
                 found.setdefault(ARCHITECTURES[arch], str(d))
         if (d / "open_clip_config.json").is_file():
             found.setdefault("clip", str(d))
+    tower = next((d / "tower.json" for d in (root, root / "qformer") if (d / "tower.json").is_file()), None)
+    if not found and tower is not None:
+        spec = json.loads(tower.read_text()).get("tower")
+        raise ValueError(f"{init}: {tower.parent} holds a BLIP-2 Q-Former trained against the frozen tower "
+                         f"{spec!r}, which transformers' Blip2VisionModel cannot express, so no library "
+                         f"loader reads it (docs/training.md); train with a tower that maps into it "
+                         f"(timm:<a ViT>, hf:DIR) to get a loadable DIR/itm")
     if not found:
         raise ValueError(f"--init {init}: no model directory found (looked for config.json with a BLIP "
                          f"architecture, or open_clip_config.json, in {root} and its captioner/, itm/, clip/)")
