@@ -1,7 +1,8 @@
 """`capfilt release` — build a dataset release from curate output directories.
 
 Exit codes: 0 release written; 2 bad input or options (the message names the file, row or
-value); 4 the counts did not reconcile (nothing is published). See docs/release.md.
+value; checked before the embedding pass wherever possible); 4 the counts did not reconcile
+(nothing is published). See docs/release.md.
 """
 from __future__ import annotations
 
@@ -17,7 +18,10 @@ smallest key is kept), decontamination against evaluation images (--decontaminat
 resharding to --rows-per-shard. Writes OUT/shards/part-XXXXX.parquet, OUT/removed.parquet
 (every row not released, with its reason), OUT/manifest.json, a dataset card OUT/README.md,
 OUT/report.html and, with --webdataset, OUT/webdataset/XXXXX.tar for LAVIS's LAION loader.
-Exit codes: 0 ok, 2 bad input or options, 4 counts do not reconcile."""
+Each input must be a finished curate output: the shards its manifest.json records are read,
+each checked against its recorded SHA-256 first.
+Exit codes: 0 ok, 2 bad input or options (an input given twice, a missing or changed shard, an
+--out that cannot be written or replaced), 4 counts do not reconcile."""
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_ACCOUNTING = 0, 2, 4
 log = logging.getLogger("capfilt.release")
@@ -25,7 +29,8 @@ log = logging.getLogger("capfilt.release")
 
 def add_arguments(parser) -> None:
     parser.add_argument("--input", nargs="+", required=True, metavar="DIR",
-                        help="curate output directories (each with shards/*.parquet)")
+                        help="curate output directories; the shards each one's manifest.json records are read, "
+                             "checked against their recorded SHA-256")
     parser.add_argument("--out", required=True, metavar="DIR", help="release directory to write")
     parser.add_argument("--dedup-threshold", type=float, default=0.95, metavar="T",
                         help="cosine of CLIP image embeddings at or above which two images are near-duplicates")
@@ -45,7 +50,10 @@ def add_arguments(parser) -> None:
                         help="faiss index: auto = exact flat up to 50k images, IVF above")
     parser.add_argument("--batch-size", type=int, default=32, metavar="B", help="images per CLIP batch")
     parser.add_argument("--seed", type=int, default=0, help="seed of the IVF k-means training")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing release in --out")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out when it is a capfilt release (manifest.json format) or an empty "
+                             "directory; anything else is refused, as is an --out that is, holds or is "
+                             "inside an --input")
     parser.add_argument("--no-report", action="store_true", help="skip report.html")
 
 

@@ -9,7 +9,7 @@ Write one self-contained HTML page (plots and thumbnails embedded) for DIR, whic
 `capfilt curate --out` directory or a `capfilt release --out` directory: the run's counts,
 histograms of ITM and CLIP scores for kept against dropped rows, the drop-reason breakdown,
 caption length distributions and a grid of sample images with their web and selected captions.
-Exit codes: 0 written, 2 DIR is not a curate or release directory."""
+Exit codes: 0 written, 2 DIR is not a curate or release directory, or --out cannot be written."""
 
 
 def add_arguments(parser) -> None:

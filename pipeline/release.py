@@ -10,11 +10,18 @@ other row, without its image, to ``removed.parquet`` with the reason. So every i
 either released or listed in ``removed.parquet``, which ``release_manifest.check_counts``
 verifies before the release is moved into place.
 
-The release is built in a staging directory beside ``out`` and renamed over it at the end, so
-a failed build never leaves a half-written release behind.
+Inputs are the shards each curate output's ``manifest.json`` records, checked against their
+recorded SHA-256 before any image is read (``list_input_shards``), so a lost or changed shard
+stops the build instead of shipping part of the data.
+
+The release is built in a staging directory beside ``out`` (created before the CLIP pass, so an
+unwritable ``out`` fails at once) and renamed over it at the end, so a failed build never
+leaves a half-written release behind. What may be replaced is checked first (``check_out``):
+with ``overwrite`` only an empty directory or an earlier release, never an input.
 """
 from __future__ import annotations
 
+import glob as globlib
 import json
 import logging
 import shutil
@@ -29,6 +36,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from pipeline import dedup, release_manifest
+from pipeline.sources import file_sha256
 from pipeline.release_io import (
     CURATED_READ_SCHEMA, REMOVED_SCHEMA, EvalSet, ShardWriter, check_input_schema, load_eval_set, scan_rows,
 )
@@ -72,6 +80,25 @@ class ReleaseConfig:
             raise ValueError(f"--rows-per-shard must be >= 1, got {self.rows_per_shard}")
         if self.index not in dedup.INDEX_KINDS:
             raise ValueError(f"--index must be one of {dedup.INDEX_KINDS}, got {self.index!r}")
+        self._check_paths()
+
+    def _check_paths(self) -> None:
+        """An input given twice would be released twice (every row a duplicate of itself), and
+        an --out that is, holds or sits inside an input would be deleted or written into by the
+        swap at the end. Compared as resolved paths, so `C1`, `./C1/` and a symlink are one."""
+        seen: dict[Path, Path] = {}
+        for given in self.inputs:
+            real = given.resolve()
+            if real in seen:
+                same = "" if str(seen[real]) == str(given) else f" (as {seen[real]} and {given})"
+                raise ValueError(f"input {seen[real]} given twice{same}")
+            seen[real] = given
+        out = self.out.resolve()
+        for real, given in seen.items():
+            relation = ("is" if out == real else "is inside" if real in out.parents
+                        else "contains" if out in real.parents else None)
+            if relation:
+                raise ValueError(f"--out {self.out} {relation} --input {given}: a release never writes over its inputs")
 
     @property
     def eval_threshold(self) -> float:
@@ -121,21 +148,39 @@ class RowDecisions:
         return int((self.reason == REASONS.index(reason) + 1).sum())
 
 
-def list_input_shards(inputs: list[Path]) -> tuple[list[Path], list[str]]:
-    """`DIR/shards/*.parquet` of every input in a stable order, and each one's name as
-    `DIR/shards/NAME` (the `source` column of removed.parquet); schemas checked up front."""
-    files, sources = [], []
+def list_input_shards(inputs: list[Path]) -> tuple[list[Path], list[str], list[str]]:
+    """The curated shards each input's curate manifest.json records, in a stable order; each
+    one's name as `DIR/shards/NAME` (the `source` column of removed.parquet) and its SHA-256.
+
+    Every recorded shard must exist with the recorded hash (a lost or changed shard would make
+    a partial or unaccounted release) and `shards/` must hold no other parquet file; the
+    schemas are checked too. All of this before any image is read."""
+    files, sources, hashes = [], [], []
     for d in inputs:
         if not d.is_dir():
             raise ValueError(f"release input {d} is not a directory")
-        found = sorted((d / "shards").glob("*.parquet"))
-        if not found:
-            raise ValueError(f"release input {d}: no curated shards matching {d}/shards/*.parquet")
-        for path in found:
+        recorded = release_manifest.recorded_shards(d)
+        if not recorded:
+            raise ValueError(f"release input {d}: its manifest.json records no curated shards (shards/*.parquet)")
+        names = {s["name"] for s in recorded}
+        unrecorded = sorted(p.name for p in (d / "shards").glob("*.parquet") if p.name not in names)
+        if unrecorded:
+            raise ValueError(f"release input {d}: shards/{unrecorded[0]} is not in its manifest.json "
+                             f"({len(unrecorded)} such file(s)); re-run curate to finish the output")
+        for shard in recorded:
+            path = d / "shards" / shard["name"]
+            if not path.is_file():
+                raise ValueError(f"release input {d}: shard shards/{shard['name']} is recorded in its "
+                                 f"manifest.json but missing; re-run curate to restore it")
+            digest = file_sha256(str(path))
+            if digest != shard["sha256"]:
+                raise ValueError(f"release input {d}: shard shards/{shard['name']} changed since curate wrote it "
+                                 f"(sha256 {digest[:12]}..., manifest.json records {shard['sha256'][:12]}...)")
             check_input_schema(path)
-        files += found
-        sources += [f"{d}/shards/{p.name}" for p in found]
-    return files, sources
+            files.append(path)
+            sources.append(f"{d}/shards/{shard['name']}")
+            hashes.append(digest)
+    return files, sources, hashes
 
 
 def _exact_step(rows, live: np.ndarray, out: RowDecisions) -> None:
@@ -240,23 +285,78 @@ def write_outputs(files: list[Path], sources: list[str], dec: RowDecisions, stag
     return outputs
 
 
+# Written into the staging directory so that a later build knows a leftover `.NAME.partial`
+# is its own and may delete it; removed just before the rename into place.
+STAGE_MARKER = ".capfilt-release-partial"
+
+
+def _ours(path: Path) -> bool:
+    """A directory this build may delete: a staging leftover or a finished release."""
+    return (path / STAGE_MARKER).is_file() or release_manifest.is_release_dir(path)
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink():
+        path.unlink()  # the link only; whatever it points at is not ours to delete
+    else:
+        shutil.rmtree(path)
+
+
+def check_out(cfg: ReleaseConfig) -> None:
+    """Refuse an --out this build must not replace: anything without --overwrite; with it,
+    anything but an empty directory or a capfilt release (manifest.json `format`)."""
+    out = cfg.out
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not cfg.overwrite:
+        raise ValueError(f"release output {out} exists; pass --overwrite to replace it")
+    if not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory; --overwrite only replaces a release")
+    if any(out.iterdir()) and not release_manifest.is_release_dir(out):
+        raise ValueError(f"--out {out} is not empty and not a capfilt release (its manifest.json has no "
+                         f"format {release_manifest.FORMAT}); --overwrite only replaces a release: "
+                         f"choose another --out or empty {out} yourself")
+    for side in (out.parent / f".{out.name}.partial", out.parent / f".{out.name}.old"):
+        _check_side(side, out)
+    if cfg.decontaminate:  # the eval set is read before the swap would delete it
+        inside = [f for f in globlib.glob(cfg.decontaminate, recursive=True)
+                  if out.resolve() in Path(f).resolve().parents]
+        if inside:
+            raise ValueError(f"--decontaminate file {inside[0]} is inside --out {out}, which the release replaces")
+
+
+def _check_side(side: Path, out: Path) -> None:
+    """The staging and old-release names beside ``out`` may only hold what a build left there."""
+    if (side.exists() or side.is_symlink()) and not _ours(side):
+        raise ValueError(f"{side} is in the way of --out {out} and was not left by a release build; move it away")
+
+
 def _stage_dir(out: Path) -> Path:
+    """Create the staging directory beside ``out``. Called before any expensive work, so an
+    unwritable --out fails at once with a ValueError naming the path."""
     stage = out.parent / f".{out.name}.partial"
-    if stage.exists():
-        shutil.rmtree(stage)  # left by a crashed build; never a finished release
-    (stage / "shards").mkdir(parents=True)
+    try:
+        if stage.exists() or stage.is_symlink():
+            _check_side(stage, out)
+            _remove(stage)  # left by a crashed build; never a finished release
+        (stage / "shards").mkdir(parents=True)
+        (stage / STAGE_MARKER).write_text("staging directory of `capfilt release`; safe to delete\n")
+    except OSError as err:
+        raise ValueError(f"cannot write the release to --out {out}: creating {stage} failed "
+                         f"({err.strerror or err})") from err
     return stage
 
 
 def _swap_into_place(stage: Path, out: Path) -> None:
     old = out.parent / f".{out.name}.old"
-    if old.exists():
-        shutil.rmtree(old)
-    if out.exists():
+    if old.exists() or old.is_symlink():
+        _remove(old)  # check_out confirmed it is a release (a crash between the renames below)
+    if out.exists() or out.is_symlink():
         out.rename(old)
+    (stage / STAGE_MARKER).unlink()
     stage.rename(out)
-    if old.exists():
-        shutil.rmtree(old)
+    if old.exists() or old.is_symlink():
+        _remove(old)
 
 
 def build_release(cfg: ReleaseConfig, embedder: Embedder | None = None) -> dict:
@@ -265,22 +365,23 @@ def build_release(cfg: ReleaseConfig, embedder: Embedder | None = None) -> dict:
     ``embedder`` maps RGB images to normalised embeddings; by default the CLIP named by
     ``cfg.clip`` (or the curate manifest) loaded through ``model.ranker.ClipRanker``."""
     t0 = time.time()
-    if cfg.out.exists() and not cfg.overwrite:
-        raise ValueError(f"release output {cfg.out} exists; pass --overwrite to replace it")
-    files, sources = list_input_shards(cfg.inputs)
+    check_out(cfg)
+    files, sources, hashes = list_input_shards(cfg.inputs)
     lineage = release_manifest.curate_lineage(cfg.inputs)
     if embedder is None:
         cfg.clip = cfg.clip or release_manifest.default_clip(lineage)
-        embedder = release_manifest.clip_embedder(cfg.clip)
-    eval_set = load_eval_set(cfg.decontaminate, embedder, cfg.batch_size) if cfg.decontaminate else None
-    rows = scan_rows(files, embedder, cfg.batch_size)
-    dec, plans = decide(rows, cfg, eval_set)
+    # Before the model is loaded and the images embedded: an unwritable --out fails now.
     stage = _stage_dir(cfg.out)
     try:
+        if embedder is None:
+            embedder = release_manifest.clip_embedder(cfg.clip)
+        eval_set = load_eval_set(cfg.decontaminate, embedder, cfg.batch_size) if cfg.decontaminate else None
+        rows = scan_rows(files, embedder, cfg.batch_size)
+        dec, plans = decide(rows, cfg, eval_set)
         outputs = write_outputs(files, sources, dec, stage, cfg)
         counts = release_manifest.count_steps(dec, REASONS, outputs)
         manifest = release_manifest.build_manifest(
-            cfg, files, sources, lineage, eval_set, plans, counts, outputs, stage)
+            cfg, files, sources, hashes, lineage, eval_set, plans, counts, outputs, stage)
         release_manifest.check_counts(manifest)
         (stage / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         (stage / "README.md").write_text(release_manifest.dataset_card(manifest))

@@ -46,6 +46,42 @@ def curate_lineage(inputs: list[Path]) -> list[dict]:
     return lineage
 
 
+def is_release_dir(path: Path) -> bool:
+    """True when ``path/manifest.json`` says the directory is a capfilt release (``format``)."""
+    try:
+        data = json.loads((Path(path) / "manifest.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and str(data.get("format", "")).startswith(FORMAT.split("/")[0] + "/")
+
+
+def recorded_shards(d: Path) -> list[dict]:
+    """The curated shards the curate run recorded in ``d/manifest.json`` (``outputs`` entries
+    whose ``path`` is ``shards/NAME``): [{"name", "sha256", "rows"}], sorted by name.
+
+    The release reads these and only these: globbing ``shards/*.parquet`` would silently ship
+    a partial dataset when a shard was lost, or pick up a file curate never wrote."""
+    path = d / "manifest.json"
+    if not path.is_file():
+        raise ValueError(f"release input {d} has no manifest.json: only a finished `capfilt curate` "
+                         f"output (which records its shards and their hashes) can be released")
+    try:
+        outputs = json.loads(path.read_text()).get("outputs")
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise ValueError(f"{path}: not a curate manifest ({err})") from err
+    if not isinstance(outputs, list):
+        raise ValueError(f"{path} lists no output shards (`outputs`): not a finished curate output")
+    shards = []
+    for entry in outputs:
+        rel = str(entry.get("path", "")) if isinstance(entry, dict) else ""
+        if not rel.startswith("shards/"):
+            continue  # errors/ shards are not released
+        if "/" in rel[len("shards/"):] or not entry.get("sha256"):
+            raise ValueError(f"{path}: bad output entry {entry!r}")
+        shards.append({"name": rel[len("shards/"):], "sha256": entry["sha256"], "rows": entry.get("rows")})
+    return sorted(shards, key=lambda s: s["name"])
+
+
 def default_clip(lineage: list[dict]) -> str:
     """The CLIP model the first curate run used (its ``models.clip`` entry)."""
     for entry in lineage:
@@ -89,11 +125,12 @@ def _file_entry(base: Path, name: str, rows: int | None = None) -> dict:
     return {"name": name, "sha256": file_sha256(str(path)), "rows": rows}
 
 
-def build_manifest(cfg, files, sources, lineage, eval_set, plans, counts, outputs, stage: Path) -> dict:
+def build_manifest(cfg, files, sources, hashes, lineage, eval_set, plans, counts, outputs, stage: Path) -> dict:
+    """``hashes``: the SHA-256 of each input shard, checked against its curate record before the build."""
     inputs = []
     for entry in lineage:
-        shards = [{"name": f"shards/{p.name}", "sha256": file_sha256(str(p)), "rows": pq.ParquetFile(p).metadata.num_rows}
-                  for p, s in zip(files, sources) if s.startswith(f"{entry['dir']}/shards/")]
+        shards = [{"name": f"shards/{p.name}", "sha256": h, "rows": pq.ParquetFile(p).metadata.num_rows}
+                  for p, s, h in zip(files, sources, hashes) if s.startswith(f"{entry['dir']}/shards/")]
         inputs.append({"dir": entry["dir"], "shards": shards, "curate": entry["curate"], "curate_stats": entry["stats"]})
     eval_info = None
     if eval_set is not None:

@@ -289,6 +289,25 @@ def write_report(root, out_file=None, samples: int = 12, title: str | None = Non
     """Write ``report.html`` for the curate or release directory ``root``; returns its path."""
     data = load(Path(root))
     out = Path(out_file) if out_file else Path(root) / "report.html"
-    out.write_text(render(data, samples, title), encoding="utf-8")
+    _check_writable(out)  # before rendering: plots and thumbnails are the slow part
+    page = render(data, samples, title)
+    try:
+        out.write_text(page, encoding="utf-8")
+    except OSError as err:
+        raise ValueError(f"cannot write the report to {out} ({err.strerror or err})") from err
     log.info("report: %s (%d rows)", out, data.table.num_rows)
     return out
+
+
+def _check_writable(out: Path) -> None:
+    """ValueError naming ``out`` unless it can be created as a file (parents are created)."""
+    if out.is_dir():
+        raise ValueError(f"cannot write the report to {out}: it is a directory")
+    blocker = next((p for p in out.parents if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise ValueError(f"cannot write the report to {out}: {blocker} is not a directory")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot write the report to {out}: creating {out.parent} failed "
+                         f"({err.strerror or err})") from err

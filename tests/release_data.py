@@ -66,7 +66,8 @@ def row(key: str, jpg: bytes | None, *, keep: bool = True, clip: float = 0.3, it
 
 
 def write_curated(root: Path, shards: list[list[dict]], clip: str | None = None) -> Path:
-    """A curate output dir: shards/part-XXXXX.parquet, manifest.json, stats.json."""
+    """A curate output dir: shards/part-XXXXX.parquet, manifest.json (with the shards' names
+    and hashes in `outputs`), stats.json."""
     root = Path(root)
     (root / "shards").mkdir(parents=True, exist_ok=True)
     for i, rows in enumerate(shards):
@@ -77,6 +78,19 @@ def write_curated(root: Path, shards: list[list[dict]], clip: str | None = None)
     manifest = {"models": {"clip": clip, "captioner": "tiny-captioner", "filter": "tiny-itm"},
                 "thresholds": {"itm": 0.5, "keep_top": 1}, "seeds": {"run": 7}}
     (root / "manifest.json").write_text(json.dumps(manifest))
+    return record_outputs(root)
+
+
+def record_outputs(root: Path) -> Path:
+    """Record the files now in root/shards in root/manifest.json `outputs` the way curate does
+    (pipeline.state: name, path, sha256, rows); the release reads only recorded shards."""
+    outputs = []
+    for path in sorted((root / "shards").glob("*.parquet")):
+        outputs.append({"name": path.name, "path": f"shards/{path.name}",
+                        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                        "rows": pq.ParquetFile(path).metadata.num_rows})
+    manifest = json.loads((root / "manifest.json").read_text())
+    (root / "manifest.json").write_text(json.dumps({**manifest, "outputs": outputs}))
     return root
 
 

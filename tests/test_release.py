@@ -3,6 +3,7 @@ contamination, bad rows, resharding, webdataset output read back the way LAVIS r
 manifest counts and hashes, and the errors."""
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -13,7 +14,7 @@ from jobs.cli import main
 from pipeline import release_manifest
 from pipeline.release import ReleaseConfig, build_release
 from pipeline.sinks import model_record
-from release_data import image_bytes, near_copy, pixel_embedder, row, write_curated, write_raw
+from release_data import image_bytes, near_copy, pixel_embedder, record_outputs, row, write_curated, write_raw
 from transforms.schemas import CURATED_SCHEMA
 
 
@@ -165,16 +166,19 @@ def test_bad_inputs_fail_before_work(world, tmp_path):
     with pytest.raises(ValueError, match="exists; pass --overwrite"):
         build(world)
     build(world, overwrite=True)  # replaces the release
-    bad = tmp_path / "bad" / "shards"
-    bad.mkdir(parents=True)
+    bad = write_curated(tmp_path / "bad", [[row("a", image_bytes(1))]])
     t = pq.read_table(world / "cur_a/shards/part-00000.parquet").drop_columns(["keep"])
-    pq.write_table(t, bad / "part-00000.parquet")
+    pq.write_table(t, bad / "shards" / "part-00000.parquet")
+    record_outputs(bad)  # recorded, so the schema check is what fails
     with pytest.raises(ValueError, match=r"part-00000.parquet: missing required column 'keep'"):
-        build(world, "x", inputs=[tmp_path / "bad"])
+        build(world, "x", inputs=[bad])
     with pytest.raises(ValueError, match="matches no file"):
         build(world, "y", decontaminate=str(tmp_path / "nothing*.parquet"))
-    with pytest.raises(ValueError, match="no curated shards"):
-        build(world, "z", inputs=[tmp_path])
+    with pytest.raises(ValueError, match="eval has no manifest.json: only a finished `capfilt curate` output"):
+        build(world, "z", inputs=[tmp_path / "eval"])
+    write_curated(tmp_path / "none", [])
+    with pytest.raises(ValueError, match="records no curated shards"):
+        build(world, "z", inputs=[tmp_path / "none"])
     with pytest.raises(ValueError, match="--dedup-threshold must be in"):
         build(world, "w", dedup_threshold=1.5)
 
@@ -220,3 +224,149 @@ def test_default_clip_comes_from_the_curate_manifest():
     assert release_manifest.default_clip([{"curate": None}, {"curate": curate_record}]) == "ViT-B-32:laion2b"
     with pytest.raises(ValueError, match="pass --clip"):
         release_manifest.default_clip([{"curate": {"models": {"clip": None}}}])
+
+
+# --- what --overwrite may replace -----------------------------------------------------------
+
+@pytest.mark.parametrize("where, relation", [("same", "is"), ("inside", "is inside"), ("above", "contains")])
+def test_out_overlapping_an_input_is_refused(world, where, relation):
+    cur = world / "cur_a"
+    out = {"same": cur, "inside": cur / "rel", "above": world}[where]
+    before = sorted(p.name for p in (cur / "shards").iterdir())
+    with pytest.raises(ValueError, match=f"--out {out} {relation} --input {cur}: a release never writes over"):
+        build(world, inputs=[cur], out=out.relative_to(world), overwrite=True)
+    assert sorted(p.name for p in (cur / "shards").iterdir()) == before
+    assert "format" not in json.loads((cur / "manifest.json").read_text())  # still the curate record
+
+
+def test_cli_out_equal_to_input_exit_2(world, capsys):
+    cur = str(world / "cur_a")
+    assert main(["release", "--input", cur, "--out", cur + "/", "--overwrite", "--clip", "x"]) == 2
+    assert f"--out {cur} is --input {cur}" in capsys.readouterr().err
+    assert (world / "cur_a/shards/part-00001.parquet").is_file() and not (world / "cur_a/removed.parquet").exists()
+
+
+def test_overwrite_refuses_a_directory_that_is_not_a_release(world):
+    precious = world / "precious"
+    precious.mkdir()
+    (precious / "important.txt").write_text("x")
+    with pytest.raises(ValueError, match=f"--out {precious} is not empty and not a capfilt release"):
+        build(world, "precious", overwrite=True)
+    assert (precious / "important.txt").read_text() == "x"
+    # a directory whose manifest.json is not a release's (here: a curate output's) is refused too
+    shutil.copytree(world / "cur_b", world / "other")
+    with pytest.raises(ValueError, match="not a capfilt release"):
+        build(world, "other", overwrite=True)
+    assert (world / "other/shards/part-00000.parquet").is_file()
+    (world / "afile").write_text("y")
+    with pytest.raises(ValueError, match="exists and is not a directory"):
+        build(world, "afile", overwrite=True)
+    assert (world / "afile").read_text() == "y"
+
+
+def test_overwrite_replaces_an_empty_dir_or_a_release(world):
+    (world / "empty").mkdir()
+    with pytest.raises(ValueError, match="exists; pass --overwrite"):
+        build(world, "empty")
+    m = build(world, "empty", overwrite=True)
+    assert json.loads((world / "empty/manifest.json").read_text())["format"] == release_manifest.FORMAT
+    (world / "empty/shards/part-00099.parquet").write_bytes(b"stale")
+    assert build(world, "empty", overwrite=True) == m  # a release is replaced, stale files go
+    assert not (world / "empty/shards/part-00099.parquet").exists()
+    assert sorted(p.name for p in world.iterdir() if p.name.startswith(".")) == []  # no stage, no .old
+
+
+def test_overwrite_refuses_foreign_files_in_the_way(world):
+    build(world)
+    (world / ".rel.old").mkdir()
+    (world / ".rel.old/mine.txt").write_text("z")
+    with pytest.raises(ValueError, match=r"\.rel\.old is in the way of --out .* not left by a release build"):
+        build(world, overwrite=True)
+    assert (world / ".rel.old/mine.txt").is_file()
+    # an eval file inside --out would be deleted by the swap
+    shutil.copy(world / "eval/test-00000.parquet", world / "rel/eval.parquet")
+    shutil.rmtree(world / ".rel.old")
+    with pytest.raises(ValueError, match=r"--decontaminate file .*rel/eval.parquet is inside --out"):
+        build(world, overwrite=True, decontaminate=str(world / "rel" / "*.parquet"))
+
+
+def test_a_crashed_builds_staging_dir_is_replaced(world, monkeypatch):
+    import pipeline.release as release
+
+    def crash(*a, **kw):
+        raise KeyboardInterrupt  # the build is killed while writing
+    monkeypatch.setattr(release, "write_outputs", crash)
+    with pytest.raises(KeyboardInterrupt):
+        build(world)
+    assert not (world / ".rel.partial").exists()  # cleaned on the way out
+    # a staging dir left by a kill -9 carries the marker: the next build may delete it
+    (world / ".rel.partial/shards").mkdir(parents=True)
+    (world / ".rel.partial" / release.STAGE_MARKER).write_text("")
+    monkeypatch.undo()
+    build(world)
+    assert not (world / ".rel.partial").exists() and (world / "rel/manifest.json").is_file()
+    assert not (world / "rel" / release.STAGE_MARKER).exists()
+
+
+# --- inputs checked against their curate record ---------------------------------------------
+
+def test_missing_shard_is_refused_not_released_partially(world, capsys):
+    (world / "cur_a/shards/part-00001.parquet").unlink()
+    missing = "shard shards/part-00001.parquet is recorded in its manifest.json but missing"
+    with pytest.raises(ValueError, match=f"cur_a: {missing}"):
+        build(world)
+    assert not (world / "rel").exists()
+    code = main(["release", "--input", str(world / "cur_a"), "--out", str(world / "r2"), "--clip", "x"])
+    assert code == 2 and missing in capsys.readouterr().err
+    assert not (world / "r2").exists()
+
+
+def test_changed_or_unrecorded_shard_is_refused(world):
+    shard = world / "cur_a/shards/part-00001.parquet"
+    t = pq.read_table(shard)
+    pq.write_table(t.slice(0, 1), shard)  # same name, one row lost
+    with pytest.raises(ValueError, match=r"shard shards/part-00001.parquet changed since curate wrote it \(sha256 "):
+        build(world)
+    record_outputs(world / "cur_a")
+    assert build(world)["counts"]["input_rows"] == 13  # recorded again: released as it now is
+    pq.write_table(t, world / "cur_b/shards/part-00007.parquet")  # not written by curate
+    with pytest.raises(ValueError, match=r"cur_b: shards/part-00007.parquet is not in its manifest.json"):
+        build(world, "r2")
+
+
+def test_manifest_input_hashes_are_the_recorded_ones(world):
+    m = build(world)
+    recorded = json.loads((world / "cur_a/manifest.json").read_text())["outputs"]
+    assert [s["sha256"] for s in m["inputs"][0]["shards"]] == [o["sha256"] for o in recorded]
+
+
+# --- inputs given twice, unwritable --out ----------------------------------------------------
+
+def test_input_given_twice_is_refused_up_front(world, capsys, monkeypatch):
+    cur = world / "cur_a"
+    with pytest.raises(ValueError, match=f"^input {cur} given twice$"):
+        ReleaseConfig([cur, world / "cur_b", cur], world / "rel")
+    (world / "link").symlink_to(cur)
+    with pytest.raises(ValueError, match=f"input {cur} given twice \\(as {cur} and {world / 'link'}\\)"):
+        ReleaseConfig([cur, world / "link"], world / "rel")
+    monkeypatch.chdir(world)
+    code = main(["release", "--input", "cur_a", "./cur_a/", "--out", "RX9", "--clip", "x"])
+    assert code == 2 and "input cur_a given twice" in capsys.readouterr().err
+    assert not (world / "RX9").exists()
+
+
+def test_unwritable_out_fails_before_embedding(world, capsys):
+    calls = []
+
+    def counting(images):
+        calls.append(len(images))
+        return pixel_embedder(images)
+    (world / "truth.parquet").write_bytes(b"PAR1")
+    out = world / "truth.parquet" / "x"
+    stage = r"truth\.parquet/\.x\.partial"
+    with pytest.raises(ValueError, match=f"cannot write the release to --out {out}: creating .*{stage} failed"):
+        build_release(ReleaseConfig([world / "cur_a"], out, report=False), embedder=counting)
+    assert calls == []  # no image was embedded
+    code = main(["release", "--input", str(world / "cur_a"), "--out", str(out), "--clip", "x"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"cannot write the release to --out {out}" in err and "Traceback" not in err

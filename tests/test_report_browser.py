@@ -76,6 +76,20 @@ def test_report_errors(tmp_path, capsys):
     assert "neither a release" in capsys.readouterr().err
 
 
+def test_report_unwritable_out_is_a_clean_error(curate_dir, tmp_path, capsys):
+    (tmp_path / "truth.parquet").write_bytes(b"PAR1")
+    bad = tmp_path / "truth.parquet" / "x.html"
+    assert main(["report", str(curate_dir), "--out", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"capfilt report: cannot write the report to {bad}: {bad.parent} is not a directory" in err
+    assert "Traceback" not in err and (tmp_path / "truth.parquet").read_bytes() == b"PAR1"
+    assert main(["report", str(curate_dir), "--out", str(tmp_path)]) == 2
+    assert f"cannot write the report to {tmp_path}: it is a directory" in capsys.readouterr().err
+    # a missing parent directory is created
+    assert main(["report", str(curate_dir), "--out", str(tmp_path / "new" / "r.html"), "--samples", "0"]) == 0
+    assert (tmp_path / "new" / "r.html").is_file()
+
+
 CHECK_SCRIPT = """<script>
 window.addEventListener('load', function () {
   var imgs = Array.from(document.images);
