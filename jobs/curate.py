@@ -66,7 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     capfilt.add_argument("--prompt", default="a picture of ", help="captioner prompt (stripped from the output)")
     capfilt.add_argument("--max-length", type=int, default=30, help="caption tokens, prompt included")
     capfilt.add_argument("--min-length", type=int, default=10, help="caption tokens, prompt included")
-    capfilt.add_argument("--repetition-penalty", type=float, default=1.1)
+    capfilt.add_argument("--repetition-penalty", type=float, default=1.1, metavar="R",
+                         help="captioner: transformers' repetition penalty on tokens already in the caption "
+                              "(prompt included): 1 is none, > 1 discourages repeats; must be > 0 (BLIP: 1.1)")
     capfilt.add_argument("--itm-threshold", type=float, default=0.5, metavar="T",
                          help="a caption passes the filter when its ITM p(match) >= T")
     capfilt.add_argument("--keep-top", type=int, default=2, metavar="K",
@@ -140,18 +142,32 @@ def summary_table(result) -> str:
     return "\n".join(lines)
 
 
+def _one_line(err: BaseException) -> str:
+    """The message on one line (hub and Beam messages span several)."""
+    return " ".join(str(err).split())
+
+
 def run(args) -> int:
     from pipeline.curate import run_curate
 
     if str(getattr(args, "log_level", "INFO")).upper() != "DEBUG":
         # Beam logs every bundle and stage at INFO; our progress line replaces that.
         logging.getLogger("apache_beam").setLevel(logging.WARNING)
+        # Beam logs a failing DoFn's traceback at ERROR and then re-raises the error to us,
+        # which prints it in one line below (an error we do not catch keeps its traceback).
+        logging.getLogger("apache_beam.runners.common").setLevel(logging.CRITICAL)
     try:
         cfg = config_from_args(args)
         result = run_curate(cfg, args.extra)
-    except ValueError as err:
-        print(f"capfilt curate: error: {err}", file=sys.stderr)
+    except ValueError as err:  # bad options, models, inputs or --out: the message says which
+        print(f"capfilt curate: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except OSError as err:  # as jobs.cli.main_entry: a path that cannot be used (2), else a failing disk (1)
+        from jobs.cli import USAGE_ERRORS
+
+        usage = isinstance(err, USAGE_ERRORS)
+        print(f"capfilt curate: {'error' if usage else 'failed'}: {_one_line(err)}", file=sys.stderr)
+        return 2 if usage else 1
     except RuntimeError as err:
         print(f"capfilt curate: failed: {err}", file=sys.stderr)
         return 1

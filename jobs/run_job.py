@@ -6,8 +6,8 @@ its inputs changed since the last run:
 * **ingest** (URL lists only): a list file is downloaded into ``ROOT/raw/<list name>/`` when it
   is new or its SHA-256 changed (the old download is replaced);
 * **curate**: runs when there are raw shards it has not seen. Curate itself skips the shards
-  it finished; when a seen shard changed or vanished, or the curate settings or model files
-  changed, it runs with ``--overwrite``;
+  it finished; when a seen shard changed, vanished or gets a new output name (see
+  ``_renamed``), or the curate settings or model files changed, it runs with ``--overwrite``;
 * **release**: rebuilt when the curated shards' hashes, the eval files' hashes or the release
   settings differ from the last ``ROOT/release/manifest.json``.
 
@@ -34,7 +34,7 @@ HELP = "Run a scheduled ingest-curate-release job from YAML (incremental)"
 EXIT_OK, EXIT_STEP, EXIT_ACCOUNTING, EXIT_BUSY = 0, 3, 4, 5
 EXIT_CODES = {
     EXIT_OK: "success, including 'nothing to do'",
-    EXIT_CONFIG: "the job file is invalid (the message names the key, glob or path)",
+    EXIT_CONFIG: "the job file is invalid, or a step refused its options or input (the message names which)",
     EXIT_STEP: "a step (ingest, curate or release) failed",
     EXIT_ACCOUNTING: "a step's counts do not reconcile (curate identity or release counts)",
     EXIT_BUSY: "another run of this job holds its lock",
@@ -101,6 +101,16 @@ def call(argv: list[str]) -> int:
         return EXIT_STEP
 
 
+def _failed(code: int, what: str) -> JobError:
+    """The JobError for a step that exited with ``code``. A step's exit 2 is its own config or
+    usage error (an option it refuses, a URL list without the caption column, a shard with a
+    missing column): retrying cannot fix it, so it is run-job's config error (2), not a step
+    failure (3) that a scheduler would retry."""
+    if code == EXIT_CONFIG:
+        return JobError(EXIT_CONFIG, f"{what} failed: the step refused its options or input (its exit 2)")
+    return JobError(EXIT_STEP, f"{what} failed")
+
+
 def _files(pattern: str, what: str, ext: str | None = None) -> list[Path]:
     found = sorted(Path(p) for p in globlib.glob(pattern, recursive=True) if Path(p).is_file())
     if ext:
@@ -124,8 +134,9 @@ def ingest_step(job: Job, state, dry: bool) -> list[str]:
             continue
         if out.exists():
             shutil.rmtree(out)  # the list changed: replace its download
-        if call(["ingest", "--url-list", str(lst), "--out", str(out)] + job.ingest_argv) != 0:
-            raise JobError(EXIT_STEP, f"ingest of {lst} failed")
+        code = call(["ingest", "--url-list", str(lst), "--out", str(out)] + job.ingest_argv)
+        if code != 0:
+            raise _failed(code, f"ingest of {lst}")
         done[str(lst)] = sha
     return ran
 
@@ -149,22 +160,42 @@ def curate_step(job: Job, state, dry: bool) -> list[str]:
         now = {str(p): _sha256(p, state.setdefault("hashes", {})) for p in shards}
         seen = record.get(name, {}) if (out / "stats.json").is_file() else {}
         changed = [p for p, h in seen.get("inputs", {}).items() if now.get(p) != h]
-        overwrite = bool(seen) and (seen.get("signature") != signature or bool(changed))
+        renamed = _renamed(list(seen.get("inputs", {})), list(now))
+        overwrite = bool(seen) and (seen.get("signature") != signature or bool(changed) or bool(renamed))
         new = [p for p in now if p not in seen.get("inputs", {})]
         if not overwrite and not new:
             continue
         why = ("settings or models changed" if seen.get("signature") not in (None, signature) else
-               f"{len(changed)} seen shard(s) changed or vanished" if changed else f"{len(new)} new shard(s)")
+               f"{len(changed)} seen shard(s) changed or vanished" if changed else
+               f"{len(renamed)} seen shard(s) get new output names" if renamed else f"{len(new)} new shard(s)")
         label = f"curate{'' if job.shards else ' ' + out.name} ({why})"
         ran.append(label)
         if dry:
             continue
         argv = ["curate", "--input", pattern, "--out", str(out)] + job.curate_argv
-        if call(argv + (["--overwrite"] if overwrite else []) + job.beam_argv) != 0:
-            raise JobError(EXIT_STEP, f"curate into {out} failed")
+        code = call(argv + (["--overwrite"] if overwrite else []) + job.beam_argv)
+        if code != 0:
+            raise _failed(code, f"curate into {out}")
         _check_curate(out, shards)
         record[name] = {"signature": signature, "inputs": now}
     return ran
+
+
+def _renamed(seen: list[str], now: list[str]) -> list[str]:
+    """Seen shards whose curate output name changes now. Curate names an output shard after its
+    input's stem, or after its path below the inputs' common directory once two stems repeat
+    (pipeline.sources.shard_ids): a new raw/b/00000.parquet renames raw/a/00000.parquet's output
+    from 00000 to a_00000. Resuming would keep the old output beside the new one and count its
+    rows twice, so such a change curates everything again (--overwrite)."""
+    if not seen:
+        return []
+    from pipeline.sources import shard_ids
+
+    try:
+        before, after = shard_ids(seen), shard_ids(now)
+    except ValueError:
+        return []  # ids that clash: curate itself reports them, naming both files
+    return [p for p, shard_id in before.items() if p in after and after[p] != shard_id]
 
 
 def _check_curate(out: Path, shards: list[Path]) -> None:
@@ -216,12 +247,21 @@ def release_step(job: Job, state, dry: bool) -> list[str]:
     if code == release_cmd.EXIT_ACCOUNTING:
         raise JobError(EXIT_ACCOUNTING, "release counts do not reconcile")
     if code != 0:
-        raise JobError(EXIT_STEP, "release failed")
+        raise _failed(code, "release")
     try:
         check_counts(json.loads((out / "manifest.json").read_text()))
     except AccountingError as err:
         raise JobError(EXIT_ACCOUNTING, str(err)) from err
     return ["release"]
+
+
+def _applies(step, job: Job) -> bool:
+    """Whether the job has the step at all: ingest only for URL lists, release unless false."""
+    if step is ingest_step:
+        return job.url_lists is not None
+    if step is release_step:
+        return job.release_argv is not None
+    return True
 
 
 # -- the command ----------------------------------------------------------------------------
@@ -255,7 +295,8 @@ def run(args) -> int:
             try:
                 for step in (ingest_step, curate_step, release_step):
                     if args.dry_run and done:  # an earlier step would change this one's inputs
-                        done.append(step.__name__.removesuffix("_step"))
+                        if _applies(step, job):
+                            done.append(step.__name__.removesuffix("_step"))
                         continue
                     done += step(job, state, args.dry_run)
             finally:

@@ -16,10 +16,12 @@ marker exists, which is written last:
 
 A run killed anywhere (kill -9) leaves at most staging files and output files without a marker;
 the next run deletes both and redoes those shards, so rows are neither lost nor duplicated.
-Shards with a marker are skipped. ``--overwrite`` deletes the previous output (once the new
-input has passed its checks) and starts again. Settings
-that change rows (models and their hashes, thresholds, seeds, ...) are recorded at the first
-run; resuming with different ones is refused.
+Shards with a marker are skipped while their two output files are intact (``state.OutStore``);
+a deleted or changed output makes the shard pending again. ``--overwrite`` deletes the previous
+output (once the models, the device and the new input have passed their checks) and starts
+again. Settings that change rows (models and their hashes, thresholds, seeds, precision, ...)
+are recorded at the first run; resuming with different ones is refused once a shard is done.
+A non-empty ``--out`` that no curate run wrote is refused unless ``--overwrite`` is given.
 """
 from __future__ import annotations
 
@@ -134,12 +136,18 @@ def run_curate(cfg, beam_args: list[str] | None = None) -> CurateResult:
     cfg = _auto_threads(cfg, options)
     started = time.monotonic()
     store = state.OutStore(cfg.out)
+    # Before --out is created, locked or cleaned: a model or device that cannot work would
+    # otherwise fail the run only after --overwrite had deleted the previous output.
+    state.check_models(cfg)
+    if not cfg.overwrite:  # before the lock file: a refused directory is left as it was
+        store.check_is_curate_output()
     with store.locked():
         shards = discover_shards(cfg.inputs)
         settings = state.settings_record(cfg)
+        # A marker counts only while its output files are intact; the others are redone.
+        done = {} if cfg.overwrite else store.intact(store.markers())
         if not cfg.overwrite:
-            store.check_settings(settings)
-        done = {} if cfg.overwrite else store.markers()
+            store.check_settings(settings, done)
         pending, skipped = [], []
         for shard in shards:
             (skipped if store.is_done(shard, done) else pending).append(shard)

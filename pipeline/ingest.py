@@ -24,6 +24,9 @@ import typing
 from collections import Counter
 from dataclasses import dataclass, field
 
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 # file suffix -> img2dataset input_format
@@ -53,9 +56,15 @@ class IngestConfig:
             raise ValueError(f"--url-list {self.url_list}: no such file")
         if self.output_format not in OUTPUT_FORMATS:
             raise ValueError(f"--output-format {self.output_format!r}: curate reads {OUTPUT_FORMATS}")
-        clash = sorted(set(self.options) & set(OWN_ARGUMENTS))
-        if clash:
-            raise ValueError(f"set {', '.join(OWN_ARGUMENTS[c] for c in clash)} instead of {clash}")
+        check_download_options(self.options)
+
+
+def check_download_options(options: dict) -> None:
+    """img2dataset arguments that ``capfilt ingest`` sets from its own options may not be
+    passed through (run-job checks a job file's ``ingest.options`` with this too)."""
+    clash = sorted(set(options) & set(OWN_ARGUMENTS))
+    if clash:
+        raise ValueError(f"set {', '.join(OWN_ARGUMENTS[c] for c in clash)} instead of {clash}")
 
 
 def detect_input_format(path: str) -> str:
@@ -67,21 +76,50 @@ def detect_input_format(path: str) -> str:
                      f"(known: {', '.join(sorted(INPUT_FORMATS))}); pass --input-format")
 
 
-def list_columns(path: str, input_format: str) -> list[str] | None:
-    """Column names of a parquet/csv/tsv URL list (None for formats without a header)."""
-    if input_format == "parquet":
+def list_columns(path: str, input_format: str, wanted=()) -> list[str] | None:
+    """Column names of a URL list as img2dataset will see them (None for txt, which has none).
+
+    A read error names the file (e.g. ``--input-format parquet`` on a csv file). ``wanted``:
+    the columns the caller needs; a JSON lines list is read past its first block only when
+    one of them is missing there (a field may first appear further down).
+    """
+    try:
+        return _read_columns(path, input_format, wanted)
+    except (pa.ArrowException, OSError, ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: cannot read it as a {input_format} URL list ({err})") from err
+
+
+def _read_columns(path: str, input_format: str, wanted) -> list[str] | None:
+    """The columns each format's img2dataset reader would produce, read the same way."""
+    base = input_format.removesuffix(".gz")
+    compression = "gzip" if input_format.endswith(".gz") else None
+    if base == "parquet":
         return pq.read_schema(path).names
-    if input_format in ("csv", "tsv"):
-        with open(path, encoding="utf-8", errors="replace") as f:
-            header = f.readline().rstrip("\r\n")
-        return [c.strip().strip('"') for c in header.split("," if input_format == "csv" else "\t")]
-    return None
+    if base == "txt":
+        return None
+    if base == "json":  # one JSON document, which img2dataset reads with pandas.read_json
+        import pandas as pd
+
+        return [str(c) for c in pd.read_json(path, compression=compression).columns]
+    if base in ("csv", "tsv"):  # the header, parsed by pyarrow.csv as img2dataset does
+        parse = pa_csv.ParseOptions(delimiter="," if base == "csv" else "\t")
+        with pa.input_stream(path, compression=compression) as stream:
+            return pa_csv.open_csv(stream, parse_options=parse).schema.names
+    if base == "jsonl":  # pyarrow.json, as img2dataset; the first block is usually enough
+        with pa.input_stream(path, compression=compression) as stream:
+            names = pa_json.open_json(stream).schema.names
+        if all(c in names for c in wanted if c):
+            return names
+        with pa.input_stream(path, compression=compression) as stream:
+            return pa_json.read_json(stream).column_names
+    raise ValueError(f"unknown input format {input_format!r} "
+                     f"(known: {', '.join(sorted(set(INPUT_FORMATS.values())))})")
 
 
 def check_url_list(cfg: IngestConfig, input_format: str) -> None:
     if input_format.startswith("txt") and cfg.caption_col:
         raise ValueError(f"{cfg.url_list}: a txt URL list has no caption column; pass --caption-col ''")
-    columns = list_columns(cfg.url_list, input_format)
+    columns = list_columns(cfg.url_list, input_format, wanted=(cfg.url_col, cfg.caption_col))
     if columns is None:
         return
     for flag, name in (("--url-col", cfg.url_col), ("--caption-col", cfg.caption_col)):

@@ -22,7 +22,7 @@ from apache_beam.options.pipeline_options import (
     WorkerOptions,
 )
 
-from pipeline.precision import DEFAULT_CLIP_MARGIN, DEFAULT_ITM_MARGIN, PRECISIONS
+from pipeline.precision import DEFAULT_CLIP_MARGIN, DEFAULT_ITM_MARGIN, PRECISIONS, resolve_precision
 from transforms.image import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
 from transforms.text import DEFAULT_MAX_WORDS
 
@@ -37,7 +37,7 @@ class CurateConfig:
     """Everything `capfilt curate` needs besides Beam's own options.
 
     Fields that change the curated rows (models, sampling, thresholds, seed, round, ablations,
-    decode limits) form the run's fingerprint (:meth:`fingerprint`); the others (batch size,
+    decode limits, precision) form the run's fingerprint (:meth:`fingerprint`); the others (batch size,
     grouping, progress) only change how fast the rows are produced.
     """
 
@@ -98,8 +98,19 @@ class CurateConfig:
         _check_range("--shards-per-pipeline", self.shards_per_pipeline, 1, 100_000)
         _check_range("--round", self.round, 0, 2**31 - 1)
         _check_range("--max-words", self.max_words, 1, 100_000)
+        # Out-of-range values would not fail here but turn every row into an error row (decode
+        # limits) or every caption into garbage (sampling), and the run would still exit 0.
+        _check_min("--max-length", self.max_length, 1)
+        _check_min("--min-length", self.min_length, 0)
         if self.min_length > self.max_length:
             raise ValueError(f"--min-length {self.min_length} exceeds --max-length {self.max_length}")
+        if isinstance(self.repetition_penalty, bool) or not self.repetition_penalty > 0:
+            raise ValueError(f"--repetition-penalty must be > 0, got {self.repetition_penalty!r}")
+        _check_min("--max-pixels", self.max_pixels, 1)
+        _check_min("--min-side", self.min_side, 1)
+        _check_min("--max-aspect", self.max_aspect, 1)  # longer side / shorter side is never below 1
+        if self.torch_threads is not None:
+            _check_min("--torch-threads", self.torch_threads, 1)
         if self.precision not in PRECISIONS:
             raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         _check_range("--itm-margin", self.itm_margin, 0.0, 1.0)
@@ -125,6 +136,13 @@ class CurateConfig:
             "max_words",
         )
         fp = {k: getattr(self, k) for k in keys}
+        # Resolved, not as asked: "auto" means bf16-checked on one machine and fp32 on another,
+        # and a resume must not mix their rows (bf16 scores differ in the last digits; plain
+        # bf16 also changes captions). The margins decide which bf16 scores are redone in fp32.
+        fp["precision"] = resolve_precision(self.precision, self.device)
+        checked = fp["precision"] == "bf16-checked"
+        fp["itm_margin"] = self.itm_margin if checked and self.use_filter else None
+        fp["clip_margin"] = self.clip_margin if checked else None
         if self.no_synthetic:  # sampling settings are irrelevant without a captioner
             for k in ("captioner", "num_captions", "prompt", "top_p", "max_length", "min_length",
                       "repetition_penalty"):
@@ -141,6 +159,11 @@ class CurateConfig:
 def _check_range(name: str, value, lo, hi) -> None:
     if isinstance(value, bool) or not (lo <= value <= hi):
         raise ValueError(f"{name} must be in [{lo}, {hi}], got {value!r}")
+
+
+def _check_min(name: str, value, lo) -> None:
+    if isinstance(value, bool) or not value >= lo:  # `not >=` also rejects NaN
+        raise ValueError(f"{name} must be >= {lo}, got {value!r}")
 
 
 def make_pipeline_options(beam_args: list[str] | None) -> PipelineOptions:

@@ -114,33 +114,65 @@ def discover_shards(patterns) -> list[ShardInfo]:
             raise ValueError(f"--input {pattern!r} matches no file")
         for meta in result.metadata_list:
             paths[meta.path] = meta.size_in_bytes
-    shard_paths, skipped = [], []
     for path in sorted(paths):
         ext = os.path.splitext(path)[1].lower()
-        if ext in SHARD_EXTS:
-            shard_paths.append(path)
-        elif ext == ".json":  # img2dataset's *_stats.json beside its shards
-            skipped.append(path)
-        else:
+        # .json: img2dataset's *_stats.json beside its shards, skipped
+        if ext not in SHARD_EXTS and ext != ".json":
             raise ValueError(f"{path}: not a raw shard (expected .parquet or .tar)")
-    tars = {os.path.splitext(p)[0] for p in shard_paths if p.endswith(".tar")}
-    shards, ids = [], {}
-    for path in shard_paths:
+    ids = shard_ids(paths)
+    shards = []
+    for path in sorted(ids):
         stem, ext = os.path.splitext(path)
-        if ext == ".parquet" and stem in tars:
-            continue  # the sidecar of a tar, read with it
         sidecar = stem + ".parquet" if ext == ".tar" and FileSystems.exists(stem + ".parquet") else None
-        shard_id = _SAFE_ID.sub("_", posixpath.basename(stem))
-        if shard_id in ids:
-            raise ValueError(
-                f"input shards {ids[shard_id]} and {path} would both write output shard "
-                f"{shard_id!r}; curate them into separate --out directories"
-            )
-        ids[shard_id] = path
-        shards.append(ShardInfo(path, len(shards), shard_id, SHARD_EXTS[ext], paths[path], sidecar=sidecar))
+        shards.append(ShardInfo(path, len(shards), ids[path], SHARD_EXTS[ext.lower()], paths[path], sidecar=sidecar))
     if not shards:
         raise ValueError(f"--input {list(patterns)} matches no .parquet or .tar shard")
     return shards
+
+
+def shard_ids(paths) -> dict[str, str]:
+    """{shard path: id of its output shard} for matched input files (other files and the
+    sidecar parquet of a tar are left out). ValueError when two shards would share an id.
+
+    The id is the file's stem, as it always was when stems are unique, so existing outputs
+    keep their names. img2dataset numbers every download from 00000, so a glob over several
+    downloads (``raw/**/*.parquet``) matches ``raw/a/00000.parquet`` and ``raw/b/00000.parquet``:
+    then every id is the path below the shards' common directory (``a_00000``, ``b_00000``).
+    The ids depend on the set of shards: a caller resuming into an output written with
+    another set compares ``shard_ids`` of both (jobs/run_job.py does).
+    """
+    files = _shard_files(paths)
+    ids = {p: _SAFE_ID.sub("_", posixpath.basename(os.path.splitext(p)[0])) for p in files}
+    if len(set(ids.values())) < len(ids):
+        ids = _relative_ids(files)
+    seen: dict[str, str] = {}
+    for path, shard_id in ids.items():
+        if shard_id in seen:
+            raise ValueError(
+                f"input shards {seen[shard_id]} and {path} would both write output shard "
+                f"{shard_id!r}; rename one or curate them into separate --out directories"
+            )
+        seen[shard_id] = path
+    return ids
+
+
+def _shard_files(paths) -> list[str]:
+    """Sorted .parquet/.tar paths, without the sidecar parquet of a tar (read with the tar)."""
+    shard_paths = [p for p in sorted(paths) if os.path.splitext(p)[1].lower() in SHARD_EXTS]
+    tars = {os.path.splitext(p)[0] for p in shard_paths if p.endswith(".tar")}
+    return [p for p in shard_paths if not (p.endswith(".parquet") and os.path.splitext(p)[0] in tars)]
+
+
+def _relative_ids(files: list[str]) -> dict[str, str]:
+    """Ids from each path below the common directory, e.g. raw/a/00000.parquet -> a_00000.
+    Paths are split on '/' (local and gs:// alike); the result is sanitised to [A-Za-z0-9._-]
+    so no file name from the input can make an output path leave ``--out``, and leading dots
+    are dropped so an id never names a hidden file (which a '*' glob would not list)."""
+    parts = [os.path.splitext(p)[0].split("/") for p in files]
+    common = 0
+    while all(len(q) > common + 1 and q[common] == parts[0][common] for q in parts):
+        common += 1
+    return {p: _SAFE_ID.sub("_", "_".join(q[common:])).lstrip(".") or "_" for p, q in zip(files, parts)}
 
 
 def validate_shard(info: ShardInfo) -> ShardInfo:
@@ -273,6 +305,20 @@ def _sidecar_failures(path: str):
             yield row
 
 
+def _named_read_errors(path: str, rows):
+    """``rows``, with a failure part-way through the file (a corrupt data page, a truncated
+    file: only the footer was checked up front) re-raised as a ValueError naming the file;
+    pyarrow's own message names neither the file nor the row."""
+    count = 0
+    try:
+        for raw in rows:
+            yield raw
+            count += 1
+    except (pa.ArrowException, OSError, EOFError) as err:
+        raise ValueError(f"{path}: cannot read the shard after {count} rows "
+                         f"({type(err).__name__}: {err})") from err
+
+
 class ReadShardFn(beam.DoFn):
     """ShardInfo -> one Sample per good row (main output) or one ErrorRow per row that
     cannot be curated (tag ``errors``): img2dataset failures (stage ``download``, type =
@@ -287,11 +333,11 @@ class ReadShardFn(beam.DoFn):
     def process(self, info: ShardInfo):
         rows = _parquet_rows(info.path) if info.fmt == "parquet" else _tar_rows(info.path)
         count = 0
-        for index, raw in enumerate(rows):
+        for index, raw in enumerate(_named_read_errors(info.path, rows)):
             count = index + 1
             yield self._row(info, index, raw)
         if info.sidecar:  # failed downloads of a tar shard continue its row numbering
-            for offset, raw in enumerate(_sidecar_failures(info.sidecar)):
+            for offset, raw in enumerate(_named_read_errors(info.sidecar, _sidecar_failures(info.sidecar))):
                 yield self._row(info, count + offset, raw)
 
     def _row(self, info: ShardInfo, index: int, raw: dict):

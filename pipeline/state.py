@@ -5,11 +5,16 @@ Layout of ``--out``::
     shards/part-<shard>.parquet    curated rows of input shard <shard>
     errors/part-<shard>.parquet    error rows of input shard <shard>
     _state/<shard>.json            done marker: input (path, size, sha256, rows), outputs
-                                   (name, sha256, rows), counts; written last
-    _state/settings.json           the settings that decide rows (refused if they change)
+                                   (name, size, sha256, rows), counts; written last
+    _state/settings.json           the settings that decide rows (refused if they change
+                                   while a shard is done); also what marks a curate output
     _staging/<run>/                pipeline output before it is final (deleted on every run)
     stats.json  manifest.json      the run record
     .lock                          held while a run works here (local directories)
+
+A done marker counts only while its two output files exist with the recorded size (sha256
+for markers written before sizes were recorded): a deleted or truncated output makes its
+shard pending again instead of silently missing from the totals.
 
 Paths go through Beam's ``FileSystems`` so the layout works on any filesystem Beam knows;
 the lock only where the directory is local.
@@ -18,14 +23,19 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import posixpath
+import shutil
 
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline.sinks import check_identity, check_schema, code_version, model_record, output_counts
 from pipeline.sources import ShardInfo, file_sha256
 from transforms.schemas import CURATED_SCHEMA, ERROR_SCHEMA
+
+LOG = logging.getLogger(__name__)
+LOCK_NAME = ".lock"
 
 
 def _join(*parts: str) -> str:
@@ -60,26 +70,63 @@ def staged_counts(shard: ShardInfo, curated: str, errors: str) -> dict:
 
 
 def check_models(cfg) -> None:
-    """Local model paths must be loadable before any work: ValueError naming the option."""
-    from model.device import check_model_dir, is_local_spec
+    """--device and every model must be usable before --out is touched (a failed
+    ``--overwrite`` would otherwise have deleted the old output for nothing): ValueError naming
+    the option. Hub ids are resolved too (their config through ``AutoConfig``, which fails at
+    once offline); the weights themselves are read by the workers."""
+    from model.device import check_model_dir, is_local_spec, load_config, resolve_device
+
+    _named("--device", cfg.device, resolve_device)
+    if cfg.use_captioner:
+        _named("--captioner", cfg.captioner, lambda s: (check_model_dir(s) if is_local_spec(s) else None,
+                                                       load_config(s)))
+    if cfg.use_filter:
+        _named("--filter", cfg.filter, lambda s: (check_model_dir(s) if is_local_spec(s) else None,
+                                                 load_config(s)))
+    _named("--clip", cfg.clip, _check_clip)
+
+
+def _named(flag: str, spec, check) -> None:
+    try:
+        check(spec)
+    except ValueError as err:
+        message = " ".join(str(err).split())  # the hub's messages span lines
+        raise ValueError(f"{flag} {spec}: {message}") from err
+
+
+def _check_clip(spec: str) -> None:
+    """A ranker spec open_clip can load: a model directory, or a known architecture with a
+    weights file or a known pretrained tag (offline: already in the cache)."""
+    import open_clip
+    from huggingface_hub import constants, hf_hub_download
+
     from model.ranker import parse_spec
 
-    checks = [("--clip", cfg.clip, parse_spec)]
-    if cfg.use_captioner:
-        checks.append(("--captioner", cfg.captioner, check_model_dir))
-    if cfg.use_filter:
-        checks.append(("--filter", cfg.filter, check_model_dir))
-    for flag, spec, check in checks:
-        if check is parse_spec or is_local_spec(spec):
-            try:
-                check(spec)
-            except ValueError as err:
-                raise ValueError(f"{flag} {spec}: {err}") from err
+    name, pretrained = parse_spec(spec)
+    if name.startswith("local-dir:"):
+        return
+    try:
+        if name.startswith("hf-hub:"):
+            if constants.HF_HUB_OFFLINE:
+                hf_hub_download(name[len("hf-hub:"):], "open_clip_config.json")
+            return
+        if name not in open_clip.list_models():
+            raise ValueError(f"open_clip has no architecture {name!r}")
+        if os.path.isfile(os.path.expanduser(pretrained)):
+            return
+        cfg = open_clip.get_pretrained_cfg(name, pretrained)
+        if not cfg:
+            raise ValueError(f"open_clip has no pretrained tag {pretrained!r} for {name} (known: "
+                             f"{', '.join(open_clip.list_pretrained_tags_by_model(name))}) and it is not a file")
+        if constants.HF_HUB_OFFLINE:  # only a cache lookup then; online, the workers download
+            open_clip.download_pretrained(cfg)
+    except (OSError, RuntimeError) as err:  # the hub's and urllib's error types
+        raise ValueError(f"cannot find its files ({err})") from err
 
 
 def settings_record(cfg) -> dict:
-    """What decides the rows: the settings and each model's content hash."""
-    check_models(cfg)
+    """What decides the rows: the settings and each model's content hash (call
+    :func:`check_models` first)."""
     return {
         "settings": cfg.fingerprint(),
         "models": {
@@ -114,21 +161,63 @@ class OutStore:
         self.errors_dir = _join(out, "errors")
         self.state_dir = _join(out, "_state")
         self.staging_root = _join(out, "_staging")
+        self.settings_path = _join(self.state_dir, "settings.json")
+        self._output_problems: dict[str, str | None] = {}  # shard id -> why its outputs are bad
 
     @contextlib.contextmanager
     def locked(self):
+        """Hold ``--out/.lock`` for the run. A directory this call created is removed again
+        when the run fails before writing anything in it (a refused run leaves no trace)."""
         if not self.local:
             yield
             return
         import fcntl
 
-        os.makedirs(self.out, exist_ok=True)
-        with open(os.path.join(self.out, ".lock"), "w") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError as err:
-                raise RuntimeError(f"{self.out}: another curate run is working in this directory") from err
-            yield
+        if os.path.exists(self.out) and not os.path.isdir(self.out):
+            raise ValueError(f"--out {self.out} exists and is not a directory")
+        created = not os.path.exists(self.out)
+        try:
+            os.makedirs(self.out, exist_ok=True)
+            handle = open(os.path.join(self.out, LOCK_NAME), "w")
+        except OSError as err:
+            raise ValueError(f"--out {self.out}: cannot create the output directory ({err})") from err
+        try:
+            with handle:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError as err:
+                    raise RuntimeError(f"{self.out}: another curate run is working in this directory") from err
+                yield
+        except BaseException:
+            if created and not self._holds_files():
+                shutil.rmtree(self.out, ignore_errors=True)
+            raise
+
+    def _holds_files(self) -> bool:
+        """Whether the local --out holds any file besides the lock (empty folders do not count)."""
+        for _root, _dirs, files in os.walk(self.out):
+            if any(name != LOCK_NAME for name in files):
+                return True
+        return False
+
+    def check_is_curate_output(self) -> None:
+        """Refuse a non-empty --out that no curate run wrote (no ``_state/settings.json``):
+        cleaning up a killed run would delete its files. ``--overwrite`` skips this check."""
+        if FileSystems.exists(self.settings_path) or not FileSystems.exists(self.out):
+            return
+        if self.local and not os.path.isdir(self.out):
+            return  # locked() refuses it, naming the path
+        if self.local:
+            names = sorted(n for n in os.listdir(self.out) if n != LOCK_NAME)
+        else:
+            names = [posixpath.basename(m.path.rstrip("/")) for m in
+                     FileSystems.match([_join(self.out, "*")])[0].metadata_list]
+        if names:
+            shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+            raise ValueError(
+                f"--out {self.out} is not empty ({shown}) and is not a capfilt curate output (it has "
+                f"no _state/settings.json); use another --out, or pass --overwrite to curate into it"
+            )
 
     def _ensure(self, path: str) -> None:
         if not FileSystems.exists(path):
@@ -148,9 +237,12 @@ class OutStore:
             self.remove(path)
 
     # -- settings and markers ----------------------------------------------------------------
-    def check_settings(self, settings: dict) -> None:
-        path = _join(self.state_dir, "settings.json")
-        if not FileSystems.exists(path):
+    def check_settings(self, settings: dict, done: dict) -> None:
+        """Refuse settings other than the stored ones while any shard is done (``done``: the
+        intact markers). Without a done shard there are no rows to mix with: a run that failed
+        before finishing a shard (a model that did not load) must not lock out its retry."""
+        path = self.settings_path
+        if not done or not FileSystems.exists(path):
             return
         old = read_json(path)
         if old != json.loads(json.dumps(settings)):
@@ -161,11 +253,11 @@ class OutStore:
             )
 
     def save_settings(self, settings: dict) -> None:
-        path = _join(self.state_dir, "settings.json")
-        if FileSystems.exists(path):
-            return  # check_settings has confirmed they are the same
+        path = self.settings_path
+        if FileSystems.exists(path) and read_json(path) == json.loads(json.dumps(settings)):
+            return  # unchanged: no write (a re-run with nothing to do changes no file)
         self._ensure(self.state_dir)
-        write_json(path, settings)
+        write_json(path, settings)  # differs only when no shard is done (check_settings)
 
     def markers(self) -> dict[str, dict]:
         if not FileSystems.exists(self.state_dir):
@@ -178,9 +270,43 @@ class OutStore:
             out[marker["shard_id"]] = marker
         return out
 
+    def output_problem(self, marker: dict) -> str | None:
+        """Why a done shard's output files cannot be trusted, or None when they are intact:
+        both exist with the marker's size (its sha256 for markers without sizes)."""
+        shard_id = marker["shard_id"]
+        if shard_id not in self._output_problems:
+            self._output_problems[shard_id] = self._find_output_problem(marker)
+        return self._output_problems[shard_id]
+
+    def _find_output_problem(self, marker: dict) -> str | None:
+        for kind, folder in (("curated", self.shards_dir), ("errors", self.errors_dir)):
+            record = marker[kind]
+            path = _join(folder, record["name"])
+            found = FileSystems.match([path])[0].metadata_list
+            if not found:
+                return f"{path} is missing"
+            if "size" in record:
+                if found[0].size_in_bytes != record["size"]:
+                    return f"{path} has {found[0].size_in_bytes} bytes, its done marker says {record['size']}"
+            elif file_sha256(path) != record["sha256"]:
+                return f"{path} does not match the sha256 in its done marker"
+        return None
+
+    def intact(self, markers: dict) -> dict:
+        """The markers whose outputs are intact; the others are logged and will be redone
+        (``clean_incomplete`` deletes them with their remaining files)."""
+        out = {}
+        for shard_id, marker in markers.items():
+            problem = self.output_problem(marker)
+            if problem:
+                LOG.warning("shard %s is no longer done: %s; it will be curated again", shard_id, problem)
+            else:
+                out[shard_id] = marker
+        return out
+
     def is_done(self, shard: ShardInfo, markers: dict) -> bool:
         marker = markers.get(shard.shard_id)
-        if marker is None:
+        if marker is None or self.output_problem(marker):
             return False
         if marker["input"]["size"] != shard.size:
             raise ValueError(
@@ -195,15 +321,18 @@ class OutStore:
                 [_join(self.errors_dir, m["errors"]["name"]) for m in markers])
 
     def clean_incomplete(self, markers: dict) -> None:
-        """Delete what a killed run left: staging, outputs without a marker, temp files."""
+        """Delete what a killed run left (staging, outputs without a marker, temp files) and
+        the markers not in ``markers`` (those whose outputs were found broken)."""
         self.remove(self.staging_root)
         keep = {m[kind]["name"] for m in markers.values() for kind in ("curated", "errors")}
+        keep_markers = {f"{shard_id}.json" for shard_id in markers} | {"settings.json"}
         for folder in (self.shards_dir, self.errors_dir, self.state_dir):
             if not FileSystems.exists(folder):
                 continue
             for path in self._list(_join(folder, "*")):
                 name = posixpath.basename(path)
-                stray = ".tmp-" in name or (folder != self.state_dir and name not in keep)
+                kept = keep_markers if folder == self.state_dir else keep
+                stray = ".tmp-" in name or name not in kept
                 if stray:
                     FileSystems.delete([path])
 
@@ -229,13 +358,14 @@ class OutStore:
             "input": {"path": shard.path, "name": posixpath.basename(shard.path), "size": shard.size,
                       "sha256": input_sha256, "rows": shard.num_rows, "format": shard.fmt},
             "curated": {"name": name, "path": f"shards/{name}", "sha256": file_sha256(final_cur),
-                        "rows": counts["curated_rows"]},
+                        "size": _size(final_cur), "rows": counts["curated_rows"]},
             "errors": {"name": name, "path": f"errors/{name}", "sha256": file_sha256(final_err),
-                       "rows": counts["errors"]},
+                       "size": _size(final_err), "rows": counts["errors"]},
             "counts": {k: counts[k] for k in ("input_rows", "kept", "dropped", "errors",
                                               "drop_reasons", "error_types")},
         }
         write_json(_join(self.state_dir, f"{shard.shard_id}.json"), marker)
+        self._output_problems.pop(shard.shard_id, None)
         return marker
 
     # -- the run record -------------------------------------------------------------------
@@ -251,6 +381,10 @@ class OutStore:
             if FileSystems.exists(path) and read_json(path) == json.loads(json.dumps(obj)):
                 continue
             write_json(path, obj)
+
+
+def _size(path: str) -> int:
+    return FileSystems.match([path])[0].metadata_list[0].size_in_bytes
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:

@@ -2,7 +2,8 @@
 
 One clean run (module fixture) is shared by the schema, accounting and selection-rule checks;
 the other runs (batch 1 on 2 worker processes, kill -9 and resume, a crash before a done
-marker, incremental skip, overwrite) are compared with it. The selection rule is checked
+marker, incremental skip, overwrite, a failed overwrite, deleted output shards) are compared
+with it. The selection rule is checked
 against scores recomputed directly with the model classes (no Beam), and the ITM threshold is
 set between those scores so that some captions pass and some fail.
 """
@@ -342,8 +343,8 @@ def test_crash_before_done_marker_then_resume(clean_run, inputs, tiny_models, di
         real(path, obj)
 
     monkeypatch.setattr(state, "write_json", crash_on_second_marker)
-    with pytest.raises(OSError, match="simulated crash"):
-        run_cli(curate_argv(inputs, out, tiny_models, direct, "--shards-per-pipeline", "2"))
+    code, _, stderr = run_cli(curate_argv(inputs, out, tiny_models, direct, "--shards-per-pipeline", "2"))
+    assert code == 1 and "capfilt curate: failed: simulated crash" in stderr  # one line, no traceback
     assert (out / "shards" / "part-00001.parquet").exists() and not (out / "_state" / "00001.json").exists()
     monkeypatch.setattr(state, "write_json", real)
     code, stdout, stderr = run_cli(curate_argv(inputs, out, tiny_models, direct))
@@ -378,3 +379,61 @@ def test_kill_9_mid_run_then_resume(clean_run, inputs, tiny_models, direct, tmp_
     assert_same_rows(clean_run["out"], out)
     stats = json.loads((out / "stats.json").read_text())
     assert (stats["input_rows"], stats["shards"]) == (24, 3)
+
+
+def files_snapshot(out):
+    return {str(p.relative_to(out)): (p.stat().st_mtime_ns, sha256(p))
+            for p in Path(out).rglob("*") if p.is_file() and p.name != ".lock"}
+
+
+def test_failed_overwrite_keeps_the_old_output_and_a_run_without_a_done_shard_does_not_lock_out_a_retry(
+        clean_run, inputs, tiny_models, direct, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(clean_run["out"], out)
+    before = files_snapshot(out)
+    # a hub id that does not resolve (offline, not cached) and an unusable device are refused
+    # before --overwrite deletes anything
+    for option, value in (("--captioner", "Salesforce/blip-image-captioning-large"), ("--device", "bogus")):
+        code, _, stderr = run_cli(curate_argv(inputs, out, tiny_models, direct, option, value, "--overwrite"))
+        assert code == 2 and f"capfilt curate: error: {option} {value}: " in stderr
+        assert files_snapshot(out) == before
+    # weights that only fail to load inside the pipeline: --overwrite has cleared the output by
+    # then, and no shard was finished with the failed settings, so the retry is not refused
+    broken = tmp_path / "broken_captioner"
+    shutil.copytree(tiny_models["captioner"], broken)
+    (broken / "model.safetensors").write_bytes(b"\0" * 16)
+    code, _, stderr = run_cli(curate_argv(inputs, out, tiny_models, direct, "--captioner", str(broken), "--overwrite"))
+    assert code == 2 and "cannot load BlipForConditionalGeneration" in stderr
+    assert (out / "_state" / "settings.json").exists() and not list((out / "_state").glob("0*.json"))
+    code, stdout, stderr = run_cli(curate_argv(inputs, out, tiny_models, direct))
+    assert code == 0, stderr
+    assert "3 curated now, 0 skipped as done" in stdout
+    assert_same_rows(clean_run["out"], out)
+
+
+def test_deleted_or_changed_output_shard_is_curated_again(clean_run, inputs, tiny_models, direct, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(clean_run["out"], out)
+    (out / "shards" / "part-00001.parquet").unlink()
+    with open(out / "errors" / "part-00002.parquet", "ab") as f:
+        f.write(b"x")  # no longer the size its done marker recorded
+    code, stdout, stderr = run_cli(curate_argv(inputs, out, tiny_models, direct))
+    assert code == 0, stderr
+    assert "2 curated now, 1 skipped as done" in stdout
+    assert_same_rows(clean_run["out"], out)
+    stats = json.loads((out / "stats.json").read_text())
+    assert (stats["input_rows"], stats["shards"], stats["this_run"]["input_rows"]) == (24, 3, 16)
+
+    # a done shard outside this run's input whose output is gone: no longer counted
+    (out / "shards" / "part-00002.parquet").unlink()
+    two = tmp_path / "two"
+    two.mkdir()
+    for name in ("00000.parquet", "00001.parquet"):
+        shutil.copy(inputs / name, two / name)
+    code, stdout, stderr = run_cli(curate_argv(two, out, tiny_models, direct))
+    assert code == 0, stderr
+    assert "0 curated now, 2 skipped as done" in stdout
+    stats = json.loads((out / "stats.json").read_text())
+    rows, errors = load_rows(out)
+    assert (stats["input_rows"], stats["shards"]) == (16, 2) and len(rows) + len(errors) == 16
+    assert not (out / "_state" / "00002.json").exists() and not (out / "errors" / "part-00002.parquet").exists()

@@ -1,9 +1,11 @@
 """`capfilt ingest` end to end against an HTTP server on 127.0.0.1 (a thread in this test) that
 serves the synthetic images, 404s and an HTML page, plus a URL on a closed port (refused)."""
 import contextlib
+import gzip
 import hashlib
 import http.server
 import io
+import json
 import socket
 import threading
 
@@ -13,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.cli import main
-from pipeline.ingest import parse_img2dataset_options
+from pipeline.ingest import list_columns, parse_img2dataset_options
 from pipeline.sources import ReadShardFn, discover_shards, validate_shard
 
 N_IMAGES = 5
@@ -139,6 +141,34 @@ def test_ingest_errors_name_file_and_option(tmp_path):
     code, _, stderr = run_cli(["ingest", "--url-list", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "o")])
     assert code == 2 and "nope.csv: no such file" in stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_ingest_checks_json_lists_and_names_the_file_on_a_wrong_format(tmp_path):
+    """Every format img2dataset reads with a header is checked before the download starts."""
+    (tmp_path / "urls_nocap.jsonl").write_text('{"url": "http://x/1.jpg"}\n{"url": "http://x/2.jpg"}\n')
+    code, _, stderr = run_cli(["ingest", "--url-list", str(tmp_path / "urls_nocap.jsonl"),
+                               "--out", str(tmp_path / "o")])
+    assert code == 2, stderr
+    assert "urls_nocap.jsonl: no column 'caption' (has ['url']); set --caption-col" in stderr
+    (tmp_path / "urls.json").write_text('[{"link": "http://x/1.jpg", "caption": "a"}]')
+    code, _, stderr = run_cli(["ingest", "--url-list", str(tmp_path / "urls.json"), "--out", str(tmp_path / "o")])
+    assert code == 2 and "urls.json: no column 'url' (has ['link', 'caption']); set --url-col" in stderr
+    (tmp_path / "urls.csv").write_text("url,caption\nhttp://x/1.jpg,a\n")
+    code, _, stderr = run_cli(["ingest", "--url-list", str(tmp_path / "urls.csv"), "--out", str(tmp_path / "o"),
+                               "--input-format", "parquet"])
+    assert code == 2 and "urls.csv: cannot read it as a parquet URL list" in stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_list_columns_gzip_and_a_field_that_appears_late(tmp_path):
+    with gzip.open(tmp_path / "urls.tsv.gz", "wt") as f:
+        f.write("url\ttext\nhttp://x/1.jpg\ta\n")
+    assert list_columns(str(tmp_path / "urls.tsv.gz"), "tsv.gz") == ["url", "text"]
+    # past pyarrow's first 1 MiB block: the caption field appears only in the last row
+    lines = [json.dumps({"url": f"http://example.invalid/{i:08d}.jpg"}) for i in range(30000)]
+    (tmp_path / "late.jsonl").write_text("\n".join(lines + ['{"url": "http://x/y.jpg", "caption": "c"}']) + "\n")
+    assert (tmp_path / "late.jsonl").stat().st_size > 1 << 20
+    assert list_columns(str(tmp_path / "late.jsonl"), "jsonl", wanted=("url", "caption")) == ["url", "caption"]
 
 
 def test_img2dataset_options_are_typed_from_its_signature():

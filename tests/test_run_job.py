@@ -21,7 +21,8 @@ import pytest
 import jobs.curate
 from jobs.cli import main
 from pipeline import release_manifest
-from release_data import image_bytes, near_copy, pixel_embedder, row, write_raw
+from pipeline.sources import discover_shards
+from release_data import image_bytes, near_copy, pixel_embedder, record_outputs, row, write_raw
 from transforms.schemas import CURATED_SCHEMA
 
 
@@ -32,7 +33,9 @@ def snapshot(root: Path) -> dict:
 
 
 class FakeCurate:
-    """Stands in for `capfilt curate`: one curated shard per raw shard, done shards skipped."""
+    """Stands in for `capfilt curate`: one curated shard per raw shard, named by curate's own
+    shard ids (pipeline.sources.discover_shards, exit 2 when it refuses the input), done shards
+    skipped, the outputs recorded in manifest.json as curate records them."""
 
     def __init__(self):
         self.calls = []
@@ -40,22 +43,29 @@ class FakeCurate:
         self.break_stats = False
 
     def __call__(self, args):
-        self.calls.append({"inputs": sorted(f for g in args.input for f in glob.glob(g)), "overwrite": args.overwrite})
+        self.calls.append({"inputs": sorted(f for g in args.input for f in glob.glob(g, recursive=True)),
+                           "overwrite": args.overwrite})
         if self.fail:
             return 1
+        try:
+            shards = discover_shards(args.input)
+        except ValueError:
+            return 2  # what `capfilt curate` returns for an input it refuses
         out = Path(args.out)
         if args.overwrite and out.exists():
             shutil.rmtree(out)
         (out / "shards").mkdir(parents=True, exist_ok=True)
-        for f in self.calls[-1]["inputs"]:
-            target = out / "shards" / f"part-{Path(f).stem}.parquet"
+        for shard in shards:
+            target = out / "shards" / f"part-{shard.shard_id}.parquet"
             if target.exists():
                 continue  # finished earlier
-            rows = [row(r["key"], r["jpg"]) for r in pq.read_table(f).to_pylist()]
+            rows = [row(r["key"], r["jpg"]) for r in pq.read_table(shard.path).to_pylist()]
             pq.write_table(pa.Table.from_pylist(rows, schema=CURATED_SCHEMA), target)
         n = sum(pq.ParquetFile(p).metadata.num_rows for p in (out / "shards").glob("*.parquet"))
         stats = {"input_rows": n, "kept": n, "dropped": 0, "errors": 1 if self.break_stats else 0}
         (out / "stats.json").write_text(json.dumps(stats))
+        (out / "manifest.json").write_text(json.dumps({"models": {}}))
+        record_outputs(out)
         return 0
 
 
@@ -147,6 +157,26 @@ def test_curate_settings_or_model_change_recurates_with_overwrite(job):
     (lambda t: t.replace("dedup_threshold: 0.9", "dedup_threshold: 7"), "--dedup-threshold must be in"),
     (lambda t: t + "extra: 1\n", "unknown keys ['extra']"),
     (lambda t: "[not, a, mapping]\n", "expected a mapping"),
+    # values curate's own config refuses, and Beam options no Beam parser knows
+    (lambda t: t.replace("itm_threshold: 0.4", "itm_threshold: 1.5"),
+     "curate: --itm-threshold must be in [0.0, 1.0], got 1.5"),
+    (lambda t: t.replace("--direct_num_workers=1", "--direct_num_wrkers=1"),
+     "curate.beam_options: unrecognized arguments: --direct_num_wrkers=1"),
+    (lambda t: t.replace('beam_options: ["--direct_num_workers=1"]', 'beam_options: "--direct_num_workers=1"'),
+     "curate.beam_options: expected a list"),
+    (lambda t: t.replace("num_captions: 3", "runner: DirectRunner"), "Beam options go under curate.beam_options"),
+    # img2dataset options are checked with the parser `capfilt ingest` uses
+    (lambda t: t + "ingest: {options: {imagesize: 64}}\n", "ingest.options: --imagesize is neither"),
+    (lambda t: t + "ingest: {options: {image_size: big}}\n", "--image_size: 'big' is not a valid int"),
+    (lambda t: t + "ingest: {options: {output_format: zip}}\n", "ingest: bad option"),
+    (lambda t: t + "ingest: {options: {output_folder: x}}\n", "ingest.options.output_folder: set by run-job itself"),
+    (lambda t: t + "ingest: {image_size: 64}\n", "ingest: unknown keys ['image_size']"),
+    # a model written as a path must exist (relative to the job file)
+    (lambda t: t.replace("captioner: models,", "captioner: ./models/captioner,"),
+     "models.captioner: model path './models/captioner' does not exist"),
+    (lambda t: t.replace("filter: models,", "filter: models/itm,"),
+     "models.filter: model path 'models/itm' does not exist"),
+    (lambda t: t.replace("clip: models/clip.bin", "clip: /nowhere/clip"), "models.clip: model path '/nowhere/clip'"),
 ])
 def test_config_errors_exit_2(job, capsys, edit, message):
     path, fake = job
@@ -154,6 +184,67 @@ def test_config_errors_exit_2(job, capsys, edit, message):
     assert main(["run-job", str(path)]) == 2
     assert message in capsys.readouterr().err
     assert fake.calls == []
+
+
+def test_hub_ids_and_open_clip_specs_are_not_paths(job, capsys):
+    path, fake = job
+    path.write_text(path.read_text().replace("captioner: models,", "captioner: Salesforce/blip-image-captioning-large,")
+                    .replace("clip: models/clip.bin", "clip: ViT-L-14:openai"))
+    assert main(["run-job", str(path), "--dry-run"]) == 0
+    assert "would run: curate (2 new shard(s)), release" in capsys.readouterr().out
+
+
+def test_dry_run_lists_only_the_steps_the_job_has(job, capsys):
+    path, fake = job
+    path.write_text(re.sub(r"release: \{.*\}", "release: false", path.read_text()))
+    assert main(["run-job", str(path), "--dry-run"]) == 0
+    assert capsys.readouterr().out.strip() == "run-job nightly: would run: curate (2 new shard(s))"
+    assert fake.calls == []
+
+
+def test_img2dataset_layout_with_repeated_shard_names(job, capsys):
+    """docs/scheduling.md's `raw/**/*.parquet` over img2dataset downloads, each numbered from
+    00000: both are curated (output ids from the path), also when the second download arrives
+    after the first was curated (its output name changes, so curate starts again)."""
+    path, fake = job
+    root = path.parent
+    shutil.rmtree(root / "raw")
+    write_raw(root / "raw" / "a" / "00000.parquet", [(f"a{i}", image_bytes(i)) for i in range(3)])
+    path.write_text(path.read_text().replace('"raw/*.parquet"', '"raw/**/*.parquet"'))
+    assert main(["run-job", str(path)]) == 0, capsys.readouterr().err
+    assert sorted(p.name for p in (root / "out/curated/shards").iterdir()) == ["part-00000.parquet"]
+    write_raw(root / "raw" / "b" / "00000.parquet", [("b0", image_bytes(10)), ("b1", image_bytes(11))])
+    assert main(["run-job", str(path), "--dry-run"]) == 0
+    assert "would run: curate (1 seen shard(s) get new output names), release" in capsys.readouterr().out
+    assert main(["run-job", str(path)]) == 0, capsys.readouterr().err
+    assert fake.calls[-1]["overwrite"] is True
+    assert sorted(p.name for p in (root / "out/curated/shards").iterdir()) == ["part-a_00000.parquet",
+                                                                               "part-b_00000.parquet"]
+    assert json.loads((root / "out/curated/stats.json").read_text())["input_rows"] == 5
+    assert released_keys(root) == ["a0", "a1", "b0", "b1"]  # a2 is in the eval set
+    assert main(["run-job", str(path)]) == 0 and "nothing to do" in capsys.readouterr().out
+
+
+def test_a_step_refusing_its_input_is_exit_2_not_3(job, capsys, monkeypatch):
+    """Curate's exit 2 (bad option or input) cannot be cured by a retry: run-job exits 2."""
+    path, fake = job
+    monkeypatch.setattr(jobs.curate, "run", lambda args: 2)
+    assert main(["run-job", str(path)]) == 2
+    assert re.search(r"curate into \S+curated failed: the step refused its options or input", capsys.readouterr().err)
+
+
+def test_url_list_without_caption_column_is_exit_2_before_any_download(job, capsys):
+    """The real `capfilt ingest` checks a JSON lines list's fields before img2dataset starts."""
+    path, fake = job
+    root = path.parent
+    (root / "urls").mkdir()
+    (root / "urls" / "urls_nocap.jsonl").write_text('{"url": "http://127.0.0.1:9/1.jpg"}\n')
+    path.write_text(path.read_text().replace('inputs: {shards: "raw/*.parquet"}',
+                                             'inputs: {url_lists: "urls/*.jsonl"}'))
+    assert main(["run-job", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "urls_nocap.jsonl: no column 'caption' (has ['url'])" in err and "ingest of" in err
+    assert fake.calls == [] and not any((root / "out" / "raw").glob("*/*.parquet"))
 
 
 def test_step_failure_exit_3_and_accounting_failure_exit_4(job, capsys):
@@ -235,6 +326,37 @@ def test_end_to_end_with_real_curate(tmp_path, tiny_models, capsys):
     assert "capfilt curate report" in (tmp_path / "curated.html").read_text()
 
 
+def test_repeated_shard_names_with_real_curate(tmp_path, tiny_models, capsys):
+    """Two img2dataset downloads, both numbered 00000, the second arriving after the first was
+    curated: the real curate renames the outputs (a_00000, b_00000) and every row is counted once."""
+    from model.tiny import clip_spec
+
+    assert main(["synth", "--out", str(tmp_path / "world"), "--n", "8", "--human", "2", "--test", "4",
+                 "--rows-per-shard", "4", "--seed", "3"]) == 0
+    web = sorted((tmp_path / "world" / "web").glob("*.parquet"))
+    (tmp_path / "raw" / "a").mkdir(parents=True)
+    shutil.copy(web[0], tmp_path / "raw" / "a" / "00000.parquet")
+    job = tmp_path / "job.yaml"
+    job.write_text(json.dumps({
+        "output_root": "out", "inputs": {"shards": "raw/**/*.parquet"},
+        "models": {"captioner": str(tiny_models["captioner"]), "filter": str(tiny_models["itm"]),
+                   "clip": clip_spec(tiny_models["clip"])},
+        "curate": {"num_captions": 1, "batch_size": 4, "max_length": 12, "min_length": 4},
+        "release": False,
+    }))
+    assert main(["run-job", str(job)]) == 0, capsys.readouterr().err
+    curated = tmp_path / "out" / "curated"
+    assert sorted(p.name for p in (curated / "shards").iterdir()) == ["part-00000.parquet"]
+    (tmp_path / "raw" / "b").mkdir()
+    shutil.copy(web[1], tmp_path / "raw" / "b" / "00000.parquet")
+    assert main(["run-job", str(job)]) == 0, capsys.readouterr().err
+    assert "ran: curate (1 seen shard(s) get new output names)" in capsys.readouterr().out
+    assert sorted(p.name for p in (curated / "shards").iterdir()) == ["part-a_00000.parquet", "part-b_00000.parquet"]
+    stats = json.loads((curated / "stats.json").read_text())
+    assert stats["input_rows"] == 8 == stats["kept"] + stats["dropped"] + stats["errors"]
+    assert "duplicate_key" not in stats.get("error_types", {})
+
+
 def test_url_lists_are_ingested_once_and_again_when_changed(job, monkeypatch, capsys):
     """URL-list mode: `capfilt ingest` (a stand-in here) runs per new or changed list file."""
     import jobs.ingest
@@ -249,7 +371,6 @@ def test_url_lists_are_ingested_once_and_again_when_changed(job, monkeypatch, ca
         write_raw(Path(args.out) / "00000.parquet", [(u, image_bytes(100 + int(u[1:]))) for u in urls])
         return 0
 
-    monkeypatch.setattr(jobs.ingest, "add_arguments", lambda p: (p.add_argument("--url-list"), p.add_argument("--out")))
     monkeypatch.setattr(jobs.ingest, "run", fake_ingest)
     (root / "urls").mkdir()
     (root / "urls" / "a.txt").write_text("u1 u2\n")

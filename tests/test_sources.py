@@ -14,7 +14,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
 from pipeline.decode import ResolveDuplicateKeys, StageError, dead_letter_to_error, decode_sample
-from pipeline.sources import ErrorRow, ReadShardFn, Sample, discover_shards, validate_shard
+from pipeline.sources import ErrorRow, ReadShardFn, Sample, discover_shards, shard_ids, validate_shard
 from transforms.image import encode_jpeg
 from transforms.schemas import RAW_SCHEMA
 from transforms.seeding import sample_seed
@@ -66,12 +66,31 @@ def test_discover_errors_name_the_glob_or_file(tmp_path):
     (tmp_path / "notes.csv").write_text("url,caption\n")
     with pytest.raises(ValueError, match="notes.csv: not a raw shard"):
         discover_shards([str(tmp_path / "*")])
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    write_raw(tmp_path / "a" / "00000.parquet", [raw_row("x")])
-    write_raw(tmp_path / "b" / "00000.parquet", [raw_row("y")])
-    with pytest.raises(ValueError, match="both write output shard '00000'"):
-        discover_shards([str(tmp_path / "*" / "*.parquet")])
+
+
+def test_discover_repeated_stems_get_ids_from_the_path_below_the_common_root(tmp_path):
+    """img2dataset numbers every download from 00000: raw/a/00000 and raw/b/00000 must both
+    be curated (docs/scheduling.md's `raw/**/*.parquet`), into distinct output shards."""
+    for sub, name in (("a", "00000"), ("a", "00001"), ("b", "00000"), ("b/c d", "00000")):
+        (tmp_path / "raw" / sub).mkdir(parents=True, exist_ok=True)
+        write_raw(tmp_path / "raw" / sub / f"{name}.parquet", [raw_row(sub + name)])
+        (tmp_path / "raw" / sub / f"{name}_stats.json").write_text("{}")
+    shards = discover_shards([str(tmp_path / "raw" / "**" / "*")])
+    assert [s.shard_id for s in shards] == ["a_00000", "a_00001", "b_00000", "b_c_d_00000"]
+    assert [s.ordinal for s in shards] == [0, 1, 2, 3]
+    # unique stems keep the ids they always had, so existing outputs stay valid
+    assert [s.shard_id for s in discover_shards([str(tmp_path / "raw" / "a" / "*.parquet")])] == ["00000", "00001"]
+
+
+def test_shard_ids_are_sanitised_and_a_remaining_clash_is_an_error():
+    ids = shard_ids(["gs://b/raw/../x/00000.parquet", "gs://b/raw/.hidden/00000.parquet", "gs://b/raw/y/00000.tar",
+                     "gs://b/raw/y/00000.parquet", "gs://b/raw/y/00000_stats.json"])
+    # the tar's sidecar parquet and the stats json are not shards; no id holds a '/' or starts with '.'
+    assert ids == {"gs://b/raw/../x/00000.parquet": "_x_00000", "gs://b/raw/.hidden/00000.parquet": "hidden_00000",
+                   "gs://b/raw/y/00000.tar": "y_00000"}
+    clash = r"r/a/b_0\.parquet and r/a_b/0\.parquet would both write output shard 'a_b_0'"
+    with pytest.raises(ValueError, match=clash):
+        shard_ids(["r/a_b/0.parquet", "r/a/b_0.parquet", "r/c/0.parquet"])
 
 
 def test_validate_counts_rows_and_names_file_and_column(tmp_path):
