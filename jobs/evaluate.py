@@ -58,6 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="caption: decoder prompt, stripped from the output (BLIP's after caption "
                         "finetuning; pass '' for a pretrained model, which learnt without one)")
     parser.add_argument("--device", default="auto", help="torch device: auto, cpu or cuda")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (they go to stderr, and only when it is a terminal)")
 
 
 def _check(args) -> None:
@@ -74,6 +76,10 @@ def _check(args) -> None:
         raise SystemExit(f"capfilt evaluate: truth file {args.truth} does not exist")
     if args.itm_rerank < 0:
         raise SystemExit(f"capfilt evaluate: --itm-rerank must be >= 0, got {args.itm_rerank}")
+    if args.limit is not None and args.limit < 1:
+        raise SystemExit(f"capfilt evaluate: --limit must be >= 1 (omit it for every row), got {args.limit}")
+    if args.batch_size < 1:
+        raise SystemExit(f"capfilt evaluate: --batch-size must be >= 1, got {args.batch_size}")
     if not 0.0 <= args.threshold <= 1.0:
         raise SystemExit(f"capfilt evaluate: --threshold must be in [0, 1], got {args.threshold}")
 
@@ -82,7 +88,8 @@ def run(args) -> int:
     _check(args)
     from model import evaluation as ev
 
-    common = {"limit": args.limit}
+    # None: tqdm shows the bars only when stderr is a terminal (as `capfilt synth` does)
+    common = {"limit": args.limit, "progress": False if args.no_progress else None}
     if args.task == "retrieval":
         result = ev.evaluate_retrieval(args.model, args.data, itm_rerank=args.itm_rerank,
                                        batch_size=args.batch_size, device=args.device, **common)

@@ -7,8 +7,8 @@ own checkpoints (OUT/checkpoints/finetune-<task>) and log.
 """
 from __future__ import annotations
 
-from jobs.pretrain import (add_loop_arguments, build_on_rank0_first, itm_options, loop_config, report,
-                           sources, train)
+from jobs.pretrain import (add_loop_arguments, build_on_rank0_first, itm_negative_options, itm_options, loop_config,
+                           momentum_options, prepare_out, refuse_options, report, sources, train)
 
 HELP = "Finetune a captioner or filter on a clean split"
 DESCRIPTION = (
@@ -30,12 +30,31 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tasks", help="override the losses (retrieval: itc,itm; BLIP-2 may add itg)")
 
 
+def check_options(args, dirs: dict) -> None:
+    """Options this task (or a BLIP-2 --init) would ignore are errors."""
+    if args.task == "caption":
+        refuse_options({"--tasks " + str(args.tasks): args.tasks not in (None, "lm"), **momentum_options(args),
+                        **itm_negative_options(args)},
+                       "to --task caption: it trains the decoder's LM loss only (ITC and ITM are --task retrieval)")
+    elif not {"itm", "captioner"} & set(dirs):
+        refuse_options(momentum_options(args), "to a BLIP-2 --init: BLIP-2 has in-batch ITC (no momentum encoder)")
+
+
+def exports(args) -> tuple[str, ...]:
+    """The model directories this finetune writes into --out."""
+    if args.task == "caption":
+        return ("captioner",)
+    return ("itm", "captioner") if args.tasks and "lm" in args.tasks.split(",") else ("itm",)
+
+
 def run(args) -> int:
     from model.model_dirs import find_model_dirs
 
-    find_model_dirs(args.init)  # fail on a bad --init before anything else
-    cfg, data = loop_config(args, f"finetune-{args.task}"), sources(args)
-    model = build_on_rank0_first(lambda: build_model(args))
+    dirs = find_model_dirs(args.init)  # fail on a bad --init before anything else
+    check_options(args, dirs)
+    run_name = f"finetune-{args.task}"
+    cfg, data = loop_config(args, run_name), sources(args)
+    model = build_on_rank0_first(lambda: build_model(args), lambda: prepare_out(args, run_name, exports(args)))
     return report(train(model, data, cfg))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 HELP = "Pretrain BLIP, BLIP-2 stage 1 or CLIP on shards"
@@ -16,7 +17,8 @@ DESCRIPTION = (
     "Pretrain a model on curated (kept rows, one of the selected captions per step) or raw "
     "img2dataset shards (web caption). Without --init a tiny random model is built from "
     "model/configs (with --model-config overrides). Resumable: --resume continues from the "
-    "newest checkpoint in --out, exactly where it stopped."
+    "newest checkpoint in --out, exactly where it stopped. An --out that already holds a run is "
+    "refused unless --resume or --overwrite (which clears it first)."
 )
 log = logging.getLogger(__name__)
 
@@ -37,9 +39,12 @@ def add_loop_arguments(parser) -> None:
     parser.add_argument("--clip-grad", type=float, default=1.0, help="max gradient norm (0: off)")
     parser.add_argument("--bf16", action="store_true",
                         help="bf16 autocast where the hardware runs bf16 natively (else fp32, with a warning)")
-    parser.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every N steps (0: at the end)")
+    parser.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                        help="checkpoint every N steps (0: only at the end; default max(20, steps // 10))")
     parser.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a run already in --out (its files are deleted first) instead of refusing")
     parser.add_argument("--stop-after", type=int, default=None, help="end this run after step N (checkpointed)")
     parser.add_argument("--seed", type=int, default=0, help="data order, caption draws, ITM negatives, dropout")
     parser.add_argument("--shuffle-buffer", type=int, default=1000, help="rows in the shuffle buffer per source")
@@ -80,6 +85,67 @@ def sources(args):
     return specs
 
 
+def refuse_options(given: dict[str, bool], why: str) -> None:
+    """ValueError naming every option in `given` that is set: it would be silently ignored."""
+    names = [name for name, is_set in given.items() if is_set]
+    if names:
+        raise ValueError(f"{', '.join(names)} {'does' if len(names) == 1 else 'do'} not apply {why}")
+
+
+def momentum_options(args) -> dict[str, bool]:
+    return {"--momentum": args.momentum, "--queue-size": bool(args.queue_size)}
+
+
+def itm_negative_options(args) -> dict[str, bool]:
+    return {"--itm-negatives random": args.itm_negatives != "hard", "--itm-random-steps": args.itm_random_steps != 0,
+            "--itm-hard-fraction": args.itm_hard_fraction != 1.0}
+
+
+def check_arch_options(args) -> None:
+    """Options the chosen architecture (or --init) would ignore are errors."""
+    if args.init:
+        refuse_options({"--tokenizer": args.tokenizer is not None, "--model-config": args.model_config is not None},
+                       "with --init: they shape a fresh model, --init loads one")
+    if args.arch == "clip":
+        refuse_options({"--vision-init": bool(args.vision_init), "--tasks": bool(args.tasks),
+                        "--prompt": bool(args.prompt), "--tokenizer": args.tokenizer is not None,
+                        **momentum_options(args), **itm_negative_options(args)},
+                       "to --arch clip: it trains open_clip's model and tokenizer with ClipLoss (in-batch)")
+    elif args.arch == "blip2":
+        refuse_options({**momentum_options(args), "--prompt": bool(args.prompt)},
+                       "to --arch blip2: BLIP-2 stage 1 has in-batch ITC (no momentum encoder or queue) "
+                       "and ITG without a prompt")
+
+
+def prepare_out(args, run_name: str, exports: tuple[str, ...] | None = None) -> None:
+    """Refuse an --out that already holds this run unless --resume (continue it) or --overwrite
+    (delete it first): a fresh run there would mix the old model, checkpoints and log with the
+    new ones. `exports` None: everything in --out is the run's (pretrain; its init/ is the
+    fresh model a resume reuses). Otherwise the run owns only its checkpoints, log, summary
+    and these export directories (the two finetunes may share one --out)."""
+    out = Path(args.out)
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite deletes it: give one of them")
+    if args.resume or not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"--out {out} is a file, expected a directory")
+    if exports is None:
+        owned = sorted(out.iterdir())
+    else:
+        owned = [p for p in (out / "checkpoints" / run_name, out / f"{run_name}_log.jsonl",
+                             out / f"{run_name}_summary.json", *(out / e for e in exports)) if p.exists()]
+    if not owned:
+        return
+    if not args.overwrite:
+        names = ", ".join(p.name for p in owned[:4]) + (", ..." if len(owned) > 4 else "")
+        raise ValueError(f"--out {out} is not empty (it holds {names}): pass --resume to continue the run "
+                         "there, or --overwrite to delete it and start again")
+    for path in owned:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    log.warning("--overwrite: deleted %d entr%s of %s", len(owned), "y" if len(owned) == 1 else "ies", out)
+
+
 def loop_config(args, run_name: str):
     from model.train import TrainConfig
 
@@ -97,13 +163,17 @@ def loop_config(args, run_name: str):
     )
 
 
-def build_on_rank0_first(build):
-    """Rank 0 builds first (it may write the initial model files), then the other ranks."""
+def build_on_rank0_first(build, prepare=None):
+    """Rank 0 runs `prepare` (checks and clears --out) and builds first (it may write the
+    initial model files), then the other ranks build. Only rank 0 looks at --out: another rank
+    could see rank 0's fresh files and take them for an old run."""
     import torch.distributed as dist
 
     from model.train import setup_distributed
 
     rank, world, _ = setup_distributed()
+    if rank == 0 and prepare is not None:
+        prepare()
     model = build() if rank == 0 else None
     if world > 1:
         dist.barrier()
@@ -127,9 +197,10 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    check_arch_options(args)
     overrides = json.loads(Path(args.model_config).read_text()) if args.model_config else None
     cfg, data = loop_config(args, "pretrain"), sources(args)
-    model = build_on_rank0_first(lambda: build_model(args, overrides))
+    model = build_on_rank0_first(lambda: build_model(args, overrides), lambda: prepare_out(args, "pretrain"))
     return report(train(model, data, cfg))
 
 
@@ -153,8 +224,6 @@ def build_model(args, overrides):
                            overrides=overrides, vision_init=args.vision_init)
     from model.clip_pretrain import build_clip
 
-    if args.vision_init or args.tasks:
-        raise ValueError("--vision-init and --tasks do not apply to --arch clip")
     return build_clip(args.out, init=args.init, seed=args.seed, overrides=overrides)
 
 

@@ -33,6 +33,7 @@ from torch import nn
 
 from model import losses as L
 from model.blip_pretrain import BlipTrainModel, collate_blip
+from model.device import check_model_dir
 from model.model_dirs import find_model_dirs
 
 log = logging.getLogger(__name__)
@@ -266,6 +267,7 @@ def build_blip2(cfg: Blip2TrainConfig, work_dir, init=None, seed: int = 0, token
         if "blip2" not in dirs:
             raise ValueError(f"--init {init}: no Blip2ForImageTextRetrieval directory (found {sorted(dirs)})")
         path = Path(dirs["blip2"])
+    check_model_dir(path)  # without a tokenizer file BlipProcessor would train on [UNK] (see BlipTrainModel)
     model = Blip2ForImageTextRetrieval.from_pretrained(str(path))
     if tower is not None and model.config.qformer_config.encoder_hidden_size != tower.width:
         raise ValueError(f"tower {vision_init} has width {tower.width}, the Q-Former cross-attends to "

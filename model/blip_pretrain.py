@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model import losses as L
+from model.device import check_model_dir, is_local_spec
 from model.model_dirs import find_model_dirs
 from transforms.seeding import sample_seed
 
@@ -133,6 +134,12 @@ class BlipTrainModel(nn.Module):
 
         if itm_dir is None and captioner_dir is None:
             raise ValueError("need an itm or a captioner directory")
+        # BlipProcessor.from_pretrained does not fail without a tokenizer file: it builds a
+        # 5-token vocabulary, and every caption would train as [UNK]. Refuse as evaluate does.
+        processor_dir = itm_dir or captioner_dir
+        for d in (itm_dir, captioner_dir):
+            if d is not None and is_local_spec(d):
+                check_model_dir(d, need_processor=d == processor_dir)
         need_itm = bool({"itc", "itm"} & set(cfg.tasks))
         itm = BlipForImageTextRetrieval.from_pretrained(str(itm_dir)) if itm_dir else None
         cap = BlipForConditionalGeneration.from_pretrained(str(captioner_dir)) if captioner_dir else None
@@ -146,7 +153,7 @@ class BlipTrainModel(nn.Module):
             cap = BlipForConditionalGeneration(itm.config)
             cap.vision_model.load_state_dict(itm.vision_model.state_dict())
             cap.text_decoder.bert.load_state_dict(itm.text_encoder.state_dict())
-        processor = BlipProcessor.from_pretrained(str(itm_dir or captioner_dir))
+        processor = BlipProcessor.from_pretrained(str(processor_dir))
         return cls(cfg, processor, itm=itm if need_itm else None, captioner=cap if "lm" in cfg.tasks else None)
 
     def export(self, out_dir) -> list[Path]:

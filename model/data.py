@@ -19,7 +19,9 @@ this module adds, is the ordering contract the pretraining loop needs:
   `i` with `(i // batch_size) % world_size == rank`, so with no undecodable images the ranks'
   batches, concatenated in rank order, are exactly the single-process global batch.
 
-Images that fail to decode are skipped and counted by reason (`stats`), never fatal.
+Images that fail to decode are skipped and counted by reason (`stats`). A source none of
+whose images decode over a whole epoch is an error naming it: skipping alone would loop
+over its epochs for ever, never filling a batch.
 """
 from __future__ import annotations
 
@@ -182,6 +184,17 @@ class ShardSource:
 
 
 @dataclass
+class _EpochTally:
+    """What this rank decoded of one source in one epoch. `whole`: counted from the epoch's
+    first emission (not from a resumed position)."""
+
+    epoch: int
+    whole: bool
+    decoded: int = 0
+    skipped: Counter = field(default_factory=Counter)
+
+
+@dataclass
 class StreamStats:
     """Counters for the run record: rows emitted and images skipped, by reason."""
 
@@ -210,6 +223,7 @@ class ImageTextStream:
         self.index = 0  # next mixture emission index (the same sequence on every rank)
         self.decode_kwargs = dict(decode_kwargs or {})
         self.stats = StreamStats()
+        self._tallies: dict[int, _EpochTally] = {}  # source index -> its current epoch's tally
 
     def _pick_source(self, i: int) -> ShardSource:
         if len(self.sources) == 1:
@@ -229,6 +243,7 @@ class ImageTextStream:
             source = self._pick_source(i)
             epoch, key, texts, jpg = source.next()
             self.index += 1
+            tally = self._tally(source, epoch)
             if not self._mine(i):
                 continue
             self.stats.emitted += 1
@@ -236,12 +251,45 @@ class ImageTextStream:
                 image = decode_image(jpg, **self.decode_kwargs)
             except ImageDecodeError as err:
                 self.stats.skipped[err.reason] += 1
+                tally.skipped[err.reason] += 1
                 if sum(self.stats.skipped.values()) <= 5:
                     log.warning("skipping undecodable image %r from %s: %s", key, source.name, err)
                 continue
+            tally.decoded += 1
             text = texts[sample_seed(self.seed, key, epoch) % len(texts)] if len(texts) > 1 else texts[0]
             self.stats.used += 1
             return Sample(key=key, image=image, text=text, source=source.name)
+
+    def _tally(self, source: ShardSource, epoch: int) -> _EpochTally:
+        """The tally of `source`'s current epoch; when a new epoch starts, the finished one is
+        checked first (`_check_decodable`)."""
+        tally = self._tallies.get(source.index)
+        if tally is None or tally.epoch != epoch:
+            if tally is not None and tally.decoded == 0 and tally.skipped:
+                self._check_decodable(source, tally)
+            tally = _EpochTally(epoch, whole=source.pos == 1)
+            self._tallies[source.index] = tally
+        return tally
+
+    def _check_decodable(self, source: ShardSource, tally: _EpochTally) -> None:
+        """Raise when no image of `source` decodes in `tally.epoch`. One process that tried
+        every emission of the epoch knows; a rank saw only its share (and a resumed stream only
+        the epoch's tail), so then the epoch is replayed and decoded until one image does."""
+        skipped = tally.skipped
+        if not (self.world_size == 1 and tally.whole):
+            skipped = Counter()
+            captions = source.skipped_captions  # the replay must not count these twice
+            for _key, _texts, jpg in source._epoch_stream(tally.epoch):
+                try:
+                    decode_image(jpg, **self.decode_kwargs)
+                    source.skipped_captions = captions
+                    return
+                except ImageDecodeError as err:
+                    skipped[err.reason] += 1
+            source.skipped_captions = captions
+        reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(skipped.items()))
+        raise ValueError(f"source {source.name!r}: no image of a whole epoch decodes ({sum(skipped.values())} "
+                         f"skipped: {reasons}); check the shards' jpg column")
 
     def next_batch(self, batch_size: int | None = None) -> list[Sample]:
         """The next `batch_size` decodable samples of this rank."""
@@ -265,6 +313,7 @@ class ImageTextStream:
         stats = state.get("stats", {})
         self.stats = StreamStats(int(stats.get("emitted", 0)), int(stats.get("used", 0)),
                                  Counter(stats.get("skipped", {})))
+        self._tallies = {}  # the resumed epochs are partly seen: _tally replays them if needed
 
     def describe(self) -> dict:
         return {

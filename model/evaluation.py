@@ -12,6 +12,12 @@
 The metric arithmetic is in ``model/metrics.py``. The filter classes expose the image side of
 ITC (``encode_images``); the text side of the full N x N similarity matrix is computed here from
 the same sub-modules, because ``score`` pairs each text with one image only.
+
+Truth rows are joined on the key and checked against the caption: synthetic worlds of
+different seeds share their keys (``web_0000000`` ...), and a truth file from another world
+would otherwise be scored silently. Progress bars (tqdm, on stderr) cover decoding and every
+batched model pass: ``progress=True`` shows them, ``None`` only on a terminal (what `capfilt
+evaluate` passes), ``False`` (the default, for callers such as the bootstrap) hides them.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from model import metrics
 from model.data import expand_paths
@@ -37,7 +44,7 @@ log = logging.getLogger(__name__)
 # Caption benchmarks decode deterministically; lengths count the prompt tokens (BLIP's generate).
 CAPTION_MIN_LENGTH = 5
 CAPTION_MAX_LENGTH = 40
-TRUTH_COLUMNS = ("key", "noise_type", "true_caption", "shapes", "colours", "sizes", "positions")
+TRUTH_COLUMNS = ("key", "caption", "noise_type", "true_caption", "shapes", "colours", "sizes", "positions")
 
 
 @dataclass
@@ -61,11 +68,28 @@ def read_table(data: str, columns: list[str]) -> pa.Table:
     return dataset.to_table(columns=columns)
 
 
-def load_eval_set(data: str, limit: int | None = None) -> EvalSet:
+def check_sizes(batch_size: int = 1, limit: int | None = None) -> None:
+    """ValueError naming a batch size or row limit below 1 (range() and the decoder would
+    otherwise fail with messages that do not say which option was wrong)."""
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if limit is not None and int(limit) < 1:
+        raise ValueError(f"limit must be >= 1 (or None for every row), got {limit}")
+
+
+def _bar(iterable, desc: str, total: int | None, progress: bool | None, unit: str = "batch"):
+    """A tqdm bar on stderr; `progress` None: only on a terminal (tqdm's own rule)."""
+    return tqdm(iterable, desc=desc, total=total, unit=unit, disable=None if progress is None else not progress,
+                leave=False)
+
+
+def load_eval_set(data: str, limit: int | None = None, progress: bool | None = False) -> EvalSet:
     """Decode raw img2dataset shards (rows with status != success are skipped with a reason)."""
+    check_sizes(limit=limit)
     table = read_table(data, ["key", "caption", "status", "jpg"])
     out = EvalSet()
-    for row in table.to_pylist():
+    total = table.num_rows if limit is None else min(limit, table.num_rows)
+    for row in _bar(table.to_pylist(), "decode", total, progress, unit="img"):
         if limit is not None and len(out.keys) >= limit:
             break
         if row["status"] not in (None, "success"):
@@ -93,12 +117,26 @@ def read_truth(path) -> pa.Table:
     return table
 
 
-def _truth_rows(truth: pa.Table, keys, where: str) -> list[dict]:
-    """The truth rows of `keys`, in order; ValueError naming the first key it lacks."""
+def _same_caption(truth_caption, shard_caption) -> bool:
+    """The shard's caption is the truth's web caption as written (raw shards) or cleaned
+    (curated ``web_caption``; curate's --max-words may have cut it short)."""
+    want = clean_caption(truth_caption, max_words=None).split()
+    got = clean_caption(shard_caption, max_words=None).split()
+    return got == want or 0 < len(got) < len(want) and want[:len(got)] == got
+
+
+def _truth_rows(truth: pa.Table, keys, captions, where: str) -> list[dict]:
+    """The truth rows of `keys`, in order. ValueError naming the first key the truth lacks,
+    or the first whose caption differs from the shard's (`captions`, parallel to `keys`): a
+    truth file of another synthetic world has the same keys."""
     by_key = {r["key"]: r for r in truth.to_pylist()}
     missing = [k for k in keys if k not in by_key]
     if missing:
         raise ValueError(f"{where}: key {missing[0]!r} is not in the truth file")
+    for key, caption in zip(keys, captions):
+        if not _same_caption(by_key[key]["caption"], caption):
+            raise ValueError(f"{where}: key {key!r} has the caption {caption!r} in the shards but "
+                             f"{by_key[key]['caption']!r} in the truth file; is the truth from another world?")
     return [by_key[k] for k in keys]
 
 
@@ -127,13 +165,20 @@ def _filter_text_features(flt, ids: torch.Tensor, mask: torch.Tensor) -> torch.T
     return F.normalize(model.text_projection(hidden[:, 0, :]), dim=-1)
 
 
-def filter_itc_matrix(flt, images, texts, batch_size: int = 32) -> np.ndarray:
+def _n_batches(n: int, size: int) -> int:
+    return -(-n // size)
+
+
+def filter_itc_matrix(flt, images, texts, batch_size: int = 32, progress: bool | None = False) -> np.ndarray:
     """(N_img, N_txt) ITC cosine of every image with every text (BLIP-2: max over queries)."""
+    check_sizes(batch_size)
     with inference_context(flt.device, flt.bf16):
         image_feats = torch.cat([flt.encode_images(flt.pixel_values(b))["feats"]
-                                 for b in _batches(images, batch_size)])  # (N, E) or (N, Q, E)
+                                 for b in _bar(_batches(images, batch_size), "itc images",
+                                               _n_batches(len(images), batch_size), progress)])  # (N, E) or (N, Q, E)
         text_feats = torch.cat([_filter_text_features(flt, *flt.tokenize(b))
-                                for b in _batches(texts, 4 * batch_size)])  # (T, E)
+                                for b in _bar(_batches(texts, 4 * batch_size), "itc texts",
+                                              _n_batches(len(texts), 4 * batch_size), progress)])  # (T, E)
         if image_feats.dim() == 3:
             sim = torch.einsum("nqe,te->ntq", image_feats, text_feats).max(dim=-1).values
         else:
@@ -142,23 +187,26 @@ def filter_itc_matrix(flt, images, texts, batch_size: int = 32) -> np.ndarray:
 
 
 def evaluate_retrieval(model_dir, data: str, itm_rerank: int = 0, batch_size: int = 32,
-                       device: str = "auto", limit: int | None = None) -> dict:
+                       device: str = "auto", limit: int | None = None, progress: bool | None = False) -> dict:
     """R@1/5/10 both ways on `data` (one caption per image). A directory holding ``itm/`` (or
     an ITM model itself) is scored with its ITC head; one holding ``clip/`` with CLIP."""
     from model.filter import load_filter
 
-    evalset = load_eval_set(data, limit)
+    check_sizes(batch_size, limit)
+    evalset = load_eval_set(data, limit, progress)
     itm_dir = _subdir(model_dir, "itm")
     if (itm_dir / "config.json").is_file():
         flt = load_filter(str(itm_dir), device=device)
-        sim = filter_itc_matrix(flt, evalset.images, evalset.captions, batch_size)
+        sim = filter_itc_matrix(flt, evalset.images, evalset.captions, batch_size, progress)
         scorer = f"itc:{itm_dir}"
     else:
         from model.ranker import ClipRanker
 
         clip_dir = _subdir(model_dir, "clip")
         ranker = ClipRanker.load(str(clip_dir), device=device)
-        image_feats = np.concatenate([ranker.encode_images(b) for b in _batches(evalset.images, batch_size)])
+        batches = _bar(_batches(evalset.images, batch_size), "clip images",
+                       _n_batches(len(evalset.images), batch_size), progress)
+        image_feats = np.concatenate([ranker.encode_images(b) for b in batches])
         sim = image_feats @ ranker.encode_texts(evalset.captions).T  # (N, N) cosine
         flt, scorer = None, f"clip:{clip_dir}"
     text_image = np.arange(len(evalset.keys))
@@ -172,7 +220,8 @@ def evaluate_retrieval(model_dir, data: str, itm_rerank: int = 0, batch_size: in
 
         def score_pairs(image_idx, text_idx):
             out = []
-            for chunk in range(0, len(image_idx), batch_size):
+            chunks = range(0, len(image_idx), batch_size)
+            for chunk in _bar(chunks, "itm rerank", len(chunks), progress):
                 imgs = [evalset.images[i] for i in image_idx[chunk:chunk + batch_size]]
                 caps = [[evalset.captions[t] for t in ts] for ts in text_idx[chunk:chunk + batch_size]]
                 out.extend(s.itm for s in flt.score(imgs, caps))
@@ -187,7 +236,7 @@ def evaluate_retrieval(model_dir, data: str, itm_rerank: int = 0, batch_size: in
 
 def evaluate_captions(model_dir, data: str, truth=None, batch_size: int = 32, seed: int = 0,
                       top_p: float = 0.0, device: str = "auto", limit: int | None = None,
-                      prompt: str = "a picture of ", examples: int = 5) -> dict:
+                      prompt: str = "a picture of ", examples: int = 5, progress: bool | None = False) -> dict:
     """BLEU-4 and CIDEr of one caption per image against the reference (the truth's
     ``true_caption`` when `truth` is given, else the shard's caption), plus attribute accuracy
     against the truth's objects. ``top_p=0`` is greedy decoding. `prompt` is the one the
@@ -195,16 +244,19 @@ def evaluate_captions(model_dir, data: str, truth=None, batch_size: int = 32, se
     pretraining)."""
     from model.captioner import Captioner
 
-    evalset = load_eval_set(data, limit)
+    check_sizes(batch_size, limit)
+    evalset = load_eval_set(data, limit, progress)
+    truth_rows = _truth_rows(read_truth(truth), evalset.keys, evalset.captions, str(data)) if truth else None
     captioner = Captioner.from_pretrained(str(_subdir(model_dir, "captioner")), device=device)
     generated: list[str] = []
-    for start in range(0, len(evalset.keys), batch_size):
+    starts = range(0, len(evalset.keys), batch_size)
+    for start in _bar(starts, "caption", len(starts), progress):
         stop = start + batch_size
         out = captioner.caption(evalset.images[start:stop], evalset.keys[start:stop], n=1, seed=seed,
                                 top_p=top_p, prompt=prompt, min_length=CAPTION_MIN_LENGTH,
                                 max_length=CAPTION_MAX_LENGTH)
         generated.extend(c[0] for c in out)
-    rows = _truth_rows(read_truth(truth), evalset.keys, str(data)) if truth else None
+    rows = truth_rows
     refs = [r["true_caption"] for r in rows] if rows else evalset.captions
     references = {k: [clean_caption(r)] for k, r in zip(evalset.keys, refs)}
     candidates = dict(zip(evalset.keys, generated))
@@ -236,51 +288,54 @@ def _filter_result(web_itm: np.ndarray, rows: list[dict], threshold: float, n_sk
     return result
 
 
-def _score_raw_captions(model_dir, data: str, batch_size: int, device: str,
-                        limit: int | None) -> tuple[EvalSet, np.ndarray, str]:
-    """(decoded rows, (N,) ITM p(match) of each row's own caption, filter directory) for raw
-    shards. An empty caption is never a candidate in curate, so it gets NaN (counted as flagged)."""
+def _score_raw_captions(model_dir, evalset: EvalSet, batch_size: int, device: str,
+                        progress: bool | None = False) -> tuple[np.ndarray, str]:
+    """((N,) ITM p(match) of each decoded row's own caption, filter directory). An empty
+    caption is never a candidate in curate, so it gets NaN (counted as flagged)."""
     from model.filter import load_filter
 
-    evalset = load_eval_set(data, limit)
+    check_sizes(batch_size)
     source = str(_subdir(model_dir, "itm"))
     flt = load_filter(source, device=device)
     web_itm = np.full(len(evalset.keys), np.nan)
-    for start in range(0, len(evalset.keys), batch_size):
+    starts = range(0, len(evalset.keys), batch_size)
+    for start in _bar(starts, "itm", len(starts), progress):
         idx = [i for i in range(start, min(start + batch_size, len(evalset.keys))) if evalset.captions[i]]
         if idx:
             scores = flt.score([evalset.images[i] for i in idx], [[evalset.captions[i]] for i in idx])
             web_itm[idx] = [float(s.itm[0]) for s in scores]
-    return evalset, web_itm, source
+    return web_itm, source
 
 
 def evaluate_filter(model_dir, data: str, truth, threshold: float = 0.5, batch_size: int = 32,
-                    device: str = "auto", limit: int | None = None) -> dict:
+                    device: str = "auto", limit: int | None = None, progress: bool | None = False) -> dict:
     """Quality of "the web caption is noisy" (ITM p < threshold) against the truth labels.
 
     Curated shards (with ``web_itm``) are read as they are; raw shards are scored with the
     filter in `model_dir`. An empty web caption is never a candidate in curate, so it counts
     as flagged without being scored."""
+    check_sizes(batch_size, limit)
     truth_table = read_truth(truth)
     names = ds.dataset(expand_paths(data), format="parquet").schema.names
     if "web_itm" in names:
-        table = read_table(data, ["key", "web_itm"])
+        table = read_table(data, ["key", "web_itm", "web_caption"])
         if limit is not None:
             table = table.slice(0, limit)
         keys = table.column("key").to_pylist()
         web_itm = np.array([np.nan if v is None else v for v in table.column("web_itm").to_pylist()],
                            dtype=np.float64)
-        rows = _truth_rows(truth_table, keys, str(data))
+        rows = _truth_rows(truth_table, keys, table.column("web_caption").to_pylist(), str(data))
         return {"source": "web_itm column", **_filter_result(web_itm, rows, threshold, 0)}
     if model_dir is None:
         raise ValueError(f"{data!r} has no web_itm column: pass --model to score it with a filter")
-    evalset, web_itm, source = _score_raw_captions(model_dir, data, batch_size, device, limit)
-    rows = _truth_rows(truth_table, evalset.keys, str(data))
+    evalset = load_eval_set(data, limit, progress)
+    rows = _truth_rows(truth_table, evalset.keys, evalset.captions, str(data))  # checked before scoring
+    web_itm, source = _score_raw_captions(model_dir, evalset, batch_size, device, progress)
     return {"source": source, **_filter_result(web_itm, rows, threshold, len(evalset.skipped))}
 
 
 def evaluate_filter_clean(model_dir, data: str, threshold: float = 0.5, batch_size: int = 32,
-                          device: str = "auto", limit: int | None = None) -> dict:
+                          device: str = "auto", limit: int | None = None, progress: bool | None = False) -> dict:
     """False alarms of the filter on pairs known to match (a human-labelled split such as COCO,
     no truth file needed): the share of captions it would flag (ITM p < threshold).
 
@@ -288,7 +343,9 @@ def evaluate_filter_clean(model_dir, data: str, threshold: float = 0.5, batch_si
     it learnt its training pairs rather than what makes a caption wrong (docs/results.md)."""
     if model_dir is None:
         raise ValueError(f"scoring {data!r} for false alarms needs a filter model directory")
-    evalset, itm, source = _score_raw_captions(model_dir, data, batch_size, device, limit)
+    check_sizes(batch_size, limit)
+    evalset = load_eval_set(data, limit, progress)
+    itm, source = _score_raw_captions(model_dir, evalset, batch_size, device, progress)
     flagged = ~(itm >= threshold)  # NaN (empty caption) counts as flagged
     scored = itm[np.isfinite(itm)]
     return {"source": source, "n": len(evalset.keys), "skipped": len(evalset.skipped),
@@ -299,5 +356,7 @@ def evaluate_filter_clean(model_dir, data: str, threshold: float = 0.5, batch_si
 def evaluate_curated(data: str, truth) -> dict:
     """Correct-caption fractions of curated shards before and after CapFilt (see
     ``metrics.curated_metrics``)."""
-    table = read_table(data, ["key", "captions", "caption_sources", "keep"])
-    return metrics.curated_metrics(table, read_truth(truth))
+    table = read_table(data, ["key", "captions", "caption_sources", "keep", "web_caption"])
+    truth_table = read_truth(truth)
+    _truth_rows(truth_table, table.column("key").to_pylist(), table.column("web_caption").to_pylist(), str(data))
+    return metrics.curated_metrics(table, truth_table)

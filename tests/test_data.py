@@ -146,3 +146,42 @@ def test_input_errors(tmp_path):
         ImageTextStream([SourceSpec(str(tmp_path / "none.parquet"))]).next_batch(1)
     with pytest.raises(ValueError, match="weight must be > 0"):
         SourceSpec.parse("x.parquet:0")
+
+
+def test_a_source_with_no_decodable_image_is_an_error_not_a_hang(tmp_path):
+    """All 6 images bad: after one whole epoch the stream raises, naming the source and the
+    number skipped (it used to loop over epochs for ever)."""
+    keys = [f"x{i}" for i in range(6)]
+    _curated(tmp_path / "bad.parquet", keys, bad=set(keys))
+    stream = ImageTextStream([SourceSpec(str(tmp_path / "bad.parquet"))], seed=0, batch_size=2)
+    whole_epoch = r"bad.parquet'.*no image of a whole epoch decodes \(6 skipped: not_an_image 6\)"
+    with pytest.raises(ValueError, match=whole_epoch):
+        stream.next_batch()
+    assert stream.stats.skipped == Counter({"not_an_image": 6})
+    # in a mixture the bad source is named, even though the good one could fill batches
+    _curated(tmp_path / "good.parquet", [f"g{i}" for i in range(6)])
+    mix = ImageTextStream([SourceSpec(str(tmp_path / "good.parquet")), SourceSpec(str(tmp_path / "bad.parquet"))],
+                          seed=0)
+    with pytest.raises(ValueError, match="bad.parquet'.*6 skipped"):
+        mix.next_batch(100)
+    # a rank sees only its share of an epoch: the epoch is replayed before it gives up
+    rank = ImageTextStream([SourceSpec(str(tmp_path / "bad.parquet"))], seed=0, batch_size=2, rank=1, world_size=2)
+    with pytest.raises(ValueError, match="bad.parquet'.*6 skipped"):
+        rank.next_batch()
+
+
+def test_an_epoch_with_some_decodable_images_is_not_an_error(tmp_path):
+    """5 of 6 bad: a rank whose share of an epoch is all bad replays the epoch, finds the good
+    image and goes on; so does a stream resumed past the good image."""
+    keys = [f"x{i}" for i in range(6)]
+    _curated(tmp_path / "mostly_bad.parquet", keys, bad=set(keys[1:]))
+    src = [SourceSpec(str(tmp_path / "mostly_bad.parquet"))]
+    for rank in range(2):
+        stream = ImageTextStream(src, seed=0, batch_size=1, rank=rank, world_size=2)
+        assert _keys(stream, 4) == ["x0"] * 4
+    single = ImageTextStream(src, seed=0)
+    assert _keys(single, 3) == ["x0"] * 3
+    state = single.state_dict()
+    resumed = ImageTextStream(src, seed=0)
+    resumed.load_state_dict(state)
+    assert _keys(resumed, 3) == ["x0"] * 3

@@ -25,6 +25,7 @@ from model.metrics import (
     scene_from_truth,
 )
 from transforms.synth import Obj, Scene
+from transforms.text import clean_caption
 
 # CI installs java (.ci/run) and sets CI: there a missing java fails the test instead of skipping it.
 needs_java = pytest.mark.skipif(shutil.which("java") is None and not os.environ.get("CI"),
@@ -348,6 +349,7 @@ def test_evaluate_filter_without_truth_counts_false_alarms_on_clean_pairs(tiny_m
 def _write_curated(path, rows):
     table = pa.table({
         "key": [r["key"] for r in rows],
+        "web_caption": [r["web_caption"] for r in rows],
         "web_itm": pa.array([r.get("web_itm") for r in rows], pa.float32()),
         "captions": [r["captions"] for r in rows],
         "caption_sources": [r["sources"] for r in rows],
@@ -361,7 +363,8 @@ def test_evaluate_filter_and_curated_on_curated_shards(synth_world, tmp_path, ca
     web = [r for r in _truth_table(synth_world) if r["split"] == "web"]
     # A perfect filter (ITM 1 on correct rows, 0 on noisy ones) whose selection keeps the web
     # caption of correct rows and the true caption as "synthetic" for every row.
-    rows = [{"key": r["key"], "web_itm": 1.0 if r["noise_type"] == "correct" else 0.0,
+    rows = [{"key": r["key"], "web_caption": clean_caption(r["caption"]),
+             "web_itm": 1.0 if r["noise_type"] == "correct" else 0.0,
              "captions": ([r["caption"]] if r["noise_type"] == "correct" else []) + [r["true_caption"]],
              "sources": (["web"] if r["noise_type"] == "correct" else []) + ["synthetic"]} for r in web]
     _write_curated(tmp_path / "curated", rows)
@@ -385,8 +388,80 @@ def test_evaluate_rejects_bad_input(synth_world, tmp_path, capsys):
     truth = str(synth_world / "truth.parquet")
     with pytest.raises(ValueError, match="lack column"):  # raw shards are not curated shards
         cli.main(["evaluate", "--task", "curated", "--data", str(synth_world / "web"), "--truth", truth])
-    _write_curated(tmp_path / "c", [{"key": "nobody", "web_itm": 0.5, "captions": ["x"], "sources": ["web"]}])
+    _write_curated(tmp_path / "c", [{"key": "nobody", "web_caption": "x", "web_itm": 0.5, "captions": ["x"],
+                                     "sources": ["web"]}])
     with pytest.raises(ValueError, match="'nobody' is not in the truth"):
         cli.main(["evaluate", "--task", "filter", "--data", str(tmp_path / "c"), "--truth", truth])
     with pytest.raises(ValueError, match="no parquet shards match"):
         cli.main(["evaluate", "--task", "curated", "--data", str(tmp_path / "none*"), "--truth", truth])
+
+
+@pytest.fixture(scope="module")
+def other_world(tmp_path_factory):
+    """A world with the synth_world's sizes and keys but another seed: other captions."""
+    from transforms.synth_world import SynthConfig, write_world
+
+    out = tmp_path_factory.mktemp("other_world")
+    write_world(out, SynthConfig(n=48, human=16, test=16, noise=0.45, seed=1, rows_per_shard=32))
+    return out
+
+
+def test_truth_of_another_world_is_refused(tiny_models, synth_world, other_world, tmp_path):
+    """The keys join (web_0000000 ... in every world), the captions do not: each task that reads
+    the truth names the first mismatching key and both captions."""
+    mine = {r["key"]: r for r in _truth_table(synth_world)}
+    theirs = {r["key"]: r for r in _truth_table(other_world)}
+    wrong = str(other_world / "truth.parquet")
+    first_web = sorted(pq.read_table(synth_world / "web").column("key").to_pylist())[0]
+    assert mine[first_web]["caption"] != theirs[first_web]["caption"]
+
+    def refused(argv, key):
+        with pytest.raises(ValueError, match="is the truth from another world") as err:
+            cli.main(["evaluate", "--no-progress", *argv, "--truth", wrong])
+        message = str(err.value)
+        assert repr(key) in message and repr(theirs[key]["caption"]) in message
+        return message
+
+    # raw web shards (filter), the test split (caption; refused before any caption is generated)
+    message = refused(["--task", "filter", "--model", str(tiny_models["itm"]), "--data", str(synth_world / "web")],
+                      "web_0000000")
+    assert repr(clean_caption(mine["web_0000000"]["caption"])) in message
+    refused(["--task", "caption", "--model", str(tiny_models["captioner"]), "--data", str(synth_world / "test")],
+            "test_0000000")
+    # curated shards: their cleaned web_caption against the truth's caption
+    rows = [{"key": k, "web_caption": clean_caption(r["caption"]), "web_itm": 0.5, "captions": [r["true_caption"]],
+             "sources": ["synthetic"]} for k, r in mine.items() if r["split"] == "web"]
+    _write_curated(tmp_path / "curated", rows)
+    for task in ("filter", "curated"):
+        refused(["--task", task, "--data", str(tmp_path / "curated")], rows[0]["key"])
+    # the right truth still passes, including a web caption cut short by curate's --max-words
+    rows[0]["web_caption"] = " ".join(clean_caption(mine[rows[0]["key"]]["caption"]).split()[:1])
+    _write_curated(tmp_path / "cut", rows)
+    assert evaluation.evaluate_curated(str(tmp_path / "cut"), synth_world / "truth.parquet")["rows"] == 48
+
+
+def test_evaluate_rejects_sizes_below_one_naming_the_option(synth_world):
+    data = str(synth_world / "test")
+    with pytest.raises(SystemExit, match="--limit must be >= 1 .*got 0"):
+        cli.main(["evaluate", "--task", "retrieval", "--model", str(synth_world), "--data", data, "--limit", "0"])
+    with pytest.raises(SystemExit, match="--batch-size must be >= 1, got 0"):
+        cli.main(["evaluate", "--task", "retrieval", "--model", str(synth_world), "--data", data,
+                  "--batch-size", "0"])
+    # the library functions (the bootstrap calls them directly) say the same
+    with pytest.raises(ValueError, match="limit must be >= 1 .*got 0"):
+        evaluation.load_eval_set(data, limit=0)
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        evaluation.evaluate_filter_clean(synth_world, data, batch_size=0)
+
+
+def test_evaluate_shows_progress_bars_unless_told_not_to(tiny_models, synth_world, capsys):
+    data = str(synth_world / "test")
+    evaluation.evaluate_retrieval(tiny_models["itm"], data, batch_size=4, itm_rerank=2, progress=True)
+    err = capsys.readouterr().err
+    # each bar's first line shows its total: 16 images decoded, in 4 batches of 4 through ITC, the
+    # 16 texts in one batch of 16, and ITM re-ranking of the 16 images in 4 batches
+    for bar, total in (("decode", 16), ("itc images", 4), ("itc texts", 1), ("itm rerank", 4)):
+        assert f"{bar}:   0%" in err and f" 0/{total} " in err.split(f"{bar}:", 1)[1].split("\r")[0], bar
+    _run_evaluate(["--task", "retrieval", "--model", str(tiny_models["itm"]), "--data", data, "--no-progress"],
+                  capsys)
+    assert "decode:" not in capsys.readouterr().err

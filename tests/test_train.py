@@ -5,6 +5,7 @@ few tens of milliseconds; the 16-row human split of the `synth_world` fixture is
 """
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -324,3 +325,174 @@ def test_bf16_training_runs_only_where_the_hardware_has_it(tmp_path, synth_world
     assert json.loads((tmp_path / "native" / "train_summary.json").read_text())["bf16"] is True
     run(model, synth_world / "human", tmp_path / "off", steps=1, batch_size=4, lr=1e-3, bf16=False)
     assert json.loads((tmp_path / "off" / "train_summary.json").read_text())["bf16"] is False
+
+
+# --- defects found by the audit ----------------------------------------------------------------
+
+def _micro_file(tmp_path, arch="blip", **extra):
+    path = tmp_path / f"micro_{arch}.json"
+    path.write_text(json.dumps({**MICRO[arch], **extra}))
+    return path
+
+
+def test_a_model_directory_without_tokenizer_is_refused(tmp_path, synth_world, tiny_tokenizer):
+    """BlipProcessor.from_pretrained builds a 5-token vocabulary when the tokenizer files are
+    gone, and training went on with every caption as [UNK]; now it is evaluate's error."""
+    from model.blip2_pretrain import Blip2TrainConfig, build_blip2
+
+    build("blip", tmp_path / "work", tiny_tokenizer).export(tmp_path / "P")
+    for f in (tmp_path / "P" / "itm").glob("tokenizer*.json"):
+        f.unlink()
+    common = ["--data", str(synth_world / "human"), "--steps", "1", "--batch-size", "4", "--no-progress"]
+    no_tokenizer = (f"model directory {tmp_path / 'P' / 'itm'} has no tokenizer "
+                    "\\(expected tokenizer.json or vocab.txt\\)")
+    with pytest.raises(ValueError, match=no_tokenizer):
+        main(["finetune", "--task", "retrieval", "--init", str(tmp_path / "P"), "--out", str(tmp_path / "F"), *common])
+    with pytest.raises(ValueError, match=no_tokenizer):
+        main(["pretrain", "--arch", "blip", "--init", str(tmp_path / "P"), "--out", str(tmp_path / "F2"), *common])
+    assert not (tmp_path / "F").exists() and not (tmp_path / "F2").exists()
+    # BLIP-2 (pretrain --init and finetune both go through build_blip2)
+    build("blip2", tmp_path / "work2", tiny_tokenizer).export(tmp_path / "Q")
+    (tmp_path / "Q" / "itm" / "tokenizer.json").unlink()
+    with pytest.raises(ValueError, match=f"{tmp_path / 'Q' / 'itm'} has no tokenizer"):
+        build_blip2(Blip2TrainConfig(), tmp_path / "again", init=tmp_path / "Q")
+
+
+def test_default_cadence_checkpoints_without_changing_the_weights(tmp_path, synth_world, tiny_tokenizer):
+    """With no --checkpoint-every a run checkpoints every max(20, steps // 10) steps; the
+    checkpoints draw nothing from the RNG, so with dropout on the final weights are those of a
+    run that checkpoints only at the end."""
+    from model.blip_pretrain import build_blip
+    from model.train import auto_checkpoint_every
+
+    assert [auto_checkpoint_every(n) for n in (3, 25, 250, 800)] == [20, 20, 25, 80]
+    assert TrainConfig(out_dir="x", steps=800).checkpoint_interval == 80
+    assert TrainConfig(out_dir="x", checkpoint_every=0).checkpoint_interval == 0
+    dropout = {**MICRO["blip"], "text_config": {**TEXT, "hidden_dropout_prob": 0.2}}
+    finals = {}
+    for name, every in (("end_only", 0), ("default", None)):
+        model = build_blip(BlipTrainConfig(), tmp_path / name, tokenizer_dir=tiny_tokenizer, overrides=dropout)
+        run(model, synth_world / "human", tmp_path / name, steps=25, batch_size=4, lr=1e-3, log_every=5,
+            checkpoint_every=every)
+        root = tmp_path / name / "checkpoints" / "train"
+        finals[name] = load_file(str(root / "step-00000025" / "model.safetensors"))
+        assert sorted(p.name for p in root.glob("step-*")) == (
+            ["step-00000020", "step-00000025"] if every is None else ["step-00000025"])
+    assert finals["default"].keys() == finals["end_only"].keys()
+    for key in finals["default"]:
+        assert torch.equal(finals["default"][key], finals["end_only"][key]), key
+
+
+def test_an_interrupted_run_resumes_with_one_log_line_per_step(tmp_path, synth_world, tiny_tokenizer, monkeypatch):
+    """Killed at step 7 before any checkpoint: --resume starts again from step 0 and the log
+    holds steps 1..10 once (it used to keep the interrupted run's 1..6 before them). Killed at
+    step 24 after the step-20 checkpoint: it resumes at 20 and the log is 1..30 once."""
+    real = Trainer._one_step
+
+    def crash_at(step):
+        def one_step(self):
+            if self.step + 1 == step:
+                raise KeyboardInterrupt
+            return real(self)
+        return one_step
+
+    def attempt(steps, crash, resume):
+        monkeypatch.setattr(Trainer, "_one_step", crash_at(crash) if crash else real)
+        cfg = TrainConfig(out_dir=str(tmp_path), progress=False, shuffle_buffer=16, steps=steps, batch_size=4,
+                          lr=1e-3, log_every=1, resume=resume)
+        try:
+            Trainer(build("clip", tmp_path, tiny_tokenizer), [SourceSpec(str(synth_world / "human"))], cfg).train()
+        except KeyboardInterrupt:
+            pass
+        return [json.loads(line)["step"] for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+
+    assert attempt(10, 7, False) == list(range(1, 7))
+    assert not (tmp_path / "checkpoints" / "train" / "latest").exists()
+    assert attempt(10, None, True) == list(range(1, 11))
+    for f in [tmp_path / "train_log.jsonl", *tmp_path.glob("checkpoints/train/*")]:
+        f.unlink() if f.is_file() else shutil.rmtree(f)
+    assert attempt(30, 24, False) == list(range(1, 24))
+    assert (tmp_path / "checkpoints" / "train" / "latest").read_text() == "step-00000020"
+    assert attempt(30, None, True) == list(range(1, 31))
+
+
+def test_pretrain_refuses_an_out_that_holds_a_run(tmp_path, synth_world, tiny_tokenizer):
+    """A fresh pretrain into a used --out used to reuse its init/ model (ignoring --model-config,
+    --seed, --tokenizer); now it is refused unless --resume, and --overwrite starts clean."""
+    out = tmp_path / "P1"
+    common = ["pretrain", "--arch", "blip", "--data", str(synth_world / "human"), "--out", str(out), "--steps", "2",
+              "--batch-size", "4", "--no-progress", "--tokenizer", str(tiny_tokenizer)]
+    assert main([*common, "--model-config", str(_micro_file(tmp_path))]) == 0
+    two_layers = _micro_file(tmp_path / "..", text_config={**TEXT, "num_hidden_layers": 2})
+    with pytest.raises(ValueError, match=f"--out {out} is not empty .*--resume .*--overwrite"):
+        main([*common, "--model-config", str(two_layers), "--seed", "3"])
+    with pytest.raises(ValueError, match="give one of them"):
+        main([*common, "--resume", "--overwrite"])
+    assert main([*common, "--model-config", str(two_layers), "--seed", "3", "--overwrite"]) == 0
+    for part in ("init/itm", "itm", "captioner"):
+        assert json.loads((out / part / "config.json").read_text())["text_config"]["num_hidden_layers"] == 2, part
+    assert [json.loads(x)["step"] for x in (out / "pretrain_log.jsonl").read_text().splitlines()] == [2]
+    # finetunes own only their files: the caption finetune's --overwrite leaves the filter's alone
+    ft = ["--init", str(out), "--out", str(tmp_path / "ft"), "--data", str(synth_world / "human"), "--steps", "1",
+          "--batch-size", "4", "--no-progress"]
+    for task in ("caption", "retrieval"):
+        assert main(["finetune", "--task", task, *ft]) == 0
+    with pytest.raises(ValueError, match="is not empty \\(it holds finetune-caption, finetune-caption_log.jsonl"):
+        main(["finetune", "--task", "caption", *ft])
+    itm_before = (tmp_path / "ft" / "itm" / "model.safetensors").read_bytes()
+    assert main(["finetune", "--task", "caption", "--overwrite", *ft]) == 0
+    assert (tmp_path / "ft" / "itm" / "model.safetensors").read_bytes() == itm_before
+    assert (tmp_path / "ft" / "checkpoints" / "finetune-retrieval" / "latest").is_file()
+
+
+def test_options_that_would_be_ignored_are_errors(tmp_path, synth_world, tiny_tokenizer):
+    data = ["--data", str(synth_world / "human"), "--no-progress", "--batch-size", "4", "--steps", "2"]
+    cases = [
+        (["pretrain", "--arch", "clip", "--momentum"], "--momentum does not apply to --arch clip"),
+        (["pretrain", "--arch", "clip", "--itm-negatives", "random"], "--itm-negatives random does not apply"),
+        (["pretrain", "--arch", "blip2", "--momentum", "--queue-size", "8"],
+         "--momentum, --queue-size do not apply to --arch blip2"),
+        (["pretrain", "--arch", "blip", "--init", str(tmp_path), "--model-config", "x.json"],
+         "--model-config does not apply with --init"),
+        (["pretrain", "--arch", "clip", "--stop-after", "0"], "stop_after must be >= 1 .*got 0"),
+        (["pretrain", "--arch", "clip", "--batch-size", "0"], "batch_size must be >= 1, got 0"),
+        (["pretrain", "--arch", "clip", "--keep-checkpoints", "0"], "keep_checkpoints must be >= 1, got 0"),
+        (["pretrain", "--arch", "clip", "--checkpoint-every", "-1"], "checkpoint_every must be >= 0, got -1"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(ValueError, match=message):
+            main([argv[0], *data, "--out", str(tmp_path / "o"), *argv[1:]])  # argv's options win
+    assert not (tmp_path / "o").exists()
+    # finetune: the caption task trains LM only; BLIP-2 has no momentum encoder
+    build("blip", tmp_path / "w", tiny_tokenizer).export(tmp_path / "blip")
+    build("blip2", tmp_path / "w2", tiny_tokenizer).export(tmp_path / "blip2")
+    cases = [
+        (["--task", "caption", "--init", str(tmp_path / "blip"), "--tasks", "itc,itm"],
+         "--tasks itc,itm does not apply to --task caption"),
+        (["--task", "caption", "--init", str(tmp_path / "blip"), "--momentum"], "--momentum does not apply"),
+        (["--task", "retrieval", "--init", str(tmp_path / "blip2"), "--momentum"],
+         "--momentum does not apply to a BLIP-2 --init"),
+        (["--task", "retrieval", "--init", str(tmp_path / "blip"), "--batch-size", "0"], "batch_size must be >= 1"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(ValueError, match=message):
+            main(["finetune", *data, "--out", str(tmp_path / "o"), *argv])
+
+
+def test_resume_on_other_data_is_refused_and_a_finished_run_keeps_its_summary(tmp_path, synth_world):
+    cfg_file = _micro_file(tmp_path, "clip")
+    out = tmp_path / "c"
+    argv = ["pretrain", "--arch", "clip", "--out", str(out), "--model-config", str(cfg_file), "--steps", "2",
+            "--batch-size", "4", "--no-progress", "--log-every", "1"]
+    assert main([*argv, "--data", str(synth_world / "human")]) == 0
+    summary = json.loads((out / "pretrain_summary.json").read_text())
+    changed = (f"data source 0 differs: '{synth_world / 'human'}' \\(weight 1, 1 shard\\(s\\)\\) in the checkpoint, "
+               f"'{synth_world / 'test'}'")
+    with pytest.raises(ValueError, match=changed):
+        main([*argv, "--data", str(synth_world / "test"), "--resume"])
+    with pytest.raises(ValueError, match="data source 1 differs: no source in the checkpoint"):
+        main([*argv, "--data", str(synth_world / "human"), "--mix", f"{synth_world / 'test'}:2", "--resume"])
+    # the same data: nothing left to do, and the summary keeps its last losses
+    assert main([*argv, "--data", str(synth_world / "human"), "--resume"]) == 0
+    again = json.loads((out / "pretrain_summary.json").read_text())
+    assert again["last"] == summary["last"] and again["last"]["step"] == 2 and again["finished"]
