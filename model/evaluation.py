@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from model import metrics
 from model.data import expand_paths
 from model.device import inference_context
+from model.model_dirs import find_model_dirs
 from transforms.image import ImageDecodeError, decode_image
 from transforms.text import clean_caption
 
@@ -194,8 +195,14 @@ def evaluate_retrieval(model_dir, data: str, itm_rerank: int = 0, batch_size: in
 
     check_sizes(batch_size, limit)
     evalset = load_eval_set(data, limit, progress)
-    itm_dir = _subdir(model_dir, "itm")
-    if (itm_dir / "config.json").is_file():
+    # A local directory's models are read from their configs: this names a Q-Former-only
+    # export or a captioner-only directory instead of asking for a CLIP config.
+    found = find_model_dirs(model_dir) if Path(str(model_dir)).is_dir() else {}
+    itm = found.get("itm") or found.get("blip2")
+    if found and not itm and "clip" not in found:
+        raise ValueError(f"{model_dir}: no ITM or CLIP model for retrieval (found {sorted(found)})")
+    if itm:
+        itm_dir = Path(itm)
         flt = load_filter(str(itm_dir), device=device)
         sim = filter_itc_matrix(flt, evalset.images, evalset.captions, batch_size, progress)
         scorer = f"itc:{itm_dir}"

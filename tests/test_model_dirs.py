@@ -37,3 +37,16 @@ def test_nothing_found_names_where_it_looked(tmp_path):
     _config(tmp_path / "other", "BertModel")
     with pytest.raises(ValueError, match="no model directory found .* captioner/, itm/, clip/"):
         find_model_dirs(tmp_path / "other")
+
+
+def test_evaluate_names_a_qformer_only_export_instead_of_asking_for_clip(tmp_path, synth_world):
+    from model.evaluation import evaluate_retrieval
+
+    qformer = tmp_path / "run" / "qformer"
+    qformer.mkdir(parents=True)
+    (qformer / "tower.json").write_text(json.dumps({"tower": "timm:resnet10t"}))
+    with pytest.raises(ValueError, match="frozen tower 'timm:resnet10t'"):
+        evaluate_retrieval(tmp_path / "run", str(synth_world / "test" / "*.parquet"), limit=4)
+    _config(tmp_path / "cap", "BlipForConditionalGeneration")
+    with pytest.raises(ValueError, match=r"no ITM or CLIP model for retrieval \(found \['captioner'\]\)"):
+        evaluate_retrieval(tmp_path / "cap", str(synth_world / "test" / "*.parquet"), limit=4)
