@@ -7,9 +7,7 @@ go in an ``options`` mapping and are passed to the stage's CLI as ``--key value`
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -209,7 +207,7 @@ def _check_types(config, where: str = "") -> None:
 def _check_stage_options(config: BootstrapConfig) -> None:
     """Parse each stage's ``options`` with that stage's own command-line parser now, so that a
     misspelt option fails before the first stage runs instead of after an hour of them."""
-    from jobs.cli import build_parser
+    from jobs.cli import parse_options
 
     x = "x"  # placeholder values for the options every stage gets from the bootstrap itself
     stages = {
@@ -224,17 +222,14 @@ def _check_stage_options(config: BootstrapConfig) -> None:
         from model.tiny import load_config as tiny_config
 
         tiny_config("itm", config.model_config)
-    parser = build_parser()
     for name, argv in stages.items():
         section = getattr(config, name)
         if section is None or not section.options:
             continue
-        stderr = io.StringIO()
         try:
-            with contextlib.redirect_stderr(stderr):
-                _, extra = parser.parse_known_args([*argv, *cli_options(section.options)])
-        except SystemExit:  # argparse printed why: a bad value or a missing argument
-            raise ValueError(f"{name}.options: {stderr.getvalue().strip().splitlines()[-1]}") from None
+            _, extra = parse_options(argv[0], [*argv[1:], *cli_options(section.options)])
+        except ValueError as exc:  # a bad value or a missing argument, in argparse's words
+            raise ValueError(f"{name}.options: {exc}") from None
         if extra and name == "curate":  # the rest must be Beam pipeline options
             from pipeline.options import make_pipeline_options
 

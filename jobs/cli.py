@@ -11,7 +11,9 @@ Each subcommand is a module in `jobs/` exposing:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import io
 import logging
 import sys
 
@@ -52,6 +54,23 @@ def build_parser() -> argparse.ArgumentParser:
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
     return parser
+
+
+def parse_options(command: str, argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Parse `argv` with ``capfilt <command>``'s own parser without running the command:
+    (its arguments, the options it does not declare). A bad value or a missing argument is a
+    ValueError with argparse's message, instead of a printed error and an exit. Job files and
+    bootstrap configs check their steps' options with this before the first step runs."""
+    module = importlib.import_module(COMMANDS[command])
+    parser = argparse.ArgumentParser(prog=f"capfilt {command}", add_help=False, exit_on_error=False)
+    module.add_arguments(parser)
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):  # argparse prints some errors before it exits
+            return parser.parse_known_args(argv)
+    except (argparse.ArgumentError, SystemExit) as err:
+        printed = stderr.getvalue().strip().splitlines()
+        raise ValueError(printed[-1] if printed else str(err)) from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -226,13 +226,12 @@ def _check_options(command: str, argv: list[str], known_only: bool = True) -> ar
     """Parse a step's options with its own parser now, so a typo fails before any work.
     ``known_only=False``: leave the options it does not declare in ``.extra`` (ingest hands
     them to img2dataset)."""
-    module = __import__(f"jobs.{command}", fromlist=["add_arguments"])
-    parser = argparse.ArgumentParser(prog=f"capfilt {command}", add_help=False, exit_on_error=False)
-    module.add_arguments(parser)
+    from jobs.cli import parse_options
+
     required = ["--url-list", "x", "--out", "y"] if command == "ingest" else ["--input", "x", "--out", "y"]
     try:
-        args, unknown = parser.parse_known_args(required + argv)
-    except (argparse.ArgumentError, SystemExit) as err:
+        args, unknown = parse_options(command, required + argv)
+    except ValueError as err:
         raise JobError(EXIT_CONFIG, f"{command}: bad option in the job file ({err})") from err
     if unknown and known_only:
         hint = "; Beam options go under curate.beam_options" if command == "curate" else ""
