@@ -6,8 +6,9 @@ its inputs changed since the last run:
 * **ingest** (URL lists only): a list file is downloaded into ``ROOT/raw/<list name>/`` when it
   is new or its SHA-256 changed (the old download is replaced);
 * **curate**: runs when there are raw shards it has not seen. Curate itself skips the shards
-  it finished; when a seen shard changed, vanished or gets a new output name (see
-  ``_renamed``), or the curate settings or model files changed, it runs with ``--overwrite``;
+  it finished (and re-curates one whose output name changed because another shard of its
+  name arrived); when a seen shard changed or vanished, or the curate settings or model files
+  changed, it runs with ``--overwrite``;
 * **release**: rebuilt when the curated shards' hashes, the eval files' hashes or the release
   settings differ from the last ``ROOT/release/manifest.json``.
 
@@ -160,14 +161,12 @@ def curate_step(job: Job, state, dry: bool) -> list[str]:
         now = {str(p): _sha256(p, state.setdefault("hashes", {})) for p in shards}
         seen = record.get(name, {}) if (out / "stats.json").is_file() else {}
         changed = [p for p, h in seen.get("inputs", {}).items() if now.get(p) != h]
-        renamed = _renamed(list(seen.get("inputs", {})), list(now))
-        overwrite = bool(seen) and (seen.get("signature") != signature or bool(changed) or bool(renamed))
+        overwrite = bool(seen) and (seen.get("signature") != signature or bool(changed))
         new = [p for p in now if p not in seen.get("inputs", {})]
         if not overwrite and not new:
             continue
         why = ("settings or models changed" if seen.get("signature") not in (None, signature) else
-               f"{len(changed)} seen shard(s) changed or vanished" if changed else
-               f"{len(renamed)} seen shard(s) get new output names" if renamed else f"{len(new)} new shard(s)")
+               f"{len(changed)} seen shard(s) changed or vanished" if changed else f"{len(new)} new shard(s)")
         label = f"curate{'' if job.shards else ' ' + out.name} ({why})"
         ran.append(label)
         if dry:
@@ -179,23 +178,6 @@ def curate_step(job: Job, state, dry: bool) -> list[str]:
         _check_curate(out, shards)
         record[name] = {"signature": signature, "inputs": now}
     return ran
-
-
-def _renamed(seen: list[str], now: list[str]) -> list[str]:
-    """Seen shards whose curate output name changes now. Curate names an output shard after its
-    input's stem, or after its path below the inputs' common directory once two stems repeat
-    (pipeline.sources.shard_ids): a new raw/b/00000.parquet renames raw/a/00000.parquet's output
-    from 00000 to a_00000. Resuming would keep the old output beside the new one and count its
-    rows twice, so such a change curates everything again (--overwrite)."""
-    if not seen:
-        return []
-    from pipeline.sources import shard_ids
-
-    try:
-        before, after = shard_ids(seen), shard_ids(now)
-    except ValueError:
-        return []  # ids that clash: curate itself reports them, naming both files
-    return [p for p, shard_id in before.items() if p in after and after[p] != shard_id]
 
 
 def _check_curate(out: Path, shards: list[Path]) -> None:

@@ -145,7 +145,7 @@ def run_curate(cfg, beam_args: list[str] | None = None) -> CurateResult:
         shards = discover_shards(cfg.inputs)
         settings = state.settings_record(cfg)
         # A marker counts only while its output files are intact; the others are redone.
-        done = {} if cfg.overwrite else store.intact(store.markers())
+        done = {} if cfg.overwrite else store.without_renamed(store.intact(store.markers()), shards)
         if not cfg.overwrite:
             store.check_settings(settings, done)
         pending, skipped = [], []

@@ -38,6 +38,11 @@ LOG = logging.getLogger(__name__)
 LOCK_NAME = ".lock"
 
 
+def _same_path(path: str) -> str:
+    """A spelling of `path` shared by its other spellings (relative, symlinked) where it is local."""
+    return path if "://" in path else os.path.realpath(path)
+
+
 def _join(*parts: str) -> str:
     return FileSystems.join(*parts)
 
@@ -302,6 +307,26 @@ class OutStore:
                 LOG.warning("shard %s is no longer done: %s; it will be curated again", shard_id, problem)
             else:
                 out[shard_id] = marker
+        return out
+
+    def without_renamed(self, markers: dict, shards: list[ShardInfo]) -> dict:
+        """The markers minus those of an input that is now curated under another shard id.
+
+        Shard ids come from file names, and from the path below the common folder once two
+        inputs share a name (``pipeline.sources.shard_ids``): when ``raw/b/00000.parquet``
+        arrives, ``raw/a/00000.parquet`` turns from ``00000`` into ``a_00000``. Its old outputs
+        would count it twice beside the new ones, so its marker is dropped (``clean_incomplete``
+        then deletes its files) and the input is curated again under its new id."""
+        ids = {_same_path(shard.path): shard.shard_id for shard in shards}
+        out = {}
+        for shard_id, marker in markers.items():
+            new_id = ids.get(_same_path(marker["input"]["path"]))
+            if new_id is not None and new_id != shard_id:
+                LOG.warning("input %s was curated as shard %s and is shard %s now (another input of the "
+                            "same name arrived): it will be curated again under the new name",
+                            marker["input"]["path"], shard_id, new_id)
+                continue
+            out[shard_id] = marker
         return out
 
     def is_done(self, shard: ShardInfo, markers: dict) -> bool:

@@ -356,3 +356,29 @@ def test_cli_reports_a_corrupt_shard_in_one_line(tmp_path, tiny_models, corrupt_
     assert line.startswith(f"capfilt curate: error: {corrupt_shard}: cannot read the shard after")
     assert "(OSError: Corrupt snappy compressed data" in line
     assert not (out / "shards").exists() and not (out / "stats.json").exists()
+
+
+def test_an_input_renamed_by_a_new_shard_of_the_same_name_is_not_counted_twice(tmp_path, synth_world, tiny_models):
+    """img2dataset numbers every download from 00000: when raw/b/00000 arrives beside raw/a/00000,
+    the first becomes shard a_00000; its old output 00000 must not stay beside the new one."""
+    web = sorted((synth_world / "web").glob("*.parquet"))[0]
+    table = pq.read_table(web)
+    (tmp_path / "raw" / "a").mkdir(parents=True)
+    pq.write_table(table.slice(0, 3), tmp_path / "raw" / "a" / "00000.parquet")
+    out = tmp_path / "out"
+    argv = ["curate", "--input", str(tmp_path / "raw" / "**" / "*.parquet"), "--out", str(out), *model_args(tiny_models)]
+    code, _, stderr = run_cli(argv)
+    assert code == 0, stderr
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["part-00000.parquet"]
+    (tmp_path / "raw" / "b").mkdir()
+    pq.write_table(table.slice(3, 2), tmp_path / "raw" / "b" / "00000.parquet")
+    code, stdout, stderr = run_cli(argv)
+    assert code == 0, stderr
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["part-a_00000.parquet", "part-b_00000.parquet"]
+    assert sorted(p.name for p in (out / "_state").glob("*_00000.json")) == ["a_00000.json", "b_00000.json"]
+    assert not (out / "_state" / "00000.json").exists()
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["input_rows"] == 5 == stats["kept"] + stats["dropped"] + stats["errors"]
+    rows = sum(pq.read_metadata(p).num_rows for p in (out / "shards").iterdir())
+    rows += sum(pq.read_metadata(p).num_rows for p in (out / "errors").iterdir())
+    assert rows == 5

@@ -35,7 +35,8 @@ def snapshot(root: Path) -> dict:
 class FakeCurate:
     """Stands in for `capfilt curate`: one curated shard per raw shard, named by curate's own
     shard ids (pipeline.sources.discover_shards, exit 2 when it refuses the input), done shards
-    skipped, the outputs recorded in manifest.json as curate records them."""
+    skipped, an output whose shard name changed curated again, the outputs recorded in
+    manifest.json as curate records them."""
 
     def __init__(self):
         self.calls = []
@@ -55,6 +56,10 @@ class FakeCurate:
         if args.overwrite and out.exists():
             shutil.rmtree(out)
         (out / "shards").mkdir(parents=True, exist_ok=True)
+        current = {f"part-{shard.shard_id}.parquet" for shard in shards}
+        for old in (out / "shards").glob("*.parquet"):
+            if old.name not in current:  # as curate does with a shard whose name changed
+                old.unlink()
         for shard in shards:
             target = out / "shards" / f"part-{shard.shard_id}.parquet"
             if target.exists():
@@ -204,8 +209,9 @@ def test_dry_run_lists_only_the_steps_the_job_has(job, capsys):
 
 def test_img2dataset_layout_with_repeated_shard_names(job, capsys):
     """docs/scheduling.md's `raw/**/*.parquet` over img2dataset downloads, each numbered from
-    00000: both are curated (output ids from the path), also when the second download arrives
-    after the first was curated (its output name changes, so curate starts again)."""
+    00000: both are curated, also when the second download arrives after the first was curated.
+    run-job resumes curate (no --overwrite); the real curate re-curates the renamed shard
+    (test_repeated_shard_names_with_real_curate, and tests/test_curate_guards.py)."""
     path, fake = job
     root = path.parent
     shutil.rmtree(root / "raw")
@@ -215,9 +221,10 @@ def test_img2dataset_layout_with_repeated_shard_names(job, capsys):
     assert sorted(p.name for p in (root / "out/curated/shards").iterdir()) == ["part-00000.parquet"]
     write_raw(root / "raw" / "b" / "00000.parquet", [("b0", image_bytes(10)), ("b1", image_bytes(11))])
     assert main(["run-job", str(path), "--dry-run"]) == 0
-    assert "would run: curate (1 seen shard(s) get new output names), release" in capsys.readouterr().out
+    assert "would run: curate (1 new shard(s)), release" in capsys.readouterr().out
     assert main(["run-job", str(path)]) == 0, capsys.readouterr().err
-    assert fake.calls[-1]["overwrite"] is True
+    assert fake.calls[-1] == {"inputs": sorted(str(p) for p in (root / "raw").glob("*/00000.parquet")),
+                              "overwrite": False}
     assert sorted(p.name for p in (root / "out/curated/shards").iterdir()) == ["part-a_00000.parquet",
                                                                                "part-b_00000.parquet"]
     assert json.loads((root / "out/curated/stats.json").read_text())["input_rows"] == 5
@@ -350,7 +357,7 @@ def test_repeated_shard_names_with_real_curate(tmp_path, tiny_models, capsys):
     (tmp_path / "raw" / "b").mkdir()
     shutil.copy(web[1], tmp_path / "raw" / "b" / "00000.parquet")
     assert main(["run-job", str(job)]) == 0, capsys.readouterr().err
-    assert "ran: curate (1 seen shard(s) get new output names)" in capsys.readouterr().out
+    assert "ran: curate (1 new shard(s))" in capsys.readouterr().out
     assert sorted(p.name for p in (curated / "shards").iterdir()) == ["part-a_00000.parquet", "part-b_00000.parquet"]
     stats = json.loads((curated / "stats.json").read_text())
     assert stats["input_rows"] == 8 == stats["kept"] + stats["dropped"] + stats["errors"]
