@@ -107,7 +107,8 @@ def load_original_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle/zip errors come in many types; all mean "not loadable"
-        raise ValueError(f"cannot read checkpoint {path} with torch.load(weights_only=True): {exc}") from exc
+        raise ValueError(f"{path} is not a PyTorch checkpoint torch.load(weights_only=True) can read "
+                         f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from exc
     for wrapper in ("model", "state_dict"):
         if isinstance(checkpoint, dict) and isinstance(checkpoint.get(wrapper), dict):
             checkpoint = checkpoint[wrapper]
@@ -154,13 +155,20 @@ def infer_config(state: dict, task: str):
         "intermediate_size": _shape(state, text_prefix + "encoder.layer.0.intermediate.dense.weight")[0],
         "encoder_hidden_size": _shape(state, text_prefix + "encoder.layer.0.crossattention.self.key.weight")[1],
     }
-    if width % 64 or hidden % 64 or vocab != _BLIP_VOCAB:
-        raise ValueError(
-            f"checkpoint is not a standard BLIP size (vision width {width}, text width {hidden}, vocab {vocab}; "
-            f"expected multiples of 64 and BLIP's {_BLIP_VOCAB}-token vocabulary): pass its config explicitly"
-        )
+    odd = [f"{name} {value} is not a multiple of BLIP's head size 64"
+           for name, value in (("vision width", width), ("text width", hidden)) if value % 64]
+    if vocab != _BLIP_VOCAB:
+        odd.append(f"the vocabulary has {vocab} tokens, not BLIP's {_BLIP_VOCAB}")
+    if odd:
+        raise ValueError(f"cannot infer the config of a non-standard BLIP checkpoint ({'; '.join(odd)}): "
+                         f"pass its config explicitly (--config DIR)")
     extra = {"image_text_hidden_size": _shape(state, "vision_proj.weight")[0]} if task == "itm" else {}
     return BlipConfig(text_config=text, vision_config=vision, **extra)
+
+
+def _first(items: list, n: int = 8) -> str:
+    """The first `n` of a list for an error message (a wrong checkpoint mismatches hundreds)."""
+    return ", ".join(map(str, items[:n])) + (f", ... ({len(items) - n} more)" if len(items) > n else "")
 
 
 def map_state_dict(state: dict, task: str, target_keys: dict[str, tuple]) -> dict[str, torch.Tensor]:
@@ -186,13 +194,9 @@ def map_state_dict(state: dict, task: str, target_keys: dict[str, tuple]) -> dic
         for k, v in mapped.items() if tuple(v.shape) != target_keys[k]
     )
     if unknown or missing or mismatched:
-        parts = []
-        if unknown:
-            parts.append(f"unknown keys ({len(unknown)}): {sorted(unknown)}")
-        if missing:
-            parts.append(f"missing keys ({len(missing)}): {missing}")
-        if mismatched:
-            parts.append(f"shape mismatches ({len(mismatched)}): {mismatched}")
+        parts = [f"{label} ({len(keys)}): {_first(sorted(keys))}"
+                 for label, keys in (("unknown keys", unknown), ("missing keys", missing),
+                                     ("shape mismatches", mismatched)) if keys]
         raise ValueError(f"checkpoint does not fit {_HF_CLASS[task]}: " + "; ".join(parts))
     if skipped:
         log.info("ignored %d checkpoint keys this task does not use (e.g. %s)", len(skipped), skipped[0])
@@ -221,6 +225,9 @@ def convert_blip_checkpoint(src, out_dir, task: str, config=None, processor=None
         config = infer_config(state, task)
     elif not isinstance(config, BlipConfig):
         try:
+            model_type = BlipConfig.get_config_dict(str(config))[0].get("model_type")
+            if model_type != "blip":  # e.g. a BLIP-2 directory: every key would mismatch
+                raise ValueError(f"its model_type is {model_type!r}, not 'blip'")
             config = BlipConfig.from_pretrained(str(config))
         except (OSError, ValueError) as exc:
             raise ValueError(f"cannot read a BlipConfig from {config!r}: {exc}") from exc

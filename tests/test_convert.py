@@ -157,7 +157,33 @@ def test_cli_reports_errors_and_refuses_non_empty_output(tiny_models, tmp_path, 
     assert f"output directory {out} is not empty" in capsys.readouterr().err
     # without --config the tiny vocabulary is not BLIP's: the error says to pass the config
     code = main(["convert", "--from", "blip", "--task", "itm", str(src), str(tmp_path / "new")])
-    assert code == 2 and "pass its config explicitly" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 2 and "pass its config explicitly" in err
+    assert "the vocabulary has 514 tokens, not BLIP's 30524" in err and "multiple of" not in err  # width 128 is fine
+
+
+def test_a_blip2_config_and_a_non_checkpoint_are_named(tiny_models, tmp_path, capsys):
+    src = tmp_path / "m.pth"
+    _export(BlipForImageTextRetrieval, tiny_models["itm"], src)
+    blip2 = tmp_path / "blip2"
+    blip2.mkdir()
+    (blip2 / "config.json").write_text(json.dumps({"model_type": "blip-2"}))
+    code = main(["convert", "--from", "blip", "--task", "itm", str(src), str(tmp_path / "o"), "--config", str(blip2)])
+    err = capsys.readouterr().err
+    assert code == 2 and "its model_type is 'blip-2', not 'blip'" in err and len(err) < 400
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    with pytest.raises(ValueError, match=r"notes.txt is not a PyTorch checkpoint torch.load\(weights_only=True\) can read"):
+        convert_blip_checkpoint(text, tmp_path / "o2", "caption")
+
+
+def test_a_wrong_checkpoint_lists_the_first_keys_not_hundreds(tiny_models, tmp_path):
+    src = tmp_path / "cap.pth"
+    _export(BlipForConditionalGeneration, tiny_models["captioner"], src)
+    with pytest.raises(ValueError) as err:  # a captioning checkpoint given as an ITM one
+        convert_blip_checkpoint(src, tmp_path / "out", "itm", config=tiny_models["itm"])
+    message = str(err.value)
+    assert "missing keys (" in message and "more)" in message and len(message) < 3000
 
 
 def test_config_inferred_from_a_real_size_checkpoint():
