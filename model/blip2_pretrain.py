@@ -257,7 +257,8 @@ def build_blip2(cfg: Blip2TrainConfig, work_dir, init=None, seed: int = 0, token
         # vision model itself is unused with such a tower, so it is built with no layers
         overrides = _merge(overrides or {}, {"vision_config": {
             "hidden_size": tower.width, "intermediate_size": tower.width, "num_attention_heads": 1,
-            "num_hidden_layers": 0}})
+            "num_hidden_layers": 0,
+            "image_size": image_size}})  # the processor resizes to the tower's input size
     if init is None:
         path = Path(work_dir) / "init" / "blip2"
         if not (path / "config.json").is_file():
@@ -283,8 +284,9 @@ def build_blip2(cfg: Blip2TrainConfig, work_dir, init=None, seed: int = 0, token
 
 
 def _timm_maps(spec) -> bool:
-    """True for timm's VisionTransformer family (mapped into Blip2VisionModel); others (EVA,
-    convnets, ...) run as a PenultimateTower. Read from the registry: nothing is built."""
+    """True for timm's VisionTransformer family (mapped into Blip2VisionModel); other timm
+    transformers (EVA, ...) run as a PenultimateTower, and convnets are refused there. Read from
+    the registry: nothing is built."""
     import timm
 
     return timm.models.model_entrypoint(spec.name.split(".")[0]).__module__ == "timm.models.vision_transformer"

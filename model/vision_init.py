@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -57,9 +58,14 @@ def create_timm(spec: VisionSpec, vision_config, extra_layers: int = 0) -> nn.Mo
     overlay = {"file": spec.file} if spec.file else None
     try:
         return timm.create_model(spec.name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    except TypeError as err:  # a convnet's constructor has no img_size / patch_size / depth
+        raise ValueError(f"--vision-init timm:{spec.name}: not a vision transformer that can take the "
+                         f"model's vision shape ({err}); BLIP's tower is a ViT") from err
     except (RuntimeError, ValueError, OSError) as err:
+        missing = spec.file and not Path(spec.file).expanduser().is_file()
         raise ValueError(f"--vision-init timm:{spec.name}{':' + spec.file if spec.file else ''}: "
-                         f"cannot build it in the model's vision shape {kwargs}: {err}") from err
+                         + (f"weights file {spec.file} does not exist" if missing else
+                            f"cannot build it in the model's vision shape {kwargs}: {err}")) from err
 
 
 def timm_unmappable_reason(model: nn.Module) -> str | None:
@@ -190,8 +196,17 @@ class PenultimateTower(nn.Module):
             import timm
 
             overlay = {"file": vs.file} if vs.file else None
-            self.trunk = timm.create_model(vs.name, pretrained=True, pretrained_cfg_overlay=overlay,
-                                           num_classes=0, img_size=image_size)
+            if vs.file and not Path(vs.file).expanduser().is_file():
+                raise ValueError(f"--vision-init {spec}: weights file {vs.file} does not exist")
+            try:
+                self.trunk = timm.create_model(vs.name, pretrained=True, pretrained_cfg_overlay=overlay,
+                                               num_classes=0, img_size=image_size)
+            except TypeError as err:  # convnets take no img_size: they have no token sequence either
+                raise ValueError(f"--vision-init {spec}: not a transformer tower ({err}); the Q-Former "
+                                 f"cross-attends to a token sequence (timm ViT / EVA, open_clip)") from err
+            if not hasattr(self.trunk, "blocks") or not getattr(self.trunk, "num_prefix_tokens", 0):
+                raise ValueError(f"--vision-init {spec}: {type(self.trunk).__name__} has no transformer "
+                                 f"blocks with a class token for the Q-Former to read")
             self.lib, depth, self.width = "timm", len(self.trunk.blocks), self.trunk.embed_dim
         else:
             raise ValueError(f"PenultimateTower needs a timm or open_clip spec, got {spec!r}")

@@ -265,6 +265,30 @@ def test_blip2_with_a_frozen_tower_without_hf_form(tmp_path, synth_world, tiny_t
     run(model, synth_world / "human", tmp_path, steps=2, batch_size=4, lr=1e-3)
     assert all(torch.equal(a, b) for a, b in zip(model.tower.trunk.state_dict().values(), eva.state_dict().values()))
     assert (tmp_path / "qformer" / "qformer.safetensors").is_file() and not (tmp_path / "itm").exists()
+    assert model.processor.image_processor.size == {"height": 32, "width": 32}  # the tower's input size
+
+
+def test_towers_the_qformer_cannot_read_are_named(tmp_path):
+    """A convnet has no token sequence (timm's constructor takes no img_size), and a missing
+    weights file is named as such, for both the mapped and the frozen tower paths."""
+    import timm
+    from safetensors.torch import save_file
+    from transformers import BlipVisionConfig
+
+    from model.vision_init import PenultimateTower, VisionSpec, create_timm
+
+    resnet = timm.create_model("resnet10t", pretrained=False, num_classes=0)
+    save_file({k: v.contiguous() for k, v in resnet.state_dict().items()}, str(tmp_path / "r.safetensors"))
+    with pytest.raises(ValueError, match="not a transformer tower"):
+        PenultimateTower(f"timm:resnet10t:{tmp_path / 'r.safetensors'}", 224)
+    with pytest.raises(ValueError, match="not a vision transformer"):
+        create_timm(VisionSpec.parse(f"timm:resnet10t:{tmp_path / 'r.safetensors'}"), BlipVisionConfig())
+    with pytest.raises(ValueError, match="weights file .*nofile.safetensors does not exist"):
+        PenultimateTower(f"timm:eva02_tiny_patch14_224:{tmp_path / 'nofile.safetensors'}", 224)
+    with pytest.raises(ValueError, match="weights file .*nofile.safetensors does not exist"):
+        create_timm(VisionSpec.parse(f"timm:vit_tiny_patch16_224:{tmp_path / 'nofile.safetensors'}"),
+                    BlipVisionConfig(hidden_size=192, num_attention_heads=3, intermediate_size=768,
+                                     num_hidden_layers=1, image_size=32, patch_size=16))
 
 
 def test_finetune_makes_separate_captioner_and_filter(tmp_path, synth_world, tiny_tokenizer):
