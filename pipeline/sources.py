@@ -102,6 +102,7 @@ class ErrorRow:
             "stage": self.stage,
             "error_type": self.error_type,
             "error_message": self.error_message[:2000],
+            "input_row": self.row,
         }
 
 

@@ -113,6 +113,11 @@ def test_every_bad_row_is_an_error_row_or_a_reasoned_drop(tmp_path, tiny_models)
         err = by_type[(key, kind)]
         assert err["stage"] == stage and err["error_message"] and err["url"].endswith(key)
     assert by_type[("failed", "failed_to_download")]["error_message"] == "HTTP 404"
+    # every error row points back at its input row, also those without a usable key
+    for name in ("00000", "00002"):
+        source = pq.read_table(inp / f"{name}.parquet").to_pylist()
+        for e in pq.read_table(out / "errors" / f"part-{name}.parquet").to_pylist():
+            assert source[e["input_row"]]["url"] == e["url"], e
     # duplicates: the first by (shard, row) wins; the later copy in the same shard and the one in
     # the later shard are error rows
     dups = [e for e in errors if e["error_type"] == "duplicate_key"]

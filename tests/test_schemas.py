@@ -29,7 +29,7 @@ def test_curated_schema_columns_and_types():
 
 
 def test_error_schema():
-    assert schemas.ERROR_SCHEMA.names == ["key", "url", "stage", "error_type", "error_message"]
+    assert schemas.ERROR_SCHEMA.names == ["key", "url", "stage", "error_type", "error_message", "input_row"]
 
 
 def test_check_columns_names_file_and_missing_column():

@@ -61,6 +61,9 @@ ERROR_SCHEMA = pa.schema(
         ("stage", pa.string()),
         ("error_type", pa.string()),
         ("error_message", pa.string()),
+        # Where the row came from, with the file name (errors/part-<shard> <- its input shard):
+        # a row without a usable key (missing_key) can be found again in the input.
+        ("input_row", pa.int64()),
     ]
 )
 
