@@ -132,6 +132,12 @@ def prepare_out(args, run_name: str, exports: tuple[str, ...] | None = None) -> 
         raise ValueError(f"--out {out} is a file, expected a directory")
     if exports is None:
         owned = sorted(out.iterdir())
+        if [p.name for p in owned] == ["init"]:
+            # A run that stopped before its first step (bad data, a bad --vision-init) leaves only
+            # the fresh model it built; rebuild it from this command's options, without asking.
+            shutil.rmtree(out / "init")
+            log.info("--out %s held only an untrained init/ from an earlier attempt: rebuilt", out)
+            return
     else:
         owned = [p for p in (out / "checkpoints" / run_name, out / f"{run_name}_log.jsonl",
                              out / f"{run_name}_summary.json", *(out / e for e in exports)) if p.exists()]

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 from PIL import Image
 
 from transforms.image import ImageDecodeError, decode_image
@@ -78,18 +79,37 @@ class SourceSpec:
 
 
 def expand_paths(paths: str | list[str]) -> list[str]:
-    """Sorted parquet files from globs, directories (searched recursively) or file names."""
+    """Sorted parquet files from globs, directories (searched recursively; a `capfilt curate`
+    output directory: its shards/) or file names."""
     items = [paths] if isinstance(paths, (str, Path)) else list(paths)
     files: set[str] = set()
     for item in items:
         item = str(item)
         if Path(item).is_dir():
+            if (Path(item) / "_state" / "settings.json").is_file():
+                item = str(Path(item) / "shards")  # a curate output: its curated shards, not errors/
             files.update(str(p) for p in Path(item).rglob("*.parquet"))
         else:
             files.update(p for p in globlib.glob(item, recursive=True) if Path(p).is_file())
     if not files:
         raise ValueError(f"no parquet shards match {paths!r}")
     return sorted(files)
+
+
+def _all_null(files: list[str], column: str) -> bool:
+    """True when the parquet statistics say every value of `column` is null in every file
+    (read from the footers: no image bytes are loaded). Files without statistics count as not."""
+    rows = nulls = 0
+    for path in files:
+        meta = pq.ParquetFile(path).metadata
+        for g in range(meta.num_row_groups):
+            group = meta.row_group(g)
+            chunk = next(group.column(i) for i in range(group.num_columns) if group.column(i).path_in_schema == column)
+            stats = chunk.statistics
+            if stats is None or not stats.has_null_count:
+                return False
+            rows, nulls = rows + group.num_rows, nulls + stats.null_count
+    return rows > 0 and nulls == rows
 
 
 class ShardSource:
@@ -118,6 +138,9 @@ class ShardSource:
                 f"{self.files[0]}: training needs the 'key' and 'jpg' columns (a curated run "
                 f"with --no-images has no image bytes); columns are {sorted(names)}"
             )
+        if _all_null(self.files, "jpg"):
+            raise ValueError(f"{self.name}: every 'jpg' is null in {len(self.files)} shard(s) (a curate run "
+                             f"with --no-images keeps references only): training needs the image bytes")
         self.columns = ["key", text_col, "jpg"]
         self.dataset = ds.dataset(self.files, format="parquet")
         self.epoch, self.pos = 0, 0

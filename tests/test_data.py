@@ -185,3 +185,28 @@ def test_an_epoch_with_some_decodable_images_is_not_an_error(tmp_path):
     resumed = ImageTextStream(src, seed=0)
     resumed.load_state_dict(state)
     assert _keys(resumed, 3) == ["x0"] * 3
+
+
+def test_a_curate_output_directory_reads_its_shards_not_its_errors(tmp_path):
+    from model.data import expand_paths
+    from transforms.schemas import ERROR_SCHEMA
+
+    out = tmp_path / "curated"
+    (out / "shards").mkdir(parents=True)
+    (out / "errors").mkdir()
+    (out / "_state").mkdir()
+    (out / "_state" / "settings.json").write_text("{}")
+    _curated(out / "shards" / "part-00000.parquet", ["a0", "a1"])
+    pq.write_table(ERROR_SCHEMA.empty_table(), out / "errors" / "part-00000.parquet")
+    assert expand_paths(str(out)) == [str(out / "shards" / "part-00000.parquet")]
+    assert sorted(_keys(ImageTextStream([SourceSpec(str(out))]), 2)) == ["a0", "a1"]
+
+
+def test_a_no_images_curate_output_is_named_not_an_empty_source(tmp_path):
+    """--no-images keeps the jpg column, all null: the error says so, from the footers."""
+    _curated(tmp_path / "refs.parquet", ["r0", "r1"])
+    table = pq.read_table(tmp_path / "refs.parquet")
+    table = table.set_column(table.schema.get_field_index("jpg"), "jpg", pa.nulls(2, pa.binary()))
+    pq.write_table(table, tmp_path / "refs.parquet")
+    with pytest.raises(ValueError, match=r"every 'jpg' is null in 1 shard\(s\) .*--no-images"):
+        ImageTextStream([SourceSpec(str(tmp_path / "refs.parquet"))])

@@ -8,6 +8,8 @@ import math
 import shutil
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -467,6 +469,20 @@ def test_pretrain_refuses_an_out_that_holds_a_run(tmp_path, synth_world, tiny_to
     assert main(["finetune", "--task", "caption", "--overwrite", *ft]) == 0
     assert (tmp_path / "ft" / "itm" / "model.safetensors").read_bytes() == itm_before
     assert (tmp_path / "ft" / "checkpoints" / "finetune-retrieval" / "latest").is_file()
+
+
+def test_a_pretrain_that_failed_before_its_first_step_can_be_run_again(tmp_path, synth_world, tiny_tokenizer):
+    """A run that stopped before training (here: data with no caption column) leaves only the
+    init/ it built; the same command with good data is not refused as a used --out."""
+    out = tmp_path / "P"
+    pq.write_table(pa.table({"x": [1]}), tmp_path / "other.parquet")
+    common = ["pretrain", "--arch", "blip", "--out", str(out), "--steps", "1", "--batch-size", "4", "--no-progress",
+              "--tokenizer", str(tiny_tokenizer), "--model-config", str(_micro_file(tmp_path))]
+    with pytest.raises(ValueError, match="neither a curated"):
+        main([*common, "--data", str(tmp_path / "other.parquet")])
+    assert [p.name for p in out.iterdir()] == ["init"]
+    assert main([*common, "--data", str(synth_world / "human")]) == 0
+    assert (out / "itm" / "config.json").is_file()
 
 
 def test_options_that_would_be_ignored_are_errors(tmp_path, synth_world, tiny_tokenizer):
