@@ -96,14 +96,32 @@ def _count_decode_error(dead_letter) -> ErrorRow:
 
 
 def _losers(item):
-    """(key, [(shard, row), ...]) -> ((shard, row), description of the winner) for every
-    occurrence but the first."""
+    """(key, [(shard, row, sha256, url), ...]) -> ((shard, row), (error_type, message)) for
+    every occurrence but the first (by shard, row; earlier curate runs first).
+
+    A later row with the same key is a ``duplicate_key``, or a ``key_collision`` when its
+    image or url shows that the key names another image: img2dataset numbers keys per download
+    (``{shard}{index}``), so two downloads curated into one --out collide; the message says so."""
     key, positions = item
-    ordered = sorted(set(positions))
+    ordered = sorted(set(positions), key=lambda p: (p[0], p[1], p[2] or "", p[3] or ""))
     winner = ordered[0]
-    where = "an earlier curate run into this --out" if winner == (-1, -1) else f"shard #{winner[0]} row {winner[1]}"
+    where = "an earlier curate run into this --out" if winner[:2] == (-1, -1) else f"shard #{winner[0]} row {winner[1]}"
     for pos in ordered[1:]:
-        yield pos, f"key {key!r} already seen at {where}"
+        if _other_image(winner, pos):
+            yield pos[:2], ("key_collision",
+                            f"key {key!r} already names another image at {where} (url {winner[3]!r}): "
+                            f"img2dataset numbers keys per download, so curate each download into its own "
+                            f"--out (or give the downloads distinct keys)")
+        else:
+            yield pos[:2], ("duplicate_key", f"key {key!r} already seen at {where}")
+
+
+def _other_image(a, b) -> bool:
+    """Whether two occurrences of a key are different images: their sha256 differ, or (without
+    both hashes) their urls do. Unknown either way counts as the same image."""
+    if a[2] and b[2]:
+        return a[2] != b[2]
+    return bool(a[3] and b[3] and a[3] != b[3])
 
 
 class _SplitDuplicates(beam.DoFn):
@@ -111,13 +129,14 @@ class _SplitDuplicates(beam.DoFn):
         self.dups = Metrics.counter(NAMESPACE, "duplicate_keys")
 
     def process(self, sample: Sample, losers):
-        reason = losers.get((sample.shard, sample.row))
-        if reason is None:
+        loser = losers.get((sample.shard, sample.row))
+        if loser is None:
             yield sample
         else:
             self.dups.inc()
+            error_type, reason = loser
             yield beam.pvalue.TaggedOutput(
-                ERRORS, ErrorRow(sample.key, sample.url, "read", "duplicate_key", reason, sample.shard, sample.row)
+                ERRORS, ErrorRow(sample.key, sample.url, "read", error_type, reason, sample.shard, sample.row)
             )
 
 
@@ -134,21 +153,21 @@ class ResolveDuplicateKeys(beam.PTransform):
         self._prior_errors = list(prior_errors)
 
     def expand(self, samples):
-        positions = [samples | "Positions" >> beam.Map(lambda s: (s.key, (s.shard, s.row)))]
+        positions = [samples | "Positions" >> beam.Map(lambda s: (s.key, (s.shard, s.row, s.sha256, s.url)))]
         if self._prior_curated:
             positions.append(
                 samples.pipeline
                 | "PriorCurated" >> beam.Create(self._prior_curated)
-                | "ReadPriorCurated" >> ReadAllFromParquet(columns=["key"])
-                | "PriorCuratedKeys" >> beam.Map(lambda r: (r["key"], (-1, -1)))
+                | "ReadPriorCurated" >> ReadAllFromParquet(columns=["key", "sha256", "url"])
+                | "PriorCuratedKeys" >> beam.Map(lambda r: (r["key"], (-1, -1, r["sha256"], r["url"])))
             )
         if self._prior_errors:
             positions.append(
                 samples.pipeline
                 | "PriorErrors" >> beam.Create(self._prior_errors)
-                | "ReadPriorErrors" >> ReadAllFromParquet(columns=["key", "stage"])
+                | "ReadPriorErrors" >> ReadAllFromParquet(columns=["key", "stage", "url"])
                 | "AfterDedup" >> beam.Filter(lambda r: r["key"] and r["stage"] not in _PRE_DEDUP_STAGES)
-                | "PriorErrorKeys" >> beam.Map(lambda r: (r["key"], (-1, -1)))
+                | "PriorErrorKeys" >> beam.Map(lambda r: (r["key"], (-1, -1, None, r["url"])))
             )
         losers = (
             positions

@@ -382,3 +382,24 @@ def test_an_input_renamed_by_a_new_shard_of_the_same_name_is_not_counted_twice(t
     rows = sum(pq.read_metadata(p).num_rows for p in (out / "shards").iterdir())
     rows += sum(pq.read_metadata(p).num_rows for p in (out / "errors").iterdir())
     assert rows == 5
+
+
+def test_a_key_naming_another_image_is_a_key_collision_not_a_duplicate(tmp_path, synth_world, tiny_models):
+    """Two img2dataset downloads both number their keys from 000000000: the second download's
+    rows name other images under the same keys. They are error rows that say why."""
+    table = pq.read_table(sorted((synth_world / "web").glob("*.parquet"))[0])
+    first, second = table.slice(0, 2), table.slice(2, 2)
+    second = second.set_column(second.schema.get_field_index("key"), "key", first.column("key"))
+    for name, part in (("a", first), ("b", second)):
+        (tmp_path / "raw" / name).mkdir(parents=True)
+        pq.write_table(part, tmp_path / "raw" / name / "00000.parquet")
+    out = tmp_path / "out"
+    code, _, stderr = run_cli(["curate", "--input", str(tmp_path / "raw" / "*" / "*.parquet"), "--out", str(out),
+                               *model_args(tiny_models)])
+    assert code == 0, stderr
+    errors = pq.read_table(out / "errors" / "part-b_00000.parquet").to_pylist()
+    assert [(e["key"], e["error_type"], e["input_row"]) for e in errors] == [
+        (k, "key_collision", i) for i, k in enumerate(first.column("key").to_pylist())]
+    assert all("img2dataset numbers keys per download" in e["error_message"] for e in errors)
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["input_rows"] == 4 and stats["errors"] == 2
