@@ -187,6 +187,12 @@ def run_curate(cfg, beam_args: list[str] | None = None) -> CurateResult:
     return CurateResult(cfg.out, stats, [s.shard_id for s in pending], [s.shard_id for s in skipped])
 
 
+# Runners whose committed Metrics miss increments: BundleBasedDirectRunner keeps the counter
+# updates of one bundle per step (a Flatten of 3 + 2 elements counts 3), so its counts are
+# taken from the written files, which are checked against every input shard's row count.
+METRICS_INCOMPLETE = ("BundleBasedDirectRunner",)
+
+
 def _run_group(group, cfg, options, store, reporter) -> dict:
     staging = store.staging_dir(uuid.uuid4().hex[:12])
     targets = {s.ordinal: store.staged_paths(staging, s) for s in group}
@@ -207,8 +213,11 @@ def _run_group(group, cfg, options, store, reporter) -> dict:
         metrics = metric_counters(result)
         counts = {"input_rows": metrics.get("input_rows", 0), "kept": metrics.get("kept", 0),
                   "dropped": metrics.get("dropped", 0), "errors": metrics.get("errors", 0)}
-        check_identity(counts, f"Beam Metrics of shards {[s.path for s in group]}")
+        # Each shard's files against its input row count: the check that decides.
         files = {s.shard_id: state.staged_counts(s, *[p + ".parquet" for p in targets[s.ordinal]]) for s in group}
+        if runner_name(options) in METRICS_INCOMPLETE:
+            counts = {key: sum(c[key] for c in files.values()) for key in counts}
+        check_identity(counts, f"Beam Metrics of shards {[s.path for s in group]}")
         for key in counts:
             from_files = sum(c[key] for c in files.values())
             if from_files != counts[key]:

@@ -13,6 +13,7 @@ the local runner, Dataflow, Flink or Spark. Two things are added on the Beam sid
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 
 from apache_beam.options.pipeline_options import (
@@ -194,7 +195,12 @@ def is_local_runner(options: PipelineOptions) -> bool:
 
 
 def num_workers(options: PipelineOptions) -> int:
-    return int(options.view_as(DirectOptions).direct_num_workers or 1)
+    """Worker processes/threads of a local run: Beam reads ``--direct_num_workers 0`` as one
+    per CPU core (and leaves it unset as one)."""
+    workers = options.view_as(DirectOptions).direct_num_workers
+    if workers is None:
+        return 1
+    return int(workers) if int(workers) > 0 else (os.cpu_count() or 1)
 
 
 def _reject_unknown(args: list[str]) -> None:

@@ -403,3 +403,29 @@ def test_a_key_naming_another_image_is_a_key_collision_not_a_duplicate(tmp_path,
     assert all("img2dataset numbers keys per download" in e["error_message"] for e in errors)
     stats = json.loads((out / "stats.json").read_text())
     assert stats["input_rows"] == 4 and stats["errors"] == 2
+
+
+def test_bundle_based_direct_runner_with_error_rows(tmp_path, synth_world, tiny_models):
+    """BundleBasedDirectRunner's Metrics miss counter updates (one bundle per step): with error
+    rows beside good ones the run used to fail its accounting; its counts come from the files."""
+    rows = pq.read_table(sorted((synth_world / "web").glob("*.parquet"))[0]).slice(0, 5).to_pylist()
+    for row in rows[3:]:
+        row["jpg"] = b"not an image"
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows, schema=RAW_SCHEMA), tmp_path / "in" / "00000.parquet")
+    out = tmp_path / "out"
+    code, _, stderr = run_cli(["curate", "--input", str(tmp_path / "in" / "*.parquet"), "--out", str(out),
+                               *model_args(tiny_models), "--runner", "BundleBasedDirectRunner"])
+    assert code == 0, stderr
+    stats = json.loads((out / "stats.json").read_text())
+    assert (stats["input_rows"], stats["errors"]) == (5, 2)
+    assert stats["kept"] + stats["dropped"] == 3 == pq.read_metadata(out / "shards" / "part-00000.parquet").num_rows
+
+
+def test_direct_num_workers_zero_means_one_per_core(monkeypatch):
+    from pipeline.options import make_pipeline_options, num_workers
+
+    monkeypatch.setattr("os.cpu_count", lambda: 6)
+    assert num_workers(make_pipeline_options(["--direct_num_workers", "0"])) == 6
+    assert num_workers(make_pipeline_options(["--direct_num_workers", "3"])) == 3
+    assert num_workers(make_pipeline_options([])) == 1
