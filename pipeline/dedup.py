@@ -247,6 +247,14 @@ def _check_rank(rank: np.ndarray, keys, n: int) -> np.ndarray:
     return np.where(np.isfinite(r), r, -np.inf)  # a missing score never wins
 
 
+def rank_order(rank: np.ndarray, keys) -> np.ndarray:
+    """(N,) int64: row indices best first — highest ``rank`` (N, R) left to right, then the
+    smallest key, then input order (the same rule ``choose_kept`` applies per cluster)."""
+    r = _check_rank(rank, keys, len(keys))
+    key_arr = np.asarray(keys, dtype=object).astype(str)
+    return np.lexsort((key_arr, *[-r[:, c] for c in range(r.shape[1] - 1, -1, -1)])).astype(np.int64)
+
+
 def choose_kept(labels: np.ndarray, rank: np.ndarray, keys) -> tuple[np.ndarray, np.ndarray]:
     """Pick one row per cluster: highest ``rank`` (N, R) left to right, then smallest key.
 

@@ -1,5 +1,5 @@
-"""Build a dataset release from curated shards: keep → exact dedup → near dedup →
-decontaminate → reshard, with a manifest, a dataset card and an HTML report.
+"""Build a dataset release from curated shards: keep → decontaminate → exact and near
+dedup (with unique keys) → reshard, with a manifest, a dataset card and an HTML report.
 
 The build streams the input twice with ``pyarrow.dataset``. Pass 1 reads every row without
 holding images: it hashes and embeds the image of each kept row (embeddings are the only
@@ -115,6 +115,10 @@ class ReleaseConfig:
             "clip": self.clip,
             "index": self.index,
             "seed": self.seed,
+            # Not content-deciding in principle, but CLIP embeddings of a batch can differ in
+            # the last float digits with its size, and so can removed.parquet's similarities
+            # (and its hash): recorded so that two builds that differ are explained.
+            "batch_size": self.batch_size,
         }
 
 
@@ -183,30 +187,63 @@ def list_input_shards(inputs: list[Path]) -> tuple[list[Path], list[str], list[s
     return files, sources, hashes
 
 
-def _exact_step(rows, live: np.ndarray, out: RowDecisions) -> None:
-    """Identical image bytes, or the same key twice (a key must be unique in a release).
-    Each row is paired with the first row sharing its hash and the first sharing its key."""
-    keys = rows.keys[live]
-    arange = np.arange(len(live))
+def _dedup_step(rows, live: np.ndarray, out: RowDecisions, cfg: ReleaseConfig) -> dict:
+    """Exact and near dedup and key uniqueness among the rows still in the release.
+
+    Three rules, settled so that no row is removed for a key it does not have and every
+    removed row's ``duplicate_of`` names a row that is released:
+
+    1. Rows with identical image bytes are one image; images whose CLIP cosine reaches the
+       threshold are joined into one image group (union-find over the distinct images).
+    2. A key may appear once in a release: ``duplicate_of``, the tar JSON and users' joins
+       name a row by its key.
+    3. Rows are visited best first (``dedup.rank_order``: best selected-caption CLIP, then ITM,
+       then the smallest key). A row is released when its image group has no released row yet
+       and its key is still free.
+
+    A removed row whose image group has a released row is an ``exact_duplicate`` (same bytes)
+    or a ``near_duplicate`` of it, even when its key was also taken: its picture is in the
+    release. Only a row whose whole image group lost out on keys is a ``duplicate_key``, and
+    its ``duplicate_of`` is the released row holding its key (a better-ranked row).
+
+    Union-find alone (key groups and image groups in one cluster) would chain unrelated images
+    through shared keys and drop images whose keys are unique; hence this greedy pass."""
+    n = len(live)
+    keys = rows.keys[live].astype(str)
     _, first_hash, by_hash = np.unique(rows.sha256[live], return_index=True, return_inverse=True)
-    _, first_key, by_key = np.unique(keys, return_index=True, return_inverse=True)
-    pairs = np.concatenate([np.stack([arange, first_hash[by_hash]], 1), np.stack([arange, first_key[by_key]], 1)])
-    exact = dedup.dedup_by_labels(dedup.cluster_labels(len(live), pairs), rows.rank[live], keys)
-    gone = np.flatnonzero(~exact.keep)
-    winners = live[exact.kept_index[gone]]
-    same = rows.sha256[live[gone]] == rows.sha256[winners]
-    out.mark(live[gone[same]], "exact_duplicate", duplicate_of=list(rows.keys[winners[same]]),
-             similarity=np.ones(int(same.sum()), np.float32))
-    out.mark(live[gone[~same]], "duplicate_key", duplicate_of=list(rows.keys[winners[~same]]),
-             detail="same key, different image")
+    # One embedding per distinct image: exact copies have the same bytes, hence the same picture.
+    plan = dedup.plan_index(len(first_hash), cfg.index, seed=cfg.seed)
+    vectors = rows.embeddings(live[first_hash])  # (U, D)
+    pairs, _ = dedup.similar_pairs(vectors, cfg.dedup_threshold, plan)
+    log.info("near-dup: %d pairs at cosine >= %.3f among %d distinct images (%s index)",
+             len(pairs), cfg.dedup_threshold, len(first_hash), plan.kind)
+    group = dedup.cluster_labels(len(first_hash), pairs)[by_hash.reshape(-1)]  # (n,) image group per row
 
+    released_of_group: dict[int, int] = {}
+    holder: dict[str, int] = {}  # key -> the released row (index into live) that has it
+    for i in dedup.rank_order(rows.rank[live], keys).tolist():
+        g = int(group[i])
+        if g in released_of_group or keys[i] in holder:
+            continue
+        released_of_group[g] = i
+        holder[keys[i]] = i
 
-def _near_step(rows, live: np.ndarray, out: RowDecisions, cfg: ReleaseConfig) -> dict:
-    plan = dedup.plan_index(len(live), cfg.index, seed=cfg.seed)
-    near = dedup.near_dedup(rows.embeddings(live), cfg.dedup_threshold, rows.rank[live], rows.keys[live], plan)
-    gone = np.flatnonzero(~near.keep)
-    out.mark(live[gone], "near_duplicate", duplicate_of=list(rows.keys[live[near.kept_index[gone]]]),
-             similarity=near.similarity[gone])
+    gone = np.array([i for i in range(n) if released_of_group.get(int(group[i])) != i], dtype=np.int64)
+    if not len(gone):
+        return plan.to_dict()
+    has_copy = np.array([int(group[i]) in released_of_group for i in gone], dtype=bool)
+    dup = gone[has_copy]
+    kept = np.array([released_of_group[int(group[i])] for i in dup], dtype=np.int64)
+    exact = rows.sha256[live[dup]] == rows.sha256[live[kept]]
+    out.mark(live[dup[exact]], "exact_duplicate", duplicate_of=list(keys[kept[exact]]),
+             similarity=np.ones(int(exact.sum()), np.float32))
+    near, near_kept = dup[~exact], kept[~exact]
+    if len(near):
+        sim = np.einsum("nd,nd->n", rows.embeddings(live[near]), rows.embeddings(live[near_kept]))  # (K,)
+        out.mark(live[near], "near_duplicate", duplicate_of=list(keys[near_kept]), similarity=sim.astype(np.float32))
+    lost = gone[~has_copy]
+    out.mark(live[lost], "duplicate_key", duplicate_of=[keys[holder[keys[i]]] for i in lost],
+             detail="same key as a released row with a different, better-ranked image")
     return plan.to_dict()
 
 
@@ -224,7 +261,11 @@ def _decontaminate_step(rows, live: np.ndarray, out: RowDecisions, cfg: ReleaseC
 
 
 def decide(rows, cfg: ReleaseConfig, eval_set: EvalSet | None) -> tuple[RowDecisions, dict]:
-    """Apply keep → exact dedup → near dedup → decontamination to the scanned rows.
+    """Apply keep → decontamination → dedup (exact, near, key) to the scanned rows.
+
+    Decontamination comes before dedup: a row that is removed as contaminated must not take
+    its near copies with it (they may be clean, and their ``duplicate_of`` would name a row
+    that is not released). Dedup is last, so every ``duplicate_of`` names a released row.
 
     Returns the per-row decisions and the faiss plans used (for the manifest)."""
     out = RowDecisions.empty(len(rows.keys))
@@ -236,11 +277,10 @@ def decide(rows, cfg: ReleaseConfig, eval_set: EvalSet | None) -> tuple[RowDecis
     def live() -> np.ndarray:  # rows still in the release
         return np.flatnonzero(out.reason == 0)
 
-    if len(live()):
-        _exact_step(rows, live(), out)
-        plans["near_dedup"] = _near_step(rows, live(), out, cfg)
     if eval_set is not None and len(eval_set.keys) and len(live()):
         plans["decontaminate"] = _decontaminate_step(rows, live(), out, cfg, eval_set)
+    if len(live()):
+        plans["near_dedup"] = _dedup_step(rows, live(), out, cfg)
     return out, plans
 
 

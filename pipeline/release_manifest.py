@@ -105,16 +105,17 @@ def count_steps(dec, reasons, outputs: dict) -> dict:
     removed = {r: dec.count(r) for r in reasons}
     n = len(dec.reason)
     steps, have = [], n
+    # Decontamination runs before dedup (pipeline.release.decide), so the steps chain in that order.
     for step, why in (("keep", ("not_kept", "unreadable")),
-                      ("dedup", ("exact_duplicate", "duplicate_key", "near_duplicate")),
-                      ("decontaminate", ("contaminated",))):
+                      ("decontaminate", ("contaminated",)),
+                      ("dedup", ("exact_duplicate", "duplicate_key", "near_duplicate"))):
         gone = {r: removed[r] for r in why}
         steps.append({"step": step, "in": have, "removed": gone, "out": have - sum(gone.values())})
         have -= sum(gone.values())
     released = sum(s["rows"] for s in outputs["shards"])
     return {
-        "input_rows": n, "kept": steps[0]["out"], "deduped": steps[1]["out"],
-        "decontaminated": steps[2]["out"], "released": released, "removed": removed, "steps": steps,
+        "input_rows": n, "kept": steps[0]["out"], "decontaminated": steps[1]["out"],
+        "deduped": steps[2]["out"], "released": released, "removed": removed, "steps": steps,
     }
 
 
@@ -166,8 +167,8 @@ def check_counts(manifest: dict) -> None:
             problems.append(f"step {step['step']}: in {step['in']} - removed {step['removed']} != out {step['out']}")
         chain = step["out"]
     shard_rows = sum(s["rows"] for s in out["shards"])
-    if not c["released"] == c["decontaminated"] == shard_rows:
-        problems.append(f"released {c['released']}, decontaminated {c['decontaminated']}, rows in shards {shard_rows}")
+    if not c["released"] == c["deduped"] == shard_rows:
+        problems.append(f"released {c['released']}, deduped {c['deduped']}, rows in shards {shard_rows}")
     if out["webdataset"] and sum(t["rows"] for t in out["webdataset"]) != shard_rows:
         problems.append("webdataset tars and parquet shards hold different row counts")
     if c["released"] + out["removed"]["rows"] != c["input_rows"]:
@@ -206,7 +207,7 @@ def dataset_card(m: dict) -> str:
         "Image-text pairs curated with BLIP's CapFilt: each web image was captioned by a BLIP "
         "captioner, the web and synthetic captions were filtered by an ITM model, the survivors "
         "ranked by CLIP, and the best ones kept (`captions`, with `caption_sources`). This release "
-        "then removed exact and near-duplicate images and images that match the evaluation set.", "",
+        "then removed images that match the evaluation set, and exact and near-duplicate images.", "",
         "## Counts", "", "| step | rows in | removed | rows out |", "|---|---|---|---|",
     ]
     for step in c["steps"]:
@@ -217,11 +218,13 @@ def dataset_card(m: dict) -> str:
               + ". Every other input row is listed in `removed.parquet` with its reason.", "",
               "## Filters", "",
               f"- curate: rows kept by the CapFilt filter (`keep`); curate settings per input are in `manifest.json`;",
-              f"- exact duplicates: identical image bytes (SHA-256), or a repeated key;",
+              f"- decontamination (before dedup): " + (f"cosine >= {s['decontaminate_threshold']} to any image of `{s['decontaminate']}`"
+                                                       if s["decontaminate"] else "not run") + ";",
+              f"- exact duplicates: identical image bytes (SHA-256);",
               f"- near duplicates: CLIP image cosine >= {s['dedup_threshold']} (index: {m['index'].get('near_dedup', {}).get('kind', 'none')});"
               " the kept copy has the best selected-caption CLIP score, then ITM, then the smallest key;",
-              f"- decontamination: " + (f"cosine >= {s['decontaminate_threshold']} to any image of `{s['decontaminate']}`"
-                                       if s["decontaminate"] else "not run"), "",
+              f"- unique keys: a key appears once; a row whose image is not otherwise released and whose key"
+              " a better-ranked released row has is removed (`duplicate_key`).", "",
               "## Layout", "",
               "- `shards/part-XXXXX.parquet`: one row per image, with the columns below;",
               "- `webdataset/XXXXX.tar` (optional): `NNNNNNNNN.jpg` + `.json` (`caption`, `captions`, `key`, ...) + `.txt`;",

@@ -102,3 +102,16 @@ def write_raw(path: Path, items: list[tuple[str, bytes | None]], status: str = "
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows, schema=RAW_SCHEMA), path)
     return path
+
+
+def scanned_rows(keys: list[str], images: list[str], emb, rank):
+    """A pass-1 view (pipeline.release_io.ScannedRows) of kept, readable rows given directly:
+    ``images`` stand for the image hashes, ``emb`` (N, D) for their embeddings, ``rank`` (N, 2)
+    for (best CLIP, best ITM). Lets the tests drive pipeline.release.decide without images."""
+    from pipeline.release_io import ScannedRows
+
+    n = len(keys)
+    return ScannedRows(keys=np.array(keys, dtype=object), keep=np.ones(n, bool), drop_reason=[None] * n,
+                       sha256=np.array(images, dtype=object), unreadable=np.array([None] * n, dtype=object),
+                       rank=np.asarray(rank, np.float64).reshape(n, 2), emb_pos=np.arange(n),
+                       emb=np.asarray(emb, np.float32))

@@ -123,6 +123,15 @@ def test_rank_order_then_key_breaks_ties():
     assert kept_index.tolist() == [1, 1, 1, 4, 4]
 
 
+def test_rank_order_is_best_first_then_key_then_input_order():
+    keys = ["c", "a", "b", "e", "a"]
+    rank = np.array([[0.9, 0.1], [0.9, 0.5], [0.9, 0.5], [np.nan, 0.0], [0.9, 0.5]])
+    # a (row 1) and a (row 4) tie completely: input order; the NaN row comes last
+    assert dedup.rank_order(rank, keys).tolist() == [1, 4, 2, 0, 3]
+    with pytest.raises(ValueError, match="expected 5 rows"):
+        dedup.rank_order(rank[:4], keys)
+
+
 def test_exact_dedup_by_hash_labels():
     hashes = np.array(["h1", "h2", "h1", "h3", "h1"])
     labels = np.unique(hashes, return_inverse=True)[1]

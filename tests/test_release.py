@@ -6,15 +6,19 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from jobs.cli import main
 from pipeline import release_manifest
-from pipeline.release import ReleaseConfig, build_release
+from pipeline.release import REASONS, ReleaseConfig, build_release, decide
+from pipeline.release_io import EvalSet
 from pipeline.sinks import model_record
-from release_data import image_bytes, near_copy, pixel_embedder, record_outputs, row, write_curated, write_raw
+from release_data import (
+    image_bytes, near_copy, pixel_embedder, record_outputs, row, scanned_rows, write_curated, write_raw,
+)
 from transforms.schemas import CURATED_SCHEMA
 
 
@@ -89,8 +93,9 @@ def test_manifest_counts_reconcile_with_files(world):
     m = build(world)
     out = world / "rel"
     c = m["counts"]
-    assert (c["input_rows"], c["kept"], c["deduped"], c["decontaminated"], c["released"]) == (14, 11, 8, 6, 6)
-    assert [s["step"] for s in c["steps"]] == ["keep", "dedup", "decontaminate"]
+    # keep 14 -> 11, decontaminate (k3, ev11) 11 -> 9, dedup (x1, k2, second k4) 9 -> 6
+    assert (c["input_rows"], c["kept"], c["decontaminated"], c["deduped"], c["released"]) == (14, 11, 9, 6, 6)
+    assert [s["step"] for s in c["steps"]] == ["keep", "decontaminate", "dedup"]
     shard_rows = [pq.ParquetFile(out / s["name"]).metadata.num_rows for s in m["outputs"]["shards"]]
     assert sum(shard_rows) == c["released"]
     assert pq.ParquetFile(out / "removed.parquet").metadata.num_rows == c["input_rows"] - c["released"]
@@ -101,11 +106,12 @@ def test_manifest_counts_reconcile_with_files(world):
     assert m["inputs"][0]["curate"]["models"]["captioner"] == "tiny-captioner"
     assert m["inputs"][0]["curate"]["thresholds"]["itm"] == 0.5
     assert m["settings"]["dedup_threshold"] == 0.9 and m["eval_set"]["images"] == 3
+    assert m["settings"]["batch_size"] == 32  # similarities can differ in the last digits with it
     assert m["eval_set"]["files"][0]["sha256"] == sha(world / "eval/test-00000.parquet")
     assert m["code_version"] and m["index"]["near_dedup"]["kind"] == "flat"
     assert json.loads((out / "manifest.json").read_text()) == m
     card = (out / "README.md").read_text()
-    assert "| dedup | 11 |" in card and "Known limitations" in card
+    assert "| decontaminate | 11 |" in card and "| dedup | 9 |" in card and "Known limitations" in card
     release_manifest.check_counts(m)  # the published manifest passes its own check
 
 
@@ -118,7 +124,7 @@ def test_accounting_failure_publishes_nothing(world, monkeypatch):
         return c
 
     monkeypatch.setattr(release_manifest, "count_steps", off_by_one)
-    with pytest.raises(release_manifest.AccountingError, match="released 7, decontaminated 6"):
+    with pytest.raises(release_manifest.AccountingError, match="released 7, deduped 6"):
         build(world)
     assert not (world / "rel").exists() and not (world / ".rel.partial").exists()
 
@@ -370,3 +376,86 @@ def test_unwritable_out_fails_before_embedding(world, capsys):
     code = main(["release", "--input", str(world / "cur_a"), "--out", str(out), "--clip", "x"])
     err = capsys.readouterr().err
     assert code == 2 and f"cannot write the release to --out {out}" in err and "Traceback" not in err
+
+
+def outcome(rows, dec):
+    """key/image -> (reason or 'released', duplicate_of) per row, in input order."""
+    return [(f"{k}/{h}", "released" if dec.reason[i] == 0 else REASONS[dec.reason[i] - 1], dec.duplicate_of[i])
+            for i, (k, h) in enumerate(zip(rows.keys, rows.sha256))]
+
+
+def assert_duplicate_of_is_released(rows, dec):
+    released = set(rows.keys[dec.reason == 0])
+    for i in np.flatnonzero(dec.reason != 0):
+        if dec.duplicate_of[i] is not None and REASONS[dec.reason[i] - 1] != "contaminated":
+            assert dec.duplicate_of[i] in released, (rows.keys[i], dec.duplicate_of[i])
+
+
+def test_a_row_is_never_removed_for_a_key_it_does_not_have():
+    # A (k1, image X), B (k2, X), C (k2, Y): C ranks best, so it has k2; X stays in the
+    # release through A (whose key is unique), and B is an exact copy of A.
+    rows = scanned_rows(["k1", "k2", "k2"], ["X", "X", "Y"], np.eye(3)[[0, 0, 1]],
+                        [[0.1, 0.5], [0.2, 0.5], [0.9, 0.5]])
+    dec, _ = decide(rows, ReleaseConfig(inputs=["x"], out="/nonexistent/rel"), None)
+    assert outcome(rows, dec) == [("k1/X", "released", None), ("k2/X", "exact_duplicate", "k1"),
+                                  ("k2/Y", "released", None)]
+    assert dec.similarity[1] == 1.0
+    assert_duplicate_of_is_released(rows, dec)
+
+
+def test_same_key_different_image_keeps_the_better_ranked_row():
+    rows = scanned_rows(["k1", "k1", "k2"], ["X", "Y", "Z"], np.eye(3), [[0.2, 0.5], [0.8, 0.5], [0.5, 0.5]])
+    dec, _ = decide(rows, ReleaseConfig(inputs=["x"], out="/nonexistent/rel"), None)
+    assert outcome(rows, dec) == [("k1/X", "duplicate_key", "k1"), ("k1/Y", "released", None),
+                                  ("k2/Z", "released", None)]
+    assert "different" in dec.detail[0] and np.isnan(dec.similarity[0])
+
+
+def test_decontamination_comes_before_dedup():
+    # A is a near copy of eval image T (cos 0.9986); B is near A (0.9945) but not T (0.9877);
+    # C is near B (0.9998), not T (0.9848). At 0.99 only A is contaminated; B is released
+    # (the old order removed B as a near duplicate of the contaminated A) and C is B's copy.
+    ang = lambda d: np.array([np.cos(np.deg2rad(d)), np.sin(np.deg2rad(d))], np.float32)
+    a, b, c, t = ang(3), ang(9), ang(10), ang(0)
+    rows = scanned_rows(["A", "B", "C"], ["ha", "hb", "hc"], np.stack([a, b, c]),
+                        [[0.9, 0.9], [0.5, 0.5], [0.4, 0.4]])
+    ev = EvalSet(files=["test.parquet"], keys=["T"], embeddings=t[None], file_of=np.array([0]), by_hash={},
+                 unreadable=0)
+    dec, plans = decide(rows, ReleaseConfig(inputs=["x"], out="/nonexistent/rel", dedup_threshold=0.99), ev)
+    assert outcome(rows, dec) == [("A/ha", "contaminated", "T"), ("B/hb", "released", None),
+                                  ("C/hc", "near_duplicate", "B")]
+    assert dec.similarity[0] == pytest.approx(float(a @ t)) and dec.similarity[2] == pytest.approx(float(b @ c))
+    assert set(plans) == {"decontaminate", "near_dedup"}
+    assert_duplicate_of_is_released(rows, dec)
+
+
+def test_two_inputs_with_positional_keys_keep_every_image_a_key_allows(tmp_path):
+    """img2dataset names rows by position, so two curate runs over overlapping web rows share
+    keys for different images. d1: p0..p5 = images 0..5; d2: p0..p5 = images 3..8 (p3, image
+    6, ranked best), q0 = image 9, q1 = image 1 (exact copy of d1's p1, unique key)."""
+    imgs = {i: image_bytes(i) for i in range(10)}
+    d1 = [row(f"p{i}", imgs[i]) for i in range(6)]
+    d2 = [row(f"p{i}", imgs[i + 3], clip=0.9 if i == 3 else 0.3) for i in range(6)]
+    d2 += [row("q0", imgs[9]), row("q1", imgs[1])]
+    write_curated(tmp_path / "d1", [d1])
+    write_curated(tmp_path / "d2", [d2])
+    m = build_release(ReleaseConfig(inputs=[tmp_path / "d1", tmp_path / "d2"], out=tmp_path / "rel",
+                                    dedup_threshold=0.9, report=False), embedder=pixel_embedder)
+    rel = pq.read_table(tmp_path / "rel" / "shards").to_pylist()
+    by_image = {next(i for i, b in imgs.items() if b == r["jpg"]): r["key"] for r in rel}
+    # keys p0..p5 are the only names 12 of the rows have, so 6 of their 9 images fit, plus q0;
+    # p3 goes to d2's image 6 (best rank), so image 3 (d1 p3 and d2 p0) finds no free key.
+    assert by_image == {0: "p0", 1: "p1", 2: "p2", 6: "p3", 4: "p4", 5: "p5", 9: "q0"}
+    assert len({r["key"] for r in rel}) == len(rel) == m["counts"]["released"] == 7
+    removed = {(Path(r["source"]).parts[-3], r["key"]): (r["reason"], r["duplicate_of"])
+               for r in pq.read_table(tmp_path / "rel" / "removed.parquet").to_pylist()}
+    assert removed == {
+        ("d1", "p3"): ("duplicate_key", "p3"),    # image 3: key p3 went to the better image 6
+        ("d2", "p0"): ("duplicate_key", "p0"),    # image 3 again: p0 is d1's image 0
+        ("d2", "p1"): ("exact_duplicate", "p4"),  # image 4 is released as d1's p4
+        ("d2", "p2"): ("exact_duplicate", "p5"),  # image 5 is released as d1's p5
+        ("d2", "p4"): ("duplicate_key", "p4"),    # image 7
+        ("d2", "p5"): ("duplicate_key", "p5"),    # image 8
+        ("d2", "q1"): ("exact_duplicate", "p1"),  # image 1, released under p1
+    }
+    assert m["counts"]["removed"]["duplicate_key"] == 4 and m["counts"]["removed"]["exact_duplicate"] == 3
