@@ -220,24 +220,6 @@ def cluster_labels(n: int, pairs: np.ndarray) -> np.ndarray:
     return uf.labels()
 
 
-@dataclass
-class DedupResult:
-    """Outcome of a dedup pass over N rows.
-
-    keep: (N,) bool — the row survives (exactly one per cluster).
-    kept_index: (N,) int64 — index of the surviving row of this row's cluster (itself if kept).
-    similarity: (N,) float32 — cosine to the surviving row (1.0 for kept rows and exact dups).
-    """
-
-    keep: np.ndarray
-    kept_index: np.ndarray
-    similarity: np.ndarray
-
-    @property
-    def removed(self) -> int:
-        return int((~self.keep).sum())
-
-
 def _check_rank(rank: np.ndarray, keys, n: int) -> np.ndarray:
     r = np.asarray(rank, dtype=np.float64)
     if r.ndim == 1:
@@ -249,48 +231,10 @@ def _check_rank(rank: np.ndarray, keys, n: int) -> np.ndarray:
 
 def rank_order(rank: np.ndarray, keys) -> np.ndarray:
     """(N,) int64: row indices best first — highest ``rank`` (N, R) left to right, then the
-    smallest key, then input order (the same rule ``choose_kept`` applies per cluster)."""
+    smallest key, then input order (which copy of a duplicate the release keeps)."""
     r = _check_rank(rank, keys, len(keys))
     key_arr = np.asarray(keys, dtype=object).astype(str)
     return np.lexsort((key_arr, *[-r[:, c] for c in range(r.shape[1] - 1, -1, -1)])).astype(np.int64)
-
-
-def choose_kept(labels: np.ndarray, rank: np.ndarray, keys) -> tuple[np.ndarray, np.ndarray]:
-    """Pick one row per cluster: highest ``rank`` (N, R) left to right, then smallest key.
-
-    Returns (keep (N,) bool, kept_index (N,) int64)."""
-    labels = np.asarray(labels, dtype=np.int64)
-    n = len(labels)
-    r = _check_rank(rank, keys, n)
-    key_arr = np.asarray(keys, dtype=object).astype(str)
-    # lexsort sorts by the last key first: cluster, then -rank columns, then key.
-    order = np.lexsort((key_arr, *[-r[:, c] for c in range(r.shape[1] - 1, -1, -1)], labels))
-    first = np.ones(n, dtype=bool)
-    first[1:] = labels[order][1:] != labels[order][:-1]
-    winner_of_label = dict(zip(labels[order][first].tolist(), order[first].tolist()))
-    kept_index = np.array([winner_of_label[lab] for lab in labels.tolist()], dtype=np.int64)
-    return kept_index == np.arange(n), kept_index
-
-
-def dedup_by_labels(labels: np.ndarray, rank: np.ndarray, keys) -> DedupResult:
-    """Exact dedup: rows sharing a label (e.g. a content hash) are duplicates."""
-    keep, kept_index = choose_kept(labels, rank, keys)
-    return DedupResult(keep, kept_index, np.ones(len(keep), np.float32))
-
-
-def near_dedup(vectors: np.ndarray, threshold: float, rank: np.ndarray, keys,
-               plan: IndexPlan | None = None) -> DedupResult:
-    """Near-duplicate dedup of normalised embeddings (N, D) at cosine >= ``threshold``."""
-    x = _as_matrix(vectors, "vectors")
-    plan = plan or plan_index(len(x))
-    pairs, sims = similar_pairs(x, threshold, plan)
-    log.info("near-dup: %d pairs at cosine >= %.3f among %d rows (%s index)",
-             len(pairs), threshold, len(x), plan.kind)
-    labels = cluster_labels(len(x), pairs)
-    keep, kept_index = choose_kept(labels, rank, keys)
-    similarity = np.einsum("nd,nd->n", x, x[kept_index]).astype(np.float32)
-    similarity[keep] = 1.0
-    return DedupResult(keep, kept_index, similarity)
 
 
 @dataclass

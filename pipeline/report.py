@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 COLUMNS = ["key", "keep", "drop_reason", "web_caption", "captions", "caption_sources",
            "synthetic_captions", "web_itm", "web_clip", "synthetic_itm", "synthetic_clip"]
 THUMB_PX = 160
-COUNT_ORDER = ("input_rows", "kept", "dropped", "errors", "deduped", "decontaminated", "released")
+COUNT_ORDER = ("input_rows", "kept", "dropped", "errors", "decontaminated", "deduped", "released")  # release steps in order
 KEPT_COLOUR, DROPPED_COLOUR = "#2b8a3e", "#c92a2a"
 
 

@@ -82,47 +82,6 @@ def test_approximate_indexes_find_planted_pairs_and_nothing_false(kind):
     assert planted_pairs <= found  # recall 1 on planted copies at cosine 0.95
 
 
-def test_clusters_join_chains_and_keep_one_per_cluster(planted):
-    x, groups = planted
-    n = len(x)
-    keys = [f"k{i:04d}" for i in range(n)]
-    rank = np.zeros((n, 2))
-    rank[n - 1, 0] = 5.0  # the chain's far end (c) has the best CLIP score
-    res = dedup.near_dedup(x, 0.9, rank, keys, dedup.plan_index(n, "flat"))
-    assert res.removed == sum(len(g) - 1 for g in groups)
-    for g in groups:
-        members = sorted(g)
-        kept = [m for m in members if res.keep[m]]
-        assert len(kept) == 1
-        assert all(res.kept_index[m] == kept[0] for m in members)
-    assert res.keep[n - 1] and not res.keep[300] and not res.keep[n - 2]  # chain: c wins
-    # ties (all rank 0 in the pair groups) go to the smallest key, i.e. the original row
-    assert res.keep[3] and not res.keep[400]
-    assert res.similarity[400] == pytest.approx(float(x[400] @ x[3]), abs=1e-5)
-
-
-def test_kept_choice_is_independent_of_input_order(planted):
-    x, _ = planted
-    n = len(x)
-    rng = np.random.default_rng(5)
-    keys = np.array([f"k{i:04d}" for i in range(n)])
-    rank = np.stack([rng.integers(0, 3, n), rng.random(n)], axis=1)  # (N, 2), many CLIP ties
-    base = dedup.near_dedup(x, 0.9, rank, keys)
-    perm = rng.permutation(n)
-    shuffled = dedup.near_dedup(x[perm], 0.9, rank[perm], keys[perm])
-    assert set(keys[base.keep]) == set(keys[perm][shuffled.keep])
-
-
-def test_rank_order_then_key_breaks_ties():
-    labels = np.array([0, 0, 0, 1, 1])
-    keys = ["c", "a", "b", "e", "d"]
-    rank = np.array([[0.9, 0.1], [0.9, 0.5], [0.9, 0.5], [np.nan, 0.0], [0.1, 0.0]])
-    keep, kept_index = dedup.choose_kept(labels, rank, keys)
-    # cluster 0: CLIP ties, ITM ties between a and b, key "a" wins; cluster 1: NaN never wins
-    assert keep.tolist() == [False, True, False, False, True]
-    assert kept_index.tolist() == [1, 1, 1, 4, 4]
-
-
 def test_rank_order_is_best_first_then_key_then_input_order():
     keys = ["c", "a", "b", "e", "a"]
     rank = np.array([[0.9, 0.1], [0.9, 0.5], [0.9, 0.5], [np.nan, 0.0], [0.9, 0.5]])
@@ -130,14 +89,6 @@ def test_rank_order_is_best_first_then_key_then_input_order():
     assert dedup.rank_order(rank, keys).tolist() == [1, 4, 2, 0, 3]
     with pytest.raises(ValueError, match="expected 5 rows"):
         dedup.rank_order(rank[:4], keys)
-
-
-def test_exact_dedup_by_hash_labels():
-    hashes = np.array(["h1", "h2", "h1", "h3", "h1"])
-    labels = np.unique(hashes, return_inverse=True)[1]
-    res = dedup.dedup_by_labels(labels, np.array([0.1, 0.2, 0.3, 0.0, 0.3]), ["a", "b", "c", "d", "e"])
-    assert res.keep.tolist() == [False, True, True, True, False]
-    assert res.kept_index.tolist() == [2, 1, 2, 3, 2]
 
 
 def test_union_find_labels():
@@ -248,7 +199,7 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="dimension 3, release vectors 2"):
         dedup.nearest_eval(np.eye(2, dtype=np.float32), np.eye(3, dtype=np.float32))
     with pytest.raises(ValueError, match="2-D"):
-        dedup.near_dedup(np.ones(4, np.float32), 0.9, np.zeros(4), list("abcd"))
+        dedup.similar_pairs(np.ones(4, np.float32), 0.9, dedup.IndexPlan("flat"))
 
 
 class OneSidedIndex(FakeGpuIndex):
