@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -240,7 +241,11 @@ def train(model, data, cfg) -> dict:
 
 
 def report(summary: dict) -> int:
-    if summary["exported"]:
+    """One JSON line: what the run exported, or where it stopped (``--stop-after``). Under
+    torchrun only rank 0 exports, so the other ranks print nothing."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    if summary["finished"]:
         print(json.dumps({"exported": summary["exported"], "steps": summary["steps"], "last": summary["last"]}))
     else:
         print(json.dumps({"stopped_at": summary["steps"], "resume_with": "--resume"}))

@@ -147,6 +147,18 @@ def _subdir(model_dir, name: str) -> Path:
     return model_dir / name if (model_dir / name).is_dir() else model_dir
 
 
+def _captioner_dir(model_dir) -> str:
+    """The captioner of a local pretrain/finetune output or model directory, read from the
+    configs (a BLIP-2 output has none: say so), else `model_dir` as given (a hub id)."""
+    if not Path(str(model_dir)).is_dir():
+        return str(model_dir)
+    found = find_model_dirs(model_dir)
+    if "captioner" not in found:
+        raise ValueError(f"{model_dir}: no captioner (BlipForConditionalGeneration) to evaluate "
+                         f"(found {sorted(found)})")
+    return found["captioner"]
+
+
 def _batches(items, size: int):
     for start in range(0, len(items), size):
         yield items[start:start + size]
@@ -254,7 +266,7 @@ def evaluate_captions(model_dir, data: str, truth=None, batch_size: int = 32, se
     check_sizes(batch_size, limit)
     evalset = load_eval_set(data, limit, progress)
     truth_rows = _truth_rows(read_truth(truth), evalset.keys, evalset.captions, str(data)) if truth else None
-    captioner = Captioner.from_pretrained(str(_subdir(model_dir, "captioner")), device=device)
+    captioner = Captioner.from_pretrained(_captioner_dir(model_dir), device=device)
     generated: list[str] = []
     starts = range(0, len(evalset.keys), batch_size)
     for start in _bar(starts, "caption", len(starts), progress):

@@ -50,3 +50,24 @@ def test_evaluate_names_a_qformer_only_export_instead_of_asking_for_clip(tmp_pat
     _config(tmp_path / "cap", "BlipForConditionalGeneration")
     with pytest.raises(ValueError, match=r"no ITM or CLIP model for retrieval \(found \['captioner'\]\)"):
         evaluate_retrieval(tmp_path / "cap", str(synth_world / "test" / "*.parquet"), limit=4)
+
+
+def test_caption_evaluation_of_a_directory_without_captioner_says_so(tmp_path, synth_world):
+    from model.evaluation import evaluate_captions
+
+    _config(tmp_path / "b2" / "itm", "Blip2ForImageTextRetrieval")  # a BLIP-2 pretrain output
+    with pytest.raises(ValueError, match=r"no captioner \(BlipForConditionalGeneration\) .*found \['blip2'\]"):
+        evaluate_captions(tmp_path / "b2", str(synth_world / "test" / "*.parquet"), limit=2)
+
+
+def test_only_rank_0_reports_a_finished_run(monkeypatch, capsys):
+    from jobs.pretrain import report
+
+    summary = {"finished": True, "exported": ["out/itm"], "steps": 3, "last": {"loss": 1.0}}
+    monkeypatch.setenv("RANK", "1")
+    assert report(summary) == 0 and capsys.readouterr().out == ""
+    monkeypatch.setenv("RANK", "0")
+    report(summary)
+    assert json.loads(capsys.readouterr().out) == {"exported": ["out/itm"], "steps": 3, "last": {"loss": 1.0}}
+    report({**summary, "finished": False, "exported": []})
+    assert json.loads(capsys.readouterr().out) == {"stopped_at": 3, "resume_with": "--resume"}
