@@ -10,8 +10,10 @@ DESCRIPTION = (
     "into a transformers directory that `capfilt curate --captioner/--filter` loads. "
     "--task caption gives BlipForConditionalGeneration, --task itm BlipForImageTextRetrieval. "
     "Keys the target model does not know, and weights it needs but the checkpoint lacks, "
-    "stop the conversion and are listed. Example: capfilt convert --from blip --task caption "
-    "model_large_caption.pth models/blip-large-caption --processor Salesforce/blip-image-captioning-large"
+    "stop the conversion and are listed, as does a --processor whose tokenizer does not match "
+    "the checkpoint's vocabulary. Nothing is written unless the conversion succeeds. Example: "
+    "capfilt convert --from blip --task caption model_large_caption.pth models/blip-large-caption "
+    "--processor Salesforce/blip-image-captioning-large"
 )
 
 log = logging.getLogger(__name__)
@@ -22,15 +24,20 @@ def add_arguments(parser):
                         help="layout of the source checkpoint (original salesforce/BLIP or LAVIS BLIP)")
     parser.add_argument("--task", required=True, choices=["caption", "itm"],
                         help="which model to build: the captioner or the ITM/ITC filter")
-    parser.add_argument("src", metavar="SRC.pth", help="original checkpoint file")
+    parser.add_argument("src", metavar="SRC.pth",
+                        help="original checkpoint file (.pth, or .safetensors in the original layout); "
+                             "a transformers directory needs no conversion")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="directory to write (save_pretrained layout)")
     parser.add_argument("--config", default=None,
                         help="BlipConfig to build (directory, hub id or config.json); "
                              "default: inferred from the checkpoint's tensor shapes")
     parser.add_argument("--processor", default=None,
                         help="directory or hub id whose BlipProcessor (image processor + tokenizer) "
-                             "is saved into OUT_DIR; without it OUT_DIR holds only the model")
-    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT_DIR")
+                             "is saved into OUT_DIR; its tokenizer must match the checkpoint's vocabulary "
+                             "and special token ids. Without it OUT_DIR holds only the model")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a non-empty OUT_DIR (its old contents are deleted once the "
+                             "conversion has succeeded)")
 
 
 def run(args) -> int:

@@ -1,10 +1,12 @@
 """`capfilt models` — build the tiny model directories the tests and the demo start from.
 
-    capfilt models init --kind captioner --out models/captioner [--tokenizer DIR] [--seed 0]
+    capfilt models init --kind captioner --out models/captioner [--tokenizer DIR] [--seed 0] [--overwrite]
     capfilt models tokenizer --out models/tokenizer
 
 `init` writes a random-initialised directory that `from_pretrained` (BLIP kinds) or
 `open_clip.create_model_and_transforms("local-dir:DIR")` (clip) reads back; see model/tiny.py.
+A non-empty --out is refused unless --overwrite is given, which replaces it: writing one model
+into another's directory would mix their files (a clip directory holding a BLIP config.json).
 """
 from __future__ import annotations
 
@@ -40,7 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     init.add_argument("--kind", required=True, choices=KINDS, help="which model to build")
-    init.add_argument("--out", required=True, type=Path, help="output model directory")
+    init.add_argument("--out", required=True, type=Path,
+                      help="output model directory; must be empty or absent unless --overwrite")
+    init.add_argument("--overwrite", action="store_true",
+                      help="replace a non-empty --out (its old contents are deleted once the model is built)")
     init.add_argument(
         "--tokenizer", type=Path, default=None,
         help="tokenizer directory from `capfilt models tokenizer` (BLIP kinds; default: train "
@@ -84,6 +89,6 @@ def run(args) -> int:
         raise ValueError(f"--tokenizer {args.tokenizer}: no such directory")
     log.info("building tiny %s model (seed %d) in %s", args.kind, args.seed, args.out)
     out = tiny.init_model(args.kind, args.out, tokenizer_dir=args.tokenizer, seed=args.seed,
-                          overrides=overrides)
+                          overrides=overrides, exist_ok=False, overwrite=args.overwrite)
     print(out)
     return 0

@@ -11,7 +11,11 @@ Strictness: every key of the checkpoint must be either mapped into the target mo
 part the target does not hold (momentum encoders, queues and temperature of pretraining, the
 other task's heads, position-id buffers); every weight of the target must be provided, with its
 shape. Anything else fails with the list of offending keys. Checkpoints are read with
-``torch.load(weights_only=True)``.
+``torch.load(weights_only=True)`` (or safetensors). A directory or a state dict already in
+transformers' layout is refused with a message saying it needs no conversion. A ``processor``
+whose tokenizer does not match the text config (vocabulary size, pad/sep/bos/eos ids) is refused
+before anything is written, and the output is written to a sibling directory renamed into place
+at the end (`model.out_dirs.staged_dir`), so a failed conversion never leaves a half-written directory.
 """
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ import re
 from pathlib import Path
 
 import torch
+
+from model.out_dirs import check_output_dir, staged_dir
 
 log = logging.getLogger(__name__)
 
@@ -99,22 +105,62 @@ def to_original_state_dict(model) -> dict[str, torch.Tensor]:
     return out
 
 
+def _load_error(exc: Exception) -> str:
+    """`exc` as a short quote: its type and what went wrong, without PyTorch's advice to re-run
+    ``torch.load`` with ``weights_only=False`` or to allowlist globals, which capfilt never does."""
+    text = " ".join(str(exc).split())
+    detail = re.search(r"WeightsUnpickler error:\s*(.*?)\s*(?:Please use `torch\.serialization|"
+                       r"Check the documentation|$)", text)
+    if detail:
+        text = detail.group(1)
+    # any other sentence that recommends weights_only=False goes too
+    text = " ".join(s for s in re.split(r"(?<=\.) ", text)
+                    if not re.search(r"weights_only`? (set to `?False|=\s*False)", s))
+    return f"{type(exc).__name__}: {text[:200] or 'no detail'}"
+
+
+# Prefixes only transformers' BLIP / BLIP-2 classes use. The text modules keep BERT's names on
+# both sides (see the module docstring), so the vision tower is what tells the layouts apart.
+_HF_ONLY_PREFIXES = (_HF_VISION, "qformer.", "query_tokens", "language_model.")
+
+
 def load_original_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The state dict of an original checkpoint: ``{"model": sd, ...}``, ``{"state_dict": sd}`` or ``sd``."""
+    """The state dict of an original checkpoint: ``{"model": sd, ...}``, ``{"state_dict": sd}`` or
+    ``sd``, in a ``torch.load(weights_only=True)`` file or a ``.safetensors`` file. A directory,
+    or weights already in transformers' layout, are refused with what to do instead."""
     path = Path(path)
+    if path.is_dir():
+        hint = ("; it holds config.json, so it is already a transformers model directory and needs no "
+                "conversion: pass it to --captioner / --filter as it is"
+                if (path / "config.json").is_file() else "")
+        raise ValueError(f"checkpoint {path} is a directory, not a checkpoint file (.pth){hint}")
     if not path.is_file():
         raise ValueError(f"checkpoint {path} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle/zip errors come in many types; all mean "not loadable"
-        raise ValueError(f"{path} is not a PyTorch checkpoint torch.load(weights_only=True) can read "
-                         f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from exc
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            checkpoint = load_file(str(path), device="cpu")
+        except Exception as exc:  # the header parser raises its own error types
+            raise ValueError(f"{path} is not a safetensors file ({_load_error(exc)})") from exc
+    else:
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # pickle/zip errors come in many types; all mean "not loadable"
+            raise ValueError(f"{path} is not a PyTorch checkpoint torch.load(weights_only=True) can read "
+                             f"({_load_error(exc)})") from exc
     for wrapper in ("model", "state_dict"):
         if isinstance(checkpoint, dict) and isinstance(checkpoint.get(wrapper), dict):
             checkpoint = checkpoint[wrapper]
             break
     if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
         raise ValueError(f"checkpoint {path} holds no state dict of tensors (looked at top level, 'model', 'state_dict')")
+    hf_keys = sorted(k for k in checkpoint if str(k).startswith(_HF_ONLY_PREFIXES))
+    if hf_keys and not any(str(k).startswith(_ORIGINAL_VISION) for k in checkpoint):
+        raise ValueError(
+            f"checkpoint {path} is already in the transformers layout ({len(hf_keys)} keys such as "
+            f"{hf_keys[0]!r}), not an original BLIP/LAVIS one: it needs no conversion. Use the "
+            f"directory it came from (config.json, model.safetensors and the processor) as it is")
     return checkpoint
 
 
@@ -203,12 +249,49 @@ def map_state_dict(state: dict, task: str, target_keys: dict[str, tuple]) -> dic
     return mapped
 
 
+def check_processor_fits(processor, text_config, name="processor") -> None:
+    """ValueError unless ``processor``'s tokenizer is the one ``text_config`` was trained with:
+    same vocabulary size, and the pad / sep / bos token ids the captioner and filter feed the
+    model are the tokenizer's. A mismatched tokenizer loads and runs, but decodes garbage.
+
+    BLIP stops generation at [SEP] (``sep_token_id``); the published configs' ``eos_token_id`` (2)
+    is unused, and BLIP's tokenizers define no eos token, so eos is only checked to be an id of
+    the tokenizer (and the tokenizer's own eos, if it has one)."""
+    tokenizer = processor.tokenizer
+    size, vocab = len(tokenizer), text_config.vocab_size
+    if size != vocab:
+        raise ValueError(f"{name}'s tokenizer has {size} tokens but the checkpoint's text model has "
+                         f"{vocab}: it is not this model's tokenizer (pass the processor it was trained with)")
+    problems = []
+    for kind in ("pad", "sep", "bos", "eos"):
+        config_ids = getattr(text_config, f"{kind}_token_id", None)
+        if config_ids is None:
+            continue
+        config_ids = [int(i) for i in (config_ids if isinstance(config_ids, (list, tuple)) else [config_ids])]
+        own_id = getattr(tokenizer, f"{kind}_token_id", None)
+        outside = [i for i in config_ids if not 0 <= i < size]
+        if outside:
+            problems.append(f"{kind}_token_id {outside[0]} is outside the tokenizer's {size} ids")
+        elif own_id is not None and int(own_id) not in config_ids:
+            token = tokenizer.convert_ids_to_tokens(config_ids[0])
+            problems.append(f"{kind}_token_id {config_ids[0]} is {token!r} in the tokenizer, whose "
+                            f"{kind} token is {getattr(tokenizer, kind + '_token')!r} (id {own_id})")
+    if problems:
+        raise ValueError(f"{name}'s tokenizer does not match the checkpoint's text config: " + "; ".join(problems))
+
+
 def convert_blip_checkpoint(src, out_dir, task: str, config=None, processor=None, overwrite: bool = False) -> Path:
     """Convert original checkpoint ``src`` into a ``save_pretrained`` directory ``out_dir``.
 
     ``config``: a BlipConfig, or a directory / hub id / config.json to read one from (default:
     inferred from the checkpoint's shapes). ``processor``: a directory or hub id whose
-    BlipProcessor is saved beside the model, so that ``Captioner``/``load_filter`` can load it.
+    BlipProcessor is saved beside the model, so that ``Captioner``/``load_filter`` can load it;
+    its tokenizer must match the text config (`check_processor_fits`).
+
+    Everything is read and checked before anything is written; the output is written to a
+    sibling directory renamed to ``out_dir`` at the end, so a failed conversion leaves
+    ``out_dir`` as it was. ``overwrite`` replaces a non-empty ``out_dir`` (its old contents are
+    deleted, so no stale processor file can sit beside the new weights).
     """
     import transformers
     from transformers import BlipConfig, BlipProcessor
@@ -216,8 +299,7 @@ def convert_blip_checkpoint(src, out_dir, task: str, config=None, processor=None
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ValueError(f"output directory {out} is not empty (pass overwrite=True / --overwrite)")
+    check_output_dir(out, overwrite)
     log.info("reading %s", src)
     state = load_original_state_dict(src)
     log.info("%d tensors read; building %s", len(state), _HF_CLASS[task])
@@ -231,19 +313,23 @@ def convert_blip_checkpoint(src, out_dir, task: str, config=None, processor=None
             config = BlipConfig.from_pretrained(str(config))
         except (OSError, ValueError) as exc:
             raise ValueError(f"cannot read a BlipConfig from {config!r}: {exc}") from exc
+    blip_processor = None
+    if processor is not None:
+        try:
+            blip_processor = BlipProcessor.from_pretrained(str(processor))
+        except (OSError, ValueError, TypeError) as exc:
+            raise ValueError(f"cannot read a BlipProcessor from {processor!r}: {exc}") from exc
+        check_processor_fits(blip_processor, config.text_config, name=f"--processor {processor}")
     config.architectures = [_HF_CLASS[task]]
     model = getattr(transformers, _HF_CLASS[task])(config)
     target = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     model.load_state_dict(map_state_dict(state, task, target), strict=True)
     model.eval()
-    out.mkdir(parents=True, exist_ok=True)
     log.info("weights mapped; saving to %s", out)
-    model.save_pretrained(out)
-    if processor is not None:
-        try:
-            BlipProcessor.from_pretrained(str(processor)).save_pretrained(out)
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"cannot read a BlipProcessor from {processor!r}: {exc}") from exc
-    else:
+    with staged_dir(out, replace=True) as stage:
+        model.save_pretrained(stage)
+        if blip_processor is not None:
+            blip_processor.save_pretrained(stage)
+    if blip_processor is None:
         log.warning("%s has no processor; add one (BlipProcessor.save_pretrained) before loading it", out)
     return out

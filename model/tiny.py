@@ -191,18 +191,29 @@ def token_ids(tokenizer) -> dict:
 
 # --- models ----------------------------------------------------------------------------------
 
-def init_model(kind: str, out_dir, tokenizer_dir=None, seed: int = 0, overrides: dict | None = None) -> Path:
+def init_model(kind: str, out_dir, tokenizer_dir=None, seed: int = 0, overrides: dict | None = None,
+               *, exist_ok: bool = True, overwrite: bool = False) -> Path:
     """Write a random-initialised `kind` model directory to `out_dir` and return it.
 
     BLIP kinds need a tokenizer: `tokenizer_dir`, or (when None) one trained now on the
     synthetic corpus. `overrides` is deep-merged into the kind's JSON config, e.g.
     ``{"vision_config": {"num_hidden_layers": 2}}`` (for clip: ``{"model_cfg": {...}}``).
+
+    An existing non-empty `out_dir`: with `overwrite` it is replaced (its old contents are
+    deleted); otherwise with `exist_ok` (the default, which the training code relies on) the
+    model's files are written into it, replacing same-named ones; otherwise it is refused.
+    `capfilt models init` passes ``exist_ok=False``. The files are written to a sibling
+    directory first (`model.out_dirs.staged_dir`), so a failed init leaves `out_dir` as it was.
     """
+    from model.out_dirs import check_output_dir, staged_dir
+
     config = load_config(kind, overrides)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_output_dir(out, overwrite=overwrite or exist_ok, what="model directory")
     if kind == "clip":
-        return _init_clip(config, out, seed)
+        with staged_dir(out, replace=overwrite) as stage:
+            _init_clip(config, stage, seed)
+        return out
     if tokenizer_dir is None:
         # The processor saves the tokenizer beside the model, so a scratch copy is enough.
         with tempfile.TemporaryDirectory() as scratch:
@@ -218,8 +229,9 @@ def init_model(kind: str, out_dir, tokenizer_dir=None, seed: int = 0, overrides:
             model, image_size = _build_blip(kind, config, ids, seed)
             max_text = model.config.text_config.max_position_embeddings
     model.eval()
-    model.save_pretrained(out)
-    _processor(tokenizer, image_size, max_text).save_pretrained(out)
+    with staged_dir(out, replace=overwrite) as stage:
+        model.save_pretrained(stage)
+        _processor(tokenizer, image_size, max_text).save_pretrained(stage)
     return out
 
 

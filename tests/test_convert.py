@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import BlipConfig, BlipForConditionalGeneration, BlipForImageTextRetrieval
+from transformers import BlipConfig, BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipProcessor
 
 from jobs.cli import main
 from model.captioner import Captioner
@@ -200,3 +200,160 @@ def test_config_inferred_from_a_real_size_checkpoint():
                        "image_size", "patch_size", "vocab_size", "max_position_embeddings",
                        "encoder_hidden_size"):
                 assert getattr(getattr(inferred, part), key) == value, (part, key)
+
+
+# --- audit: processor checks, no half-written output, clearer source errors ----------------------
+
+def _config_dir(model_dir, path, **text):
+    """A copy of `model_dir`'s BlipConfig with `text` set on its text config."""
+    config = BlipConfig.from_pretrained(model_dir)
+    for key, value in text.items():
+        setattr(config.text_config, key, value)
+    config.save_pretrained(path)
+    return path
+
+
+def _leftovers(parent):
+    return sorted(p.name for p in parent.iterdir() if ".partial-" in p.name or ".old-" in p.name)
+
+
+def test_a_processor_with_another_vocabulary_is_refused_before_writing(tiny_models, tmp_path, capsys):
+    """A 600-token checkpoint with the 514-token tiny processor would load and caption garbage."""
+    config_dir = _config_dir(tiny_models["captioner"], tmp_path / "cfg600", vocab_size=600)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = BlipForConditionalGeneration(BlipConfig.from_pretrained(config_dir))
+    src = tmp_path / "big.pth"
+    torch.save({"model": to_original_state_dict(model)}, src)
+    size = len(BlipProcessor.from_pretrained(tiny_models["captioner"]).tokenizer)
+    out = tmp_path / "out"
+    code = main(["convert", "--from", "blip", "--task", "caption", str(src), str(out),
+                 "--config", str(config_dir), "--processor", str(tiny_models["captioner"])])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"tokenizer has {size} tokens but the checkpoint's text model has 600" in err
+    assert not out.exists() and _leftovers(tmp_path) == []
+    # without --processor the same checkpoint converts (the model alone is consistent)
+    assert convert_blip_checkpoint(src, out, "caption", config=config_dir) == out
+    assert (out / "model.safetensors").is_file() and not (out / "tokenizer_config.json").exists()
+
+
+def test_special_token_ids_of_the_config_must_be_the_tokenizers(tiny_models, tmp_path):
+    src = tmp_path / "cap.pth"
+    _export(BlipForConditionalGeneration, tiny_models["captioner"], src)
+    tokenizer = BlipProcessor.from_pretrained(tiny_models["captioner"]).tokenizer
+    wrong_sep = tokenizer.convert_tokens_to_ids("red")
+    config_dir = _config_dir(tiny_models["captioner"], tmp_path / "cfg_sep", sep_token_id=wrong_sep)
+    with pytest.raises(ValueError) as err:
+        convert_blip_checkpoint(src, tmp_path / "out", "caption", config=config_dir,
+                                processor=tiny_models["captioner"])
+    assert (f"sep_token_id {wrong_sep} is 'red' in the tokenizer, whose sep token is '[SEP]' "
+            f"(id {tokenizer.sep_token_id})") in str(err.value)
+    outside = _config_dir(tiny_models["captioner"], tmp_path / "cfg_eos", eos_token_id=len(tokenizer) + 5)
+    with pytest.raises(ValueError, match=f"eos_token_id {len(tokenizer) + 5} is outside the tokenizer's "
+                                         f"{len(tokenizer)} ids"):
+        convert_blip_checkpoint(src, tmp_path / "out", "caption", config=outside, processor=tiny_models["captioner"])
+    # BLIP's published configs keep eos_token_id 2 although generation stops at [SEP]: accepted
+    unused_eos = _config_dir(tiny_models["captioner"], tmp_path / "cfg_eos2", eos_token_id=2)
+    out = convert_blip_checkpoint(src, tmp_path / "ok", "caption", config=unused_eos, processor=tiny_models["captioner"])
+    assert (out / "tokenizer_config.json").is_file()
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_convert_leaves_nothing_and_the_retry_works(tiny_models, tmp_path, capsys, monkeypatch):
+    src = tmp_path / "cap.pth"
+    _export(BlipForConditionalGeneration, tiny_models["captioner"], src)
+    out = tmp_path / "out"
+    args = ["convert", "--from", "blip", "--task", "caption", str(src), str(out), "--config", str(tiny_models["captioner"])]
+    assert main(args + ["--processor", str(tmp_path / "no_such_processor")]) == 2
+    assert "cannot read a BlipProcessor" in capsys.readouterr().err
+    assert not out.exists() and _leftovers(tmp_path) == []
+    # a failure while writing (here: the processor's save) removes the partial copy too
+    def broken_save(self, *a, **k):
+        raise OSError("disk full")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(BlipProcessor, "save_pretrained", broken_save)
+        with pytest.raises(OSError, match="disk full"):
+            main(args + ["--processor", str(tiny_models["captioner"])])
+    assert not out.exists() and _leftovers(tmp_path) == []
+    assert main(args + ["--processor", str(tiny_models["captioner"])]) == 0
+    assert {"config.json", "model.safetensors", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
+
+
+def test_overwrite_replaces_the_output_and_a_failure_keeps_the_old_one(tiny_models, tmp_path, capsys):
+    src = tmp_path / "cap.pth"
+    _export(BlipForConditionalGeneration, tiny_models["captioner"], src)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale_processor_config.json").write_text("{}")
+    args = ["convert", "--from", "blip", "--task", "caption", str(src), str(out), "--config",
+            str(tiny_models["captioner"]), "--overwrite"]
+    assert main(args + ["--processor", str(tmp_path / "absent")]) == 2
+    assert [p.name for p in out.iterdir()] == ["stale_processor_config.json"]  # untouched
+    assert main(args) == 0
+    names = {p.name for p in out.iterdir()}
+    assert "model.safetensors" in names and "stale_processor_config.json" not in names
+    assert _leftovers(tmp_path) == []
+    file_out = tmp_path / "a_file"
+    file_out.write_text("x")
+    capsys.readouterr()
+    assert main(args[:6] + [str(file_out)] + args[7:]) == 2
+    assert f"output directory {file_out} is a file, not a directory" in capsys.readouterr().err
+
+
+def test_a_directory_as_source_is_named(tiny_models, tmp_path):
+    with pytest.raises(ValueError) as err:
+        convert_blip_checkpoint(tiny_models["captioner"], tmp_path / "o", "caption")
+    message = str(err.value)
+    assert "is a directory, not a checkpoint file" in message and "needs no conversion" in message
+    assert "does not exist" not in message
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError) as err:
+        convert_blip_checkpoint(empty, tmp_path / "o", "caption")
+    assert f"checkpoint {empty} is a directory, not a checkpoint file (.pth)" == str(err.value)
+
+
+@pytest.mark.parametrize("kind", ["captioner", "itm"])
+def test_weights_already_in_the_transformers_layout_are_named(tiny_models, tmp_path, kind):
+    task = "caption" if kind == "captioner" else "itm"
+    safetensors_file = tiny_models[kind] / "model.safetensors"
+    pth = tmp_path / "hf_state.pth"
+    cls = BlipForConditionalGeneration if kind == "captioner" else BlipForImageTextRetrieval
+    torch.save(cls.from_pretrained(tiny_models[kind]).state_dict(), pth)
+    for src in (safetensors_file, pth):
+        for config in (None, tiny_models[kind]):
+            with pytest.raises(ValueError) as err:
+                convert_blip_checkpoint(src, tmp_path / "o", task, config=config)
+            message = str(err.value)
+            assert "already in the transformers layout" in message and "'vision_model." in message
+            assert "needs no conversion" in message and "lacks" not in message
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_original_layout_safetensors_file_converts(tiny_models, tmp_path):
+    from safetensors.torch import save_file
+
+    state = to_original_state_dict(BlipForImageTextRetrieval.from_pretrained(tiny_models["itm"]))
+    src = tmp_path / "model_retrieval.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(src))
+    out = convert_blip_checkpoint(src, tmp_path / "itm", "itm", config=tiny_models["itm"])
+    converted = BlipForImageTextRetrieval.from_pretrained(out).state_dict()
+    original = BlipForImageTextRetrieval.from_pretrained(tiny_models["itm"]).state_dict()
+    assert all(torch.equal(original[k], converted[k]) for k in original)
+
+
+def test_unreadable_checkpoint_message_drops_pytorchs_weights_only_false_advice(tmp_path):
+    pickled = tmp_path / "pickled.pth"
+    torch.save({"model": _NotATensor()}, pickled)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    for path, detail in ((pickled, "UnpicklingError: Unsupported global: GLOBAL"), (garbage, "UnpicklingError: ")):
+        with pytest.raises(ValueError) as err:
+            convert_blip_checkpoint(path, tmp_path / "o", "caption")
+        message = str(err.value)
+        assert message.startswith(f"{path} is not a PyTorch checkpoint torch.load(weights_only=True) can read (")
+        assert detail in message
+        for advice in ("False", "Re-running", "arbitrary code", "add_safe_globals", "trust"):
+            assert advice not in message, advice

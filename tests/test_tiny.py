@@ -247,3 +247,56 @@ def test_known_model_config_keys_are_merged():
     clip = tiny.load_config("clip", {"model_cfg": {"embed_dim": 32, "text_cfg": {"layers": 1}}})
     assert clip["model_cfg"]["embed_dim"] == 32 and clip["model_cfg"]["text_cfg"]["layers"] == 1
     assert clip["model_cfg"]["text_cfg"]["width"] == 128  # the rest of the base config stays
+
+
+def test_cli_models_init_refuses_a_non_empty_out_unless_overwrite(tmp_path, tiny_tokenizer):
+    out = tmp_path / "models"
+    assert main(["models", "init", "--kind", "clip", "--out", str(out)]) == 0
+    before = sorted(p.name for p in out.iterdir())
+    itm = ["models", "init", "--kind", "itm", "--out", str(out), "--tokenizer", str(tiny_tokenizer)]
+    with pytest.raises(ValueError, match=f"model directory {out} is not empty .*--overwrite"):
+        main(itm)
+    assert sorted(p.name for p in out.iterdir()) == before  # nothing mixed in
+    assert main(itm + ["--overwrite"]) == 0
+    # replaced, not mixed: the clip files are gone and only the itm model's files are there
+    names = {p.name for p in out.iterdir()}
+    assert "config.json" in names and "open_clip_config.json" not in names
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["BlipForImageTextRetrieval"]
+    assert [p.name for p in tmp_path.iterdir() if ".partial-" in p.name or ".old-" in p.name] == []
+    # an empty directory is fine without --overwrite
+    (tmp_path / "empty").mkdir()
+    assert main(["models", "init", "--kind", "clip", "--out", str(tmp_path / "empty")]) == 0
+    assert (tmp_path / "empty" / "open_clip_config.json").is_file()
+
+
+def test_cli_models_init_names_a_file_given_as_out(tmp_path):
+    target = tmp_path / "model.txt"
+    target.write_text("x")
+    with pytest.raises(ValueError, match=f"model directory {target} is a file, not a directory"):
+        main(["models", "init", "--kind", "clip", "--out", str(target)])
+    with pytest.raises(ValueError, match=f"model directory {target} is a file, not a directory"):
+        tiny.init_model("clip", target)
+    with pytest.raises(ValueError, match="cannot create output directory .*a parent is a file"):
+        tiny.init_model("clip", target / "sub")
+    assert target.read_text() == "x"
+
+
+def test_init_model_python_default_still_writes_into_an_existing_directory(tmp_path, tiny_tokenizer):
+    """The training code and the fixtures call init_model on directories they own: the library
+    default keeps writing into them; `overwrite=True` replaces; `exist_ok=False` refuses."""
+    out = tmp_path / "itm"
+    out.mkdir()
+    (out / "notes.txt").write_text("kept")
+    tiny.init_model("itm", out, tokenizer_dir=tiny_tokenizer)
+    assert (out / "notes.txt").read_text() == "kept" and (out / "model.safetensors").is_file()
+    with pytest.raises(ValueError, match="is not empty"):
+        tiny.init_model("itm", out, tokenizer_dir=tiny_tokenizer, exist_ok=False)
+    tiny.init_model("itm", out, tokenizer_dir=tiny_tokenizer, exist_ok=False, overwrite=True)
+    assert not (out / "notes.txt").exists() and (out / "model.safetensors").is_file()
+
+
+def test_a_failed_init_leaves_no_directory_behind(tmp_path):
+    out = tmp_path / "m"
+    with pytest.raises(ValueError, match="not a tokenizer directory"):
+        tiny.init_model("itm", out, tokenizer_dir=tmp_path / "missing")
+    assert not out.exists() and list(tmp_path.iterdir()) == []
