@@ -183,7 +183,10 @@ def run_curate(cfg, beam_args: list[str] | None = None) -> CurateResult:
         store.remove(store.staging_root)
         markers = list(store.markers().values())
         stats = build_stats(markers, run if pending else store.last_run() or run)
-        store.write_record(stats, state.manifest(cfg, settings, markers))
+        record = state.manifest(cfg, settings, markers)
+        if not pending:  # no row was curated now: the rows are still the earlier code's
+            record["code_version"] = store.last_code_version() or record["code_version"]
+        store.write_record(stats, record)
     return CurateResult(cfg.out, stats, [s.shard_id for s in pending], [s.shard_id for s in skipped])
 
 

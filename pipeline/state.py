@@ -398,6 +398,11 @@ class OutStore:
         path = _join(self.out, "stats.json")
         return read_json(path).get("this_run") if FileSystems.exists(path) else None
 
+    def last_code_version(self) -> str | None:
+        """The code version of the last run that curated rows here (manifest.json)."""
+        path = _join(self.out, "manifest.json")
+        return read_json(path).get("code_version") if FileSystems.exists(path) else None
+
     def write_record(self, stats: dict, manifest_: dict) -> None:
         """stats.json and manifest.json, each rewritten only when its content changed (a
         re-run with nothing to do changes no file)."""

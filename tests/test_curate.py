@@ -297,7 +297,8 @@ def test_testpipeline_graph_matches_clean_run(clean_run, inputs, tiny_models, di
 
 # --- incremental runs -----------------------------------------------------------------------
 
-def test_rerun_skips_done_shards_and_changes_no_file(clean_run, inputs, extra_shard, tiny_models, direct, tmp_path):
+def test_rerun_skips_done_shards_and_changes_no_file(clean_run, inputs, extra_shard, tiny_models, direct, tmp_path,
+                                                     monkeypatch):
     out = tmp_path / "out"
     shutil.copytree(clean_run["out"], out)
     before = {p: (p.stat().st_mtime_ns, sha256(p)) for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
@@ -306,6 +307,13 @@ def test_rerun_skips_done_shards_and_changes_no_file(clean_run, inputs, extra_sh
     assert "0 curated now, 3 skipped as done" in stdout
     after = {p: (p.stat().st_mtime_ns, sha256(p)) for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
     assert after == before
+    # newer code with nothing to curate: the rows are still the old code's, the manifest says so
+    monkeypatch.setattr("pipeline.state.code_version", lambda: "git:a-newer-commit")
+    code, stdout, stderr = run_cli(curate_argv(inputs, out, tiny_models, direct))
+    assert code == 0 and "0 curated now" in stdout, stderr
+    after = {p: (p.stat().st_mtime_ns, sha256(p)) for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert after == before
+    monkeypatch.undo()
 
     # a new input shard: only it is curated; totals grow by its rows
     new_dir = tmp_path / "in"
