@@ -63,9 +63,30 @@ def create_timm(spec: VisionSpec, vision_config, extra_layers: int = 0) -> nn.Mo
                          f"model's vision shape ({err}); BLIP's tower is a ViT") from err
     except (RuntimeError, ValueError, OSError) as err:
         missing = spec.file and not Path(spec.file).expanduser().is_file()
+        first = " ".join(str(err).split())[:300]  # timm lists every mismatched tensor
         raise ValueError(f"--vision-init timm:{spec.name}{':' + spec.file if spec.file else ''}: "
                          + (f"weights file {spec.file} does not exist" if missing else
-                            f"cannot build it in the model's vision shape {kwargs}: {err}")) from err
+                            f"its weights do not fit the model's vision shape {kwargs} ({first} ...)"
+                            + _shape_hint(spec.name, extra_layers))) from err
+
+
+def _shape_hint(name: str, extra_layers: int) -> str:
+    """The --model-config that gives the BLIP tower timm NAME's own sizes (read from a model
+    built on the meta device: no memory, no weights)."""
+    import json
+
+    import timm
+
+    try:
+        with torch.device("meta"):
+            ref = timm.create_model(name, pretrained=False, num_classes=0)
+        sizes = {"hidden_size": ref.embed_dim, "num_attention_heads": ref.blocks[0].attn.num_heads,
+                 "intermediate_size": ref.blocks[0].mlp.fc1.out_features,
+                 "num_hidden_layers": len(ref.blocks) - extra_layers,
+                 "patch_size": ref.patch_embed.patch_size[0], "image_size": ref.patch_embed.img_size[0]}
+    except Exception:  # noqa: BLE001 - only a hint: a model without these attributes gets none
+        return ""
+    return f"; for {name}'s own sizes pass --model-config '{json.dumps({'vision_config': sizes})}'"
 
 
 def timm_unmappable_reason(model: nn.Module) -> str | None:
@@ -147,7 +168,14 @@ def init_vision_tower(spec: str, vision_model: nn.Module, penultimate: bool = Fa
         src = create_timm(vs, vision_model.config, extra_layers=1 if penultimate else 0)
         copy_timm_vit(src, vision_model, copy_final_norm=not penultimate)
     elif vs.kind == "hf":
-        copy_hf_vision(load_hf_vision(vs.name), vision_model, copy_final_norm=not penultimate)
+        src = load_hf_vision(vs.name)
+        have, want = len(src.encoder.layers), len(vision_model.encoder.layers) + (1 if penultimate else 0)
+        if penultimate and have != want:
+            # BLIP-2 reads the tower's penultimate block: the tower must be the source minus its last
+            raise ValueError(f"--vision-init {spec}: the source has {have} layers; its penultimate block "
+                             f"feeds the Q-Former only if the tower has {have - 1} (it has {want - 1}): set "
+                             f'--model-config \'{{"vision_config": {{"num_hidden_layers": {have - 1}}}}}\'')
+        copy_hf_vision(src, vision_model, copy_final_norm=not penultimate)
     else:
         raise ValueError(f"--vision-init {spec!r}: open_clip towers cannot map into a BLIP vision "
                          "model; they are supported as BLIP-2's frozen tower (PenultimateTower)")

@@ -251,6 +251,26 @@ def test_timm_vit_maps_into_blip_vision_towers(tmp_path):
         init_vision_tower("resnet50", blip)
 
 
+def test_hf_tower_for_blip2_is_the_sources_penultimate_block(tmp_path, tiny_tokenizer):
+    """`--vision-init hf:DIR` into a BLIP-2 tower: the tower is the source minus its last block
+    (it used to copy every layer, the last one included, while logging "penultimate")."""
+    from transformers import Blip2VisionConfig, Blip2VisionModel, BlipForImageTextRetrieval
+
+    from model import tiny
+    from model.vision_init import init_vision_tower
+
+    src = tiny.init_model("itm", tmp_path / "src", tokenizer_dir=tiny_tokenizer)  # a 3-layer BLIP tower
+    vision = BlipForImageTextRetrieval.from_pretrained(str(src)).vision_model
+    dims = {k: getattr(vision.config, k) for k in ("hidden_size", "intermediate_size", "num_attention_heads",
+                                                   "image_size", "patch_size")}
+    with pytest.raises(ValueError, match=r"source has 3 layers; .*tower has 2 \(it has 3\).*num_hidden_layers\": 2"):
+        init_vision_tower(f"hf:{src}", Blip2VisionModel(Blip2VisionConfig(num_hidden_layers=3, **dims)), penultimate=True)
+    tower = Blip2VisionModel(Blip2VisionConfig(num_hidden_layers=2, **dims))
+    init_vision_tower(f"hf:{src}", tower, penultimate=True)
+    for i in range(2):
+        assert torch.equal(tower.encoder.layers[i].mlp.fc1.weight, vision.encoder.layers[i].mlp.fc1.weight)
+
+
 def test_blip2_with_a_frozen_tower_without_hf_form(tmp_path, synth_world, tiny_tokenizer):
     """A timm tower that is not a plain ViT (EVA-02: rotary embeddings) stays a frozen
     PenultimateTower; the Q-Former trains against it and the run exports DIR/qformer."""
@@ -287,6 +307,11 @@ def test_towers_the_qformer_cannot_read_are_named(tmp_path):
         create_timm(VisionSpec.parse(f"timm:resnet10t:{tmp_path / 'r.safetensors'}"), BlipVisionConfig())
     with pytest.raises(ValueError, match="weights file .*nofile.safetensors does not exist"):
         PenultimateTower(f"timm:eva02_tiny_patch14_224:{tmp_path / 'nofile.safetensors'}", 224)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0)
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(tmp_path / "vit.safetensors"))
+    with pytest.raises(ValueError, match=r"do not fit .*own sizes pass --model-config .*\"hidden_size\": 192, "
+                                         r"\"num_attention_heads\": 3, \"intermediate_size\": 768"):
+        create_timm(VisionSpec.parse(f"timm:vit_tiny_patch16_224:{tmp_path / 'vit.safetensors'}"), BlipVisionConfig())
     with pytest.raises(ValueError, match="weights file .*nofile.safetensors does not exist"):
         create_timm(VisionSpec.parse(f"timm:vit_tiny_patch16_224:{tmp_path / 'nofile.safetensors'}"),
                     BlipVisionConfig(hidden_size=192, num_attention_heads=3, intermediate_size=768,
