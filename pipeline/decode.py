@@ -105,15 +105,16 @@ def _losers(item):
     key, positions = item
     ordered = sorted(set(positions), key=lambda p: (p[0], p[1], p[2] or "", p[3] or ""))
     winner = ordered[0]
-    where = "an earlier curate run into this --out" if winner[:2] == (-1, -1) else f"shard #{winner[0]} row {winner[1]}"
+    # The kept row is named by its url: the same text whether it was curated by an earlier
+    # pipeline of this run, an earlier run, or this pipeline (--shards-per-pipeline).
     for pos in ordered[1:]:
         if _other_image(winner, pos):
             yield pos[:2], ("key_collision",
-                            f"key {key!r} already names another image at {where} (url {winner[3]!r}): "
-                            f"img2dataset numbers keys per download, so curate each download into its own "
-                            f"--out (or give the downloads distinct keys)")
+                            f"key {key!r} already names another image (url {winner[3]!r}, kept): img2dataset "
+                            f"numbers keys per download, so curate each download into its own --out (or give "
+                            f"the downloads distinct keys)")
         else:
-            yield pos[:2], ("duplicate_key", f"key {key!r} already seen at {where}")
+            yield pos[:2], ("duplicate_key", f"key {key!r} already seen (the first row, url {winner[3]!r}, is kept)")
 
 
 def _other_image(a, b) -> bool:

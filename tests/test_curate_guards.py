@@ -429,3 +429,23 @@ def test_direct_num_workers_zero_means_one_per_core(monkeypatch):
     assert num_workers(make_pipeline_options(["--direct_num_workers", "0"])) == 6
     assert num_workers(make_pipeline_options(["--direct_num_workers", "3"])) == 3
     assert num_workers(make_pipeline_options([])) == 1
+
+
+def test_duplicate_key_rows_do_not_depend_on_shards_per_pipeline(tmp_path, synth_world, tiny_models):
+    """The same key in a later shard: its error row names the kept row by url, so the error file
+    is the same whether the first shard ran in the same pipeline or an earlier one."""
+    rows = pq.read_table(sorted((synth_world / "web").glob("*.parquet"))[0]).slice(0, 3)
+    (tmp_path / "in").mkdir()
+    pq.write_table(rows.slice(0, 2), tmp_path / "in" / "00000.parquet")
+    pq.write_table(rows.slice(1, 2), tmp_path / "in" / "00001.parquet")  # row 1 again, then row 2
+    errors = []
+    for name, extra in (("together", []), ("apart", ["--shards-per-pipeline", "1"])):
+        out = tmp_path / name
+        code, _, stderr = run_cli(["curate", "--input", str(tmp_path / "in" / "*.parquet"), "--out", str(out),
+                                   *model_args(tiny_models), *extra])
+        assert code == 0, stderr
+        errors.append(pq.read_table(out / "errors" / "part-00001.parquet").to_pylist())
+    assert errors[0] == errors[1]
+    key, url = rows.column("key")[1].as_py(), rows.column("url")[1].as_py()
+    assert [(e["key"], e["error_type"], e["input_row"]) for e in errors[0]] == [(key, "duplicate_key", 0)]
+    assert errors[0][0]["error_message"] == f"key {key!r} already seen (the first row, url {url!r}, is kept)"
