@@ -14,6 +14,7 @@ from __future__ import annotations
 import glob as globlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,7 +112,7 @@ class _Embedder:
         self.pending, self.pending_rows = [], []
         if time.time() - self.last >= PROGRESS_EVERY_S:
             self.last = time.time()
-            log.info("%s: embedded %d/%d images (%.1f/s)", self.what, self.done, self.total,
+            log.info("%s: embedded %d/%s images (%.1f/s)", self.what, self.done, self.total or "?",
                      self.done / max(self.last - self.t0, 1e-9))
 
     def result(self, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -194,33 +195,53 @@ class EvalSet:
 
 
 def load_eval_set(pattern: str, embedder, batch_size: int) -> EvalSet:
-    """Embed the images of raw or curated parquet shards matching ``pattern``."""
-    files = sorted(globlib.glob(pattern, recursive=True))
+    """Embed the images of the evaluation shards matching ``pattern``: raw or curated parquet,
+    or img2dataset webdataset tars (a COCO / Flickr test split downloaded like the web data)."""
+    files = sorted(f for f in globlib.glob(pattern, recursive=True) if not _tar_sidecar(f))
     if not files:
         raise ValueError(f"--decontaminate {pattern!r} matches no file")
     for f in files:
-        if not f.endswith(".parquet"):
-            raise ValueError(f"--decontaminate: {f} is not a parquet shard")
-        check_columns(pq.read_schema(f), ("key", "jpg"), pa.schema([("key", pa.string()), ("jpg", pa.binary())]), f)
-    total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-    emb = _Embedder(embedder, batch_size, "eval set", total)
+        if f.endswith(".parquet"):
+            check_columns(pq.read_schema(f), ("key", "jpg"), pa.schema([("key", pa.string()), ("jpg", pa.binary())]), f)
+        elif not f.endswith(".tar"):
+            raise ValueError(f"--decontaminate: {f} is neither a parquet shard nor a webdataset tar")
+    total = sum(pq.ParquetFile(f).metadata.num_rows for f in files if f.endswith(".parquet"))
+    emb = _Embedder(embedder, batch_size, "eval set", total or None)
     keys, file_of, by_hash, unreadable, row = [], [], {}, 0, 0
     for fi, f in enumerate(files):
-        pf = pq.ParquetFile(f)
-        cols = ["key", "jpg"] + (["status"] if "status" in pf.schema_arrow.names else [])
-        for batch in pf.iter_batches(columns=cols, batch_size=1024):
-            for rec in batch.to_pylist():
-                if rec.get("status", "success") != "success" or emb.add(row, rec["jpg"]) is not None:
-                    unreadable += 1
-                    continue
-                keys.append(str(rec["key"]))
-                file_of.append(fi)
-                by_hash.setdefault(image_sha256(rec["jpg"]), row)
-                row += 1
+        for key, jpg, ok in _eval_rows(f):
+            if not ok or emb.add(row, jpg) is not None:
+                unreadable += 1
+                continue
+            keys.append(key)
+            file_of.append(fi)
+            by_hash.setdefault(image_sha256(jpg), row)
+            row += 1
     pos, vectors = emb.result(row)
     if unreadable:
         log.warning("eval set: %d rows skipped (failed downloads or undecodable images)", unreadable)
     return EvalSet(files, keys, vectors[pos] if row else vectors, np.array(file_of, np.int64), by_hash, unreadable)
+
+
+def _tar_sidecar(path: str) -> bool:
+    """img2dataset's parquet beside a tar (its failed downloads): read as part of the tar, not alone."""
+    return path.endswith(".parquet") and os.path.isfile(path[: -len(".parquet")] + ".tar")
+
+
+def _eval_rows(path: str):
+    """(key, image bytes, downloaded) per row of one evaluation shard."""
+    if path.endswith(".tar"):
+        from pipeline.sources import tar_rows
+
+        for rec in tar_rows(path):
+            key = rec["key"].decode("utf-8", errors="replace") if isinstance(rec["key"], bytes) else str(rec["key"])
+            yield key, rec["jpg"], True
+        return
+    pf = pq.ParquetFile(path)
+    cols = ["key", "jpg"] + (["status"] if "status" in pf.schema_arrow.names else [])
+    for batch in pf.iter_batches(columns=cols, batch_size=1024):
+        for rec in batch.to_pylist():
+            yield str(rec["key"]), rec["jpg"], rec.get("status", "success") == "success"
 
 
 def wds_sample(index: int, row: dict) -> dict:

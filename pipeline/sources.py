@@ -279,7 +279,8 @@ def _check_sample(path: str, sample: dict) -> dict:
     return sample
 
 
-def _tar_rows(path: str):
+def tar_rows(path: str):
+    """The samples of an img2dataset webdataset tar as raw-shard rows (bytes values)."""
     for sample in _tar_samples(path):
         meta = {}
         if "json" in sample:
@@ -332,7 +333,7 @@ class ReadShardFn(beam.DoFn):
         self.read_errors = Metrics.counter(NAMESPACE, "read_errors")
 
     def process(self, info: ShardInfo):
-        rows = _parquet_rows(info.path) if info.fmt == "parquet" else _tar_rows(info.path)
+        rows = _parquet_rows(info.path) if info.fmt == "parquet" else tar_rows(info.path)
         count = 0
         for index, raw in enumerate(_named_read_errors(info.path, rows)):
             count = index + 1

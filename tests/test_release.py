@@ -459,3 +459,32 @@ def test_two_inputs_with_positional_keys_keep_every_image_a_key_allows(tmp_path)
         ("d2", "q1"): ("exact_duplicate", "p1"),  # image 1, released under p1
     }
     assert m["counts"]["removed"]["duplicate_key"] == 4 and m["counts"]["removed"]["exact_duplicate"] == 3
+
+
+def test_an_eval_set_of_webdataset_tars_is_read_like_its_parquet_form(tmp_path):
+    """A test split downloaded by img2dataset as webdataset: its tars (sidecar parquet beside
+    them) give the same keys, hashes and embeddings as the same images in a parquet shard."""
+    import io
+    import tarfile
+
+    from pipeline.release_io import load_eval_set
+
+    images = {f"00000000{i}": image_bytes(i) for i in range(3)}
+    (tmp_path / "tars").mkdir()
+    with tarfile.open(tmp_path / "tars" / "00000.tar", "w") as tar:
+        for key, data in images.items():
+            for ext, payload in (("jpg", data), ("json", json.dumps({"key": key}).encode())):
+                member = tarfile.TarInfo(f"{key}.{ext}")
+                member.size = len(payload)
+                tar.addfile(member, io.BytesIO(payload))
+    write_raw(tmp_path / "tars" / "00000.parquet", [("000000009", None)], status="failed_to_download")
+    write_raw(tmp_path / "eval.parquet", list(images.items()))
+    from_tar = load_eval_set(str(tmp_path / "tars" / "*"), pixel_embedder, 2)
+    from_parquet = load_eval_set(str(tmp_path / "eval.parquet"), pixel_embedder, 2)
+    assert from_tar.keys == from_parquet.keys == list(images)
+    assert from_tar.files == [str(tmp_path / "tars" / "00000.tar")]  # the sidecar is not a shard
+    assert from_tar.by_hash == from_parquet.by_hash and len(from_tar.by_hash) == 3
+    assert np.array_equal(from_tar.embeddings, from_parquet.embeddings)
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="notes.txt is neither a parquet shard nor a webdataset tar"):
+        load_eval_set(str(tmp_path / "notes.txt"), pixel_embedder, 2)
