@@ -8,7 +8,10 @@ own checkpoints (OUT/checkpoints/finetune-<task>) and log.
 from __future__ import annotations
 
 from jobs.pretrain import (add_loop_arguments, build_on_rank0_first, itm_negative_options, itm_options, loop_config,
-                           momentum_options, prepare_out, refuse_options, report, sources, train)
+                           momentum_kwargs, momentum_options, prepare_out, refuse_options, report, sources,
+                           train)
+
+CAPTION_PROMPT = "a picture of "  # BLIP's caption finetuning prompt
 
 HELP = "Finetune a captioner or filter on a clean split"
 DESCRIPTION = (
@@ -25,13 +28,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--init", required=True, help="pretrained model directory")
     add_loop_arguments(parser)
     parser.set_defaults(lr=1e-5, steps=500)  # BLIP finetunes at 1e-5
-    parser.add_argument("--prompt", default="a picture of ",
-                        help="caption prompt, masked out of the LM targets (BLIP's default)")
+    parser.add_argument("--prompt", default=None,
+                        help=f"--task caption: the prompt masked out of the LM targets (unset: BLIP's {CAPTION_PROMPT!r})")
     parser.add_argument("--tasks", help="override the losses (retrieval: itc,itm; BLIP-2 may add itg)")
 
 
 def check_options(args, dirs: dict) -> None:
     """Options this task (or a BLIP-2 --init) would ignore are errors."""
+    if args.task == "retrieval":
+        refuse_options({"--prompt": args.prompt is not None}, "to --task retrieval: it trains no decoder")
     if args.task == "caption":
         refuse_options({"--tasks " + str(args.tasks): args.tasks not in (None, "lm"), **momentum_options(args),
                         **itm_negative_options(args)},
@@ -67,13 +72,13 @@ def build_model(args):
         if not {"captioner", "itm"} & set(dirs):
             raise ValueError(f"--init {args.init}: captioning needs a BLIP captioner (or itm) directory, "
                              f"found {sorted(dirs)}")
-        cfg = BlipTrainConfig(tasks=("lm",), prompt=args.prompt, max_text_len=args.max_text_len)
+        cfg = BlipTrainConfig(tasks=("lm",), prompt=CAPTION_PROMPT if args.prompt is None else args.prompt,
+                              max_text_len=args.max_text_len)
         itm_dir = None if "captioner" in dirs else dirs["itm"]
         return BlipTrainModel.from_dirs(cfg, itm_dir=itm_dir, captioner_dir=dirs.get("captioner"))
     tasks = tuple(args.tasks.split(",")) if args.tasks else ("itc", "itm")
     if "itm" in dirs or "captioner" in dirs:
-        cfg = BlipTrainConfig(tasks=tasks, momentum=args.momentum, queue_size=args.queue_size,
-                              alpha=args.alpha, max_text_len=args.max_text_len,
+        cfg = BlipTrainConfig(tasks=tasks, **momentum_kwargs(args), max_text_len=args.max_text_len,
                               **itm_options(args))
         captioner_dir = None if "itm" in dirs else dirs["captioner"]
         return BlipTrainModel.from_dirs(cfg, itm_dir=dirs.get("itm"), captioner_dir=captioner_dir)

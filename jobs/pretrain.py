@@ -54,7 +54,8 @@ def add_loop_arguments(parser) -> None:
     parser.add_argument("--momentum", action="store_true",
                         help="BLIP ITC with a momentum encoder and soft targets (m=0.995, alpha=0.4)")
     parser.add_argument("--queue-size", type=int, default=0, help="ITC feature queue (BLIP: 57600; needs --momentum)")
-    parser.add_argument("--alpha", type=float, default=0.4, help="soft-target weight with --momentum")
+    parser.add_argument("--alpha", type=float, default=None,
+                        help="soft-target weight with --momentum (unset: BLIP's 0.4)")
     parser.add_argument("--max-text-len", type=int, default=35, help="caption tokens")
     parser.add_argument("--itm-negatives", choices=["hard", "random"], default="hard",
                         help="ITM negatives: 'hard' (drawn by similarity, as BLIP) or 'random' (uniform among "
@@ -94,7 +95,13 @@ def refuse_options(given: dict[str, bool], why: str) -> None:
 
 
 def momentum_options(args) -> dict[str, bool]:
-    return {"--momentum": args.momentum, "--queue-size": bool(args.queue_size)}
+    return {"--momentum": args.momentum, "--queue-size": bool(args.queue_size), "--alpha": args.alpha is not None}
+
+
+def momentum_kwargs(args) -> dict:
+    """BlipTrainConfig's momentum options; an unset --alpha keeps the config's default (BLIP's)."""
+    return {"momentum": args.momentum, "queue_size": args.queue_size,
+            **({"alpha": args.alpha} if args.alpha is not None else {})}
 
 
 def itm_negative_options(args) -> dict[str, bool]:
@@ -158,6 +165,8 @@ def loop_config(args, run_name: str):
 
     if args.queue_size and not args.momentum:
         raise ValueError("--queue-size needs --momentum (the queue holds momentum features)")
+    if args.alpha is not None and not args.momentum:
+        raise ValueError(f"--alpha {args.alpha} needs --momentum (it weighs the momentum encoder's soft targets)")
     if args.itm_negatives == "random" and args.itm_hard_fraction != 1.0:
         raise ValueError(f"--itm-hard-fraction {args.itm_hard_fraction} needs --itm-negatives hard "
                          "(random draws every negative uniformly)")
@@ -216,7 +225,7 @@ def build_model(args, overrides):
         from model.blip_pretrain import TASKS, BlipTrainConfig, build_blip
 
         tasks = tuple(args.tasks.split(",")) if args.tasks else TASKS
-        cfg = BlipTrainConfig(tasks=tasks, momentum=args.momentum, queue_size=args.queue_size, alpha=args.alpha,
+        cfg = BlipTrainConfig(tasks=tasks, **momentum_kwargs(args),
                               max_text_len=args.max_text_len, prompt=args.prompt,
                               **itm_options(args))
         return build_blip(cfg, args.out, init=args.init, seed=args.seed, tokenizer_dir=args.tokenizer,

@@ -523,6 +523,8 @@ def test_options_that_would_be_ignored_are_errors(tmp_path, synth_world, tiny_to
         (["pretrain", "--arch", "clip", "--batch-size", "0"], "batch_size must be >= 1, got 0"),
         (["pretrain", "--arch", "clip", "--keep-checkpoints", "0"], "keep_checkpoints must be >= 1, got 0"),
         (["pretrain", "--arch", "clip", "--checkpoint-every", "-1"], "checkpoint_every must be >= 0, got -1"),
+        (["pretrain", "--arch", "blip", "--alpha", "0.2"], "--alpha 0.2 needs --momentum"),
+        (["pretrain", "--arch", "clip", "--alpha", "0.2"], "--alpha does not apply to --arch clip"),
     ]
     for argv, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -538,6 +540,8 @@ def test_options_that_would_be_ignored_are_errors(tmp_path, synth_world, tiny_to
         (["--task", "retrieval", "--init", str(tmp_path / "blip2"), "--momentum"],
          "--momentum does not apply to a BLIP-2 --init"),
         (["--task", "retrieval", "--init", str(tmp_path / "blip"), "--batch-size", "0"], "batch_size must be >= 1"),
+        (["--task", "retrieval", "--init", str(tmp_path / "blip"), "--prompt", "a photo of "],
+         "--prompt does not apply to --task retrieval"),
     ]
     for argv, message in cases:
         with pytest.raises(ValueError, match=message):
