@@ -141,22 +141,19 @@ def _truth_rows(truth: pa.Table, keys, captions, where: str) -> list[dict]:
     return [by_key[k] for k in keys]
 
 
-def _subdir(model_dir, name: str) -> Path:
-    """`model_dir/name` when it exists (a pretrain/finetune output), else `model_dir` itself."""
-    model_dir = Path(model_dir)
-    return model_dir / name if (model_dir / name).is_dir() else model_dir
-
-
-def _captioner_dir(model_dir) -> str:
-    """The captioner of a local pretrain/finetune output or model directory, read from the
-    configs (a BLIP-2 output has none: say so), else `model_dir` as given (a hub id)."""
+def _model_path(model_dir, kinds: tuple[str, ...], what: str) -> tuple[str | None, str]:
+    """(kind, path) of the first of `kinds` (``model.model_dirs`` names) in a local model
+    directory or pretrain/finetune output, read from the configs; (None, `model_dir`) for a
+    hub id or an open_clip spec, which the library loader resolves. ValueError naming what the
+    directory holds when it has none of `kinds` (a BLIP-2 output has no captioner, a
+    Q-Former-only export nothing loadable)."""
     if not Path(str(model_dir)).is_dir():
-        return str(model_dir)
+        return None, str(model_dir)
     found = find_model_dirs(model_dir)
-    if "captioner" not in found:
-        raise ValueError(f"{model_dir}: no captioner (BlipForConditionalGeneration) to evaluate "
-                         f"(found {sorted(found)})")
-    return found["captioner"]
+    kind = next((k for k in kinds if k in found), None)
+    if kind is None:
+        raise ValueError(f"{model_dir}: no {what} (found {sorted(found)})")
+    return kind, found[kind]
 
 
 def _batches(items, size: int):
@@ -207,27 +204,20 @@ def evaluate_retrieval(model_dir, data: str, itm_rerank: int = 0, batch_size: in
 
     check_sizes(batch_size, limit)
     evalset = load_eval_set(data, limit, progress)
-    # A local directory's models are read from their configs: this names a Q-Former-only
-    # export or a captioner-only directory instead of asking for a CLIP config.
-    found = find_model_dirs(model_dir) if Path(str(model_dir)).is_dir() else {}
-    itm = found.get("itm") or found.get("blip2")
-    if found and not itm and "clip" not in found:
-        raise ValueError(f"{model_dir}: no ITM or CLIP model for retrieval (found {sorted(found)})")
-    if itm:
-        itm_dir = Path(itm)
-        flt = load_filter(str(itm_dir), device=device)
+    kind, path = _model_path(model_dir, ("itm", "blip2", "clip"), "ITM or CLIP model for retrieval")
+    if kind in ("itm", "blip2"):
+        flt = load_filter(path, device=device)
         sim = filter_itc_matrix(flt, evalset.images, evalset.captions, batch_size, progress)
-        scorer = f"itc:{itm_dir}"
+        scorer = f"itc:{path}"
     else:
         from model.ranker import ClipRanker
 
-        clip_dir = _subdir(model_dir, "clip")
-        ranker = ClipRanker.load(str(clip_dir), device=device)
+        ranker = ClipRanker.load(path, device=device)
         batches = _bar(_batches(evalset.images, batch_size), "clip images",
                        _n_batches(len(evalset.images), batch_size), progress)
         image_feats = np.concatenate([ranker.encode_images(b) for b in batches])
         sim = image_feats @ ranker.encode_texts(evalset.captions).T  # (N, N) cosine
-        flt, scorer = None, f"clip:{clip_dir}"
+        flt, scorer = None, f"clip:{path}"
     text_image = np.arange(len(evalset.keys))
     texts = evalset.captions  # identical captions of different images are the same text
     result = {"n_images": len(evalset.keys), "skipped": len(evalset.skipped), "scorer": scorer,
@@ -266,7 +256,8 @@ def evaluate_captions(model_dir, data: str, truth=None, batch_size: int = 32, se
     check_sizes(batch_size, limit)
     evalset = load_eval_set(data, limit, progress)
     truth_rows = _truth_rows(read_truth(truth), evalset.keys, evalset.captions, str(data)) if truth else None
-    captioner = Captioner.from_pretrained(_captioner_dir(model_dir), device=device)
+    _, path = _model_path(model_dir, ("captioner",), "captioner (BlipForConditionalGeneration) to evaluate")
+    captioner = Captioner.from_pretrained(path, device=device)
     generated: list[str] = []
     starts = range(0, len(evalset.keys), batch_size)
     for start in _bar(starts, "caption", len(starts), progress):
@@ -275,14 +266,13 @@ def evaluate_captions(model_dir, data: str, truth=None, batch_size: int = 32, se
                                 top_p=top_p, prompt=prompt, min_length=CAPTION_MIN_LENGTH,
                                 max_length=CAPTION_MAX_LENGTH)
         generated.extend(c[0] for c in out)
-    rows = truth_rows
-    refs = [r["true_caption"] for r in rows] if rows else evalset.captions
+    refs = [r["true_caption"] for r in truth_rows] if truth_rows else evalset.captions
     references = {k: [clean_caption(r)] for k, r in zip(evalset.keys, refs)}
     candidates = dict(zip(evalset.keys, generated))
     result = {"n_images": len(evalset.keys), "skipped": len(evalset.skipped), "prompt": prompt,
               **metrics.caption_scores(references, candidates)}
-    if rows:
-        scenes = [metrics.scene_from_truth(r) for r in rows]
+    if truth_rows:
+        scenes = [metrics.scene_from_truth(r) for r in truth_rows]
         result.update(metrics.attribute_accuracy(generated, scenes))
     result["examples"] = [{"key": k, "generated": g, "reference": references[k][0]}
                           for k, g in list(zip(evalset.keys, generated))[:examples]]
@@ -314,7 +304,7 @@ def _score_raw_captions(model_dir, evalset: EvalSet, batch_size: int, device: st
     from model.filter import load_filter
 
     check_sizes(batch_size)
-    source = str(_subdir(model_dir, "itm"))
+    _, source = _model_path(model_dir, ("itm", "blip2"), "ITM filter")
     flt = load_filter(source, device=device)
     web_itm = np.full(len(evalset.keys), np.nan)
     starts = range(0, len(evalset.keys), batch_size)

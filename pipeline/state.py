@@ -81,13 +81,16 @@ def check_models(cfg) -> None:
     once offline); the weights themselves are read by the workers."""
     from model.device import check_model_dir, is_local_spec, load_config, resolve_device
 
+    def check_blip(spec) -> None:  # a local directory's files, then its config (a hub id's too)
+        if is_local_spec(spec):
+            check_model_dir(spec)
+        load_config(spec)
+
     _named("--device", cfg.device, resolve_device)
     if cfg.use_captioner:
-        _named("--captioner", cfg.captioner, lambda s: (check_model_dir(s) if is_local_spec(s) else None,
-                                                       load_config(s)))
+        _named("--captioner", cfg.captioner, check_blip)
     if cfg.use_filter:
-        _named("--filter", cfg.filter, lambda s: (check_model_dir(s) if is_local_spec(s) else None,
-                                                 load_config(s)))
+        _named("--filter", cfg.filter, check_blip)
     _named("--clip", cfg.clip, _check_clip)
 
 
