@@ -160,6 +160,61 @@ def prepare_out(args, run_name: str, exports: tuple[str, ...] | None = None) -> 
     log.warning("--overwrite: deleted %d entr%s of %s", len(owned), "y" if len(owned) == 1 else "ies", out)
 
 
+# The options that shape the model or its losses: a resumed run must give the same ones.
+MODEL_OPTIONS = ("arch", "task", "init", "model_config", "tokenizer", "vision_init", "tasks", "prompt",
+                 "max_text_len", "momentum", "queue_size", "alpha", "itm_negatives", "itm_random_steps",
+                 "itm_hard_fraction")
+
+
+def model_options(args) -> dict:
+    """This command's MODEL_OPTIONS as a resume compares them: directories resolved (the same
+    one however it was spelt) and --model-config by its contents (the file may be edited)."""
+    options = {}
+    for name in MODEL_OPTIONS:
+        if not hasattr(args, name):
+            continue
+        value = getattr(args, name)
+        if name in ("init", "tokenizer") and value:
+            value = str(Path(value).resolve())
+        elif name == "model_config" and value:
+            value = json.loads(Path(value).read_text())
+        options[name] = value
+    return options
+
+
+INIT_RECORD = "options.json"  # in OUT/init: the options the fresh model was built from
+
+
+def init_record(args) -> dict:
+    """What shaped pretrain's fresh OUT/init model (--vision-init is applied on top, every run)."""
+    options = model_options(args)
+    return {"arch": args.arch, "seed": args.seed, "model_config": options.get("model_config"),
+            "tokenizer": options.get("tokenizer")}
+
+
+def check_init_record(args) -> None:
+    """--resume reuses OUT/init, the fresh model an earlier attempt built: refuse it when this
+    command would build another one (other --model-config, --seed, --tokenizer or --arch)."""
+    from model.train import differing_option
+
+    if not args.resume or args.init:
+        return
+    path = Path(args.out) / "init" / INIT_RECORD
+    if path.is_file():
+        problem = differing_option(json.loads(path.read_text()), init_record(args))
+        if problem:
+            raise ValueError(f"--resume: {path.parent} was built with other options ({problem}); resume with "
+                             "the same options, or start again with --overwrite")
+    elif (Path(args.out) / "init").is_dir():
+        log.warning("--resume: %s has no %s (an older run): its model options cannot be checked",
+                    Path(args.out) / "init", INIT_RECORD)
+
+
+def write_init_record(args) -> None:
+    if args.init is None and int(os.environ.get("RANK", "0")) == 0:
+        (Path(args.out) / "init" / INIT_RECORD).write_text(json.dumps(init_record(args), indent=1) + "\n")
+
+
 def loop_config(args, run_name: str):
     from model.train import TrainConfig
 
@@ -176,6 +231,7 @@ def loop_config(args, run_name: str):
         clip_grad=args.clip_grad, bf16=args.bf16, checkpoint_every=args.checkpoint_every,
         keep_checkpoints=args.keep_checkpoints, log_every=args.log_every, seed=args.seed, resume=args.resume,
         stop_after=args.stop_after, shuffle_buffer=args.shuffle_buffer, progress=not args.no_progress,
+        model_options=model_options(args),
     )
 
 
@@ -216,8 +272,17 @@ def run(args) -> int:
     check_arch_options(args)
     overrides = json.loads(Path(args.model_config).read_text()) if args.model_config else None
     cfg, data = loop_config(args, "pretrain"), sources(args)
-    model = build_on_rank0_first(lambda: build_model(args, overrides), lambda: prepare_out(args, "pretrain"))
-    return report(train(model, data, cfg))
+
+    def prepare():
+        prepare_out(args, "pretrain")
+        check_init_record(args)
+
+    def build():
+        model = build_model(args, overrides)
+        write_init_record(args)
+        return model
+
+    return report(train(build_on_rank0_first(build, prepare), data, cfg))
 
 
 def build_model(args, overrides):

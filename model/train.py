@@ -44,6 +44,14 @@ from transforms.seeding import sample_seed
 log = logging.getLogger(__name__)
 
 
+def differing_option(saved: dict, now: dict) -> str | None:
+    """A message naming the first option (CLI spelling) whose value differs in `saved` and `now`."""
+    for name in sorted(set(saved) | set(now)):
+        if saved.get(name) != now.get(name):
+            return f"--{name.replace('_', '-')} was {saved.get(name)!r}, this run gives {now.get(name)!r}"
+    return None
+
+
 @dataclass
 class TrainConfig:
     """Loop options. `batch_size` is per rank and per micro-batch: the global batch is
@@ -68,6 +76,9 @@ class TrainConfig:
     stop_after: int | None = None  # end this run after this global step (time-boxed jobs)
     shuffle_buffer: int = 1000
     progress: bool = True
+    # The options that built the model and its losses (jobs.pretrain.model_options): a resume
+    # from a checkpoint written with other ones is refused.
+    model_options: dict | None = None
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "accum", "log_every", "keep_checkpoints"):
@@ -325,6 +336,11 @@ class Trainer:
             if saved[key] != getattr(self.cfg, key):
                 raise ValueError(f"{path}: checkpoint has {key}={saved[key]}, this run {getattr(self.cfg, key)}; "
                                  "resume with the same value")
+        if saved.get("model_options") is not None and self.cfg.model_options is not None:
+            problem = differing_option(saved["model_options"], self.cfg.model_options)
+            if problem:
+                raise ValueError(f"{path}: the checkpoint's run was built with other options ({problem}); "
+                                 "resume with the same options (or start a new run with --overwrite)")
         if len(state["ranks"]) != self.world:
             raise ValueError(f"{path}: checkpoint was written by {len(state['ranks'])} rank(s), this run "
                              f"has {self.world}; resume with the same world size")

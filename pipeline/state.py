@@ -426,6 +426,8 @@ def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             out.extend(_diff(a, b, f"{prefix}{key}."))
+        elif key not in old:  # written by an older capfilt: what it used is unknown
+            out.append(f"{prefix}{key}: not recorded by the run that wrote it, now {b!r}")
         elif a != b:
             out.append(f"{prefix}{key}: was {a!r}, now {b!r}")
     return out

@@ -143,6 +143,11 @@ def test_resume_with_another_precision_is_refused(tmp_path, bf16_cpu):
     resumed = {"settings": CurateConfig(**BASE, device="cpu", precision="fp32").fingerprint(), "models": {}}
     with pytest.raises(ValueError, match=r"settings\.precision: was 'bf16-checked', now 'fp32'"):
         store.check_settings(resumed, done={"00000": {}})
+    # an output written before the settings recorded the precision: what it used is unknown
+    older = {"settings": {k: v for k, v in first["settings"].items() if k != "precision"}, "models": {}}
+    store.save_settings(older)
+    with pytest.raises(ValueError, match=r"settings\.precision: not recorded by the run that wrote it, now 'fp32'"):
+        store.check_settings(resumed, done={"00000": {}})
 
 
 # --- settings without a done shard ------------------------------------------------------------

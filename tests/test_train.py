@@ -565,3 +565,31 @@ def test_resume_on_other_data_is_refused_and_a_finished_run_keeps_its_summary(tm
     assert main([*argv, "--data", str(synth_world / "human"), "--resume"]) == 0
     again = json.loads((out / "pretrain_summary.json").read_text())
     assert again["last"] == summary["last"] and again["last"]["step"] == 2 and again["finished"]
+
+
+def test_resume_with_other_model_options_is_refused(tmp_path, synth_world, tiny_tokenizer):
+    """--resume reused OUT/init (before the first checkpoint) and the checkpoint's weights
+    whatever --model-config / --seed / --tokenizer / --vision-init / loss options it was given;
+    now a resume that would build or train another model is refused, naming the option."""
+    out = tmp_path / "P"
+    pq.write_table(pa.table({"x": [1]}), tmp_path / "other.parquet")
+    micro, two_layers = _micro_file(tmp_path), _micro_file(tmp_path / "..", text_config={**TEXT, "num_hidden_layers": 2})
+    common = ["pretrain", "--arch", "blip", "--out", str(out), "--steps", "2", "--batch-size", "4", "--no-progress",
+              "--tokenizer", str(tiny_tokenizer)]
+    human = ["--data", str(synth_world / "human")]
+    # an attempt that failed before its first step leaves only init/ and the options that built it
+    with pytest.raises(ValueError, match="neither a curated"):
+        main([*common, "--model-config", str(micro), "--data", str(tmp_path / "other.parquet")])
+    assert json.loads((out / "init" / "options.json").read_text())["model_config"] == MICRO["blip"]
+    with pytest.raises(ValueError, match=r"init was built with other options \(--model-config was .*--overwrite"):
+        main([*common, "--model-config", str(two_layers), *human, "--resume"])
+    with pytest.raises(ValueError, match=r"other options \(--seed was 0, this run gives 3\)"):
+        main([*common, "--model-config", str(micro), *human, "--resume", "--seed", "3"])
+    assert main([*common, "--model-config", str(micro), *human, "--resume", "--stop-after", "1"]) == 0
+    # from the step-1 checkpoint: the loss options and the model's shape are compared as well
+    with pytest.raises(ValueError, match=r"other options \(--itm-negatives was 'hard', this run gives 'random'\)"):
+        main([*common, "--model-config", str(micro), *human, "--resume", "--itm-negatives", "random"])
+    with pytest.raises(ValueError, match=r"other options \(--tasks was None, this run gives 'itc,lm'\)"):
+        main([*common, "--model-config", str(micro), *human, "--resume", "--tasks", "itc,lm"])
+    assert main([*common, "--model-config", str(micro), *human, "--resume"]) == 0
+    assert [json.loads(x)["step"] for x in (out / "pretrain_log.jsonl").read_text().splitlines()] == [1, 2]
