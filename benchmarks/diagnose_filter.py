@@ -16,17 +16,27 @@ negative is classed against the image by the truth: "count" (another number of o
 the attributes whose values differ as multisets ("shape", "colour+position", ...), or "none"
 (the caption is also true of the image, worded otherwise).
 
+``blind``: the best any filter could do on a world's web split if it cannot see some attributes
+(no model involved; truth only). A web caption is "hidden" from a filter blind to attributes B
+when everything it gets wrong about its image (by the truth: the wrong attribute, or what differs
+between its image and the image it was written for) lies in B. The filter is granted perfect
+verdicts on every other caption; a hidden noisy caption scores like a correct one, so reaching
+the recall means flagging that share of the correct captions too. Printed per blind set: the
+precision at --recall, and the share of correct captions among the web captions it keeps.
+
 The probe is fitted here rather than with scikit-learn, which is not in the pinned stack: a
 diagnostic is not worth a dependency, and the fit is a dozen lines of torch.
 
     PYTHONPATH=. .venv/bin/python benchmarks/diagnose_filter.py probe --model F --world W
     PYTHONPATH=. .venv/bin/python benchmarks/diagnose_filter.py negatives --model F --world W
+    PYTHONPATH=. .venv/bin/python benchmarks/diagnose_filter.py blind --world W
 """
 from __future__ import annotations
 
 import argparse
 import collections
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -157,14 +167,66 @@ def negatives(model: str, world: Path, batch_size: int = 32, batches: int = 200,
             "uniform_percent": {k: round(100 * uniform[k] / total, 1) for k in kinds}}
 
 
+CAPTION_ATTRIBUTES = {"colour": "colours", "shape": "shapes", "position": "positions", "size": "sizes"}
+BLIND_SETS = {"nothing": (), "shape": ("shape",), "position": ("position",), "shape+position": ("shape", "position")}
+
+
+def wrong_in(row: dict, truth: dict) -> set[str]:
+    """What a web caption gets wrong about its image, by the truth: {} for a correct caption
+    (and for another image's caption that is also true of this one), {"junk"}, {"count"}, or
+    the attributes that differ. Size counts as visible, which can only raise the bounds."""
+    kind = row["noise_type"]
+    if kind == "correct":
+        return set()
+    if kind == "junk":
+        return {"junk"}
+    if kind == "attribute":
+        return {row["wrong_attribute"]}
+    if kind != "other":
+        raise ValueError(f"truth row {row['key']}: unknown noise_type {kind!r}")
+    source = truth[row["source_key"]]
+    if source["n_objects"] != row["n_objects"]:
+        return {"count"}
+    return {name for name, column in CAPTION_ATTRIBUTES.items() if sorted(row[column]) != sorted(source[column])}
+
+
+def blind_bounds(world: Path, recall: float = 0.9) -> dict:
+    if not 0 < recall <= 1:
+        raise ValueError(f"--recall must be in (0, 1], got {recall}")
+    truth = _truth_by_key(world)
+    web = [r for r in truth.values() if r["split"] == "web"]
+    if not web:
+        raise ValueError(f"{world / 'truth.parquet'} has no web rows")
+    wrong = {r["key"]: wrong_in(r, truth) for r in web}
+    correct = sum(r["noise_type"] == "correct" for r in web)
+    noisy = len(web) - correct
+    out = {"world": str(world), "web": len(web), "noisy": noisy, "correct": correct, "recall": recall, "blind": {}}
+    for name, blind in BLIND_SETS.items():
+        hidden = sum(r["noise_type"] != "correct" and wrong[r["key"]] <= set(blind) for r in web)
+        visible = noisy - hidden
+        need = math.ceil(recall * noisy - 1e-9) - visible  # hidden captions that must be flagged
+        flag = 0.0 if need <= 0 else need / hidden  # the share of hidden and correct captions flagged
+        caught = visible + flag * hidden if need > 0 else math.ceil(recall * noisy - 1e-9)
+        out["blind"][name] = {
+            "hidden_noisy": hidden, "visible_noisy": visible, "correct_flagged": round(flag, 4),
+            "best_precision": round(caught / (caught + flag * correct), 4),
+            "kept_correct": round(correct / (correct + hidden), 4) if flag < 1 else None,
+        }
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
     for name, text in (("probe", "linear probes of the vision tokens for colour / shape / position"),
-                       ("negatives", "what hard and uniform ITM negatives differ in, by the truth")):
+                       ("negatives", "what hard and uniform ITM negatives differ in, by the truth"),
+                       ("blind", "the best precision of a filter blind to shape and/or position (truth only)")):
         p = sub.add_parser(name, help=text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        p.add_argument("--model", required=True, help="ITM model directory (or a run with an itm/ subdirectory)")
+        if name == "blind":
+            p.add_argument("--recall", type=float, default=0.9, help="the recall the filter must reach")
+        else:
+            p.add_argument("--model", required=True, help="ITM model directory (or a run with an itm/ subdirectory)")
         p.add_argument("--world", required=True, type=Path,
                        help="`capfilt synth` output (web/, human/, test/, truth.parquet)")
         p.add_argument("--json-out", type=Path, help="also write the JSON here")
@@ -178,6 +240,8 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--world {args.world}: no truth.parquet (run `capfilt synth --out {args.world}`)")
     if args.what == "probe":
         result = probe(args.model, args.world)
+    elif args.what == "blind":
+        result = blind_bounds(args.world, args.recall)
     else:
         result = negatives(args.model, args.world, args.batch_size, args.batches, args.temp, args.seed)
     text = json.dumps(result, indent=2)

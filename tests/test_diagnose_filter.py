@@ -76,3 +76,39 @@ def test_cli_names_a_world_without_truth(tmp_path, capsys):
     with pytest.raises(SystemExit):
         diag.main(["probe", "--model", "M", "--world", str(tmp_path)])
     assert f"--world {tmp_path}: no truth.parquet" in capsys.readouterr().err
+
+
+def _truth_row(key, noise, wrong=None, source=None, n=1, position="left"):
+    return {"key": key, "split": "web", "caption": "c", "true_caption": "c", "noise_type": noise,
+            "wrong_attribute": wrong, "source_key": source, "n_objects": n, "colours": ["red"] * n,
+            "shapes": ["star"] * n, "sizes": ["large"] * n, "positions": [position] * n}
+
+
+def test_blind_bounds_count_what_a_blind_filter_cannot_see(tmp_path):
+    """6 correct and 6 noisy captions: junk, two wrong shapes, a wrong colour, another image's
+    caption that differs in position only, and one of another object count. Worked by hand."""
+    import pyarrow as pa
+
+    rows = [_truth_row(f"c{i}", "correct") for i in range(6)]
+    rows[0]["positions"] = ["top"]  # o0 was written for c0: it differs from its image in position only
+    rows += [_truth_row("j0", "junk"), _truth_row("a0", "attribute", "shape"), _truth_row("a1", "attribute", "shape"),
+             _truth_row("a2", "attribute", "colour"), _truth_row("o0", "other", source="c0"),
+             _truth_row("o1", "other", source="c1", n=2)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "truth.parquet")
+    out = diag.main(["blind", "--world", str(tmp_path), "--recall", "0.8"])  # 0.8 x 6 noisy: catch 5
+    assert (out["noisy"], out["correct"]) == (6, 6)
+    blind = out["blind"]
+    assert blind["nothing"] == {"hidden_noisy": 0, "visible_noisy": 6, "correct_flagged": 0.0,
+                                "best_precision": 1.0, "kept_correct": 1.0}
+    # shape-blind: a0, a1 hidden; one of them must be caught, so half the correct ones are flagged
+    assert blind["shape"] == {"hidden_noisy": 2, "visible_noisy": 4, "correct_flagged": 0.5,
+                              "best_precision": round(5 / 8, 4), "kept_correct": 0.75}
+    # position-blind: only o0 hidden, and the 5 visible ones reach the recall alone
+    assert blind["position"] == {"hidden_noisy": 1, "visible_noisy": 5, "correct_flagged": 0.0,
+                                 "best_precision": 1.0, "kept_correct": round(6 / 7, 4)}
+    assert blind["shape+position"]["hidden_noisy"] == 3
+    assert blind["shape+position"]["best_precision"] == round(5 / 9, 4)
+    # at recall 1 a shape-blind filter flags every caption it cannot tell apart
+    assert diag.blind_bounds(tmp_path, 1.0)["blind"]["shape"]["kept_correct"] is None
+    with pytest.raises(ValueError, match="--recall must be in \\(0, 1\\], got 0"):
+        diag.blind_bounds(tmp_path, 0)
