@@ -150,13 +150,17 @@ def _one_line(err: BaseException) -> str:
 def run(args) -> int:
     from pipeline.curate import run_curate
 
+    quiet = {}
     if str(getattr(args, "log_level", "INFO")).upper() != "DEBUG":
-        # Beam logs every bundle and stage at INFO; our progress line replaces that.
-        logging.getLogger("apache_beam").setLevel(logging.WARNING)
-        # Beam logs a failing DoFn's traceback at ERROR and then re-raises the error to us,
-        # which prints it in one line below (an error we do not catch keeps its traceback).
-        logging.getLogger("apache_beam.runners.common").setLevel(logging.CRITICAL)
+        # Beam logs every bundle and stage at INFO; our progress line replaces that. Beam logs a
+        # failing DoFn's traceback at ERROR and then re-raises the error to us, which prints it
+        # in one line below (an error we do not catch keeps its traceback). The levels are put
+        # back afterwards: a bootstrap or run-job runs other stages in this process.
+        quiet = {"apache_beam": logging.WARNING, "apache_beam.runners.common": logging.CRITICAL}
+    before = {name: logging.getLogger(name).level for name in quiet}
     try:
+        for name, level in quiet.items():
+            logging.getLogger(name).setLevel(level)
         cfg = config_from_args(args)
         result = run_curate(cfg, args.extra)
     except ValueError as err:  # bad options, models, inputs or --out: the message says which
@@ -171,5 +175,8 @@ def run(args) -> int:
     except RuntimeError as err:
         print(f"capfilt curate: failed: {err}", file=sys.stderr)
         return 1
+    finally:
+        for name, level in before.items():
+            logging.getLogger(name).setLevel(level)
     print(summary_table(result))
     return 0

@@ -15,6 +15,8 @@ import json
 import logging
 from pathlib import Path
 
+from jobs.cli import HelpFormatter
+
 HELP = "Build tiny random-initialised model directories and the WordPiece tokenizer"
 DESCRIPTION = (
     "Build the project's own tiny models (no hub download): `init` writes a random-initialised "
@@ -39,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "init",
         help="write a random-initialised tiny model directory",
         description="Write a random-initialised tiny model directory.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     init.add_argument("--kind", required=True, choices=KINDS, help="which model to build")
     init.add_argument("--out", required=True, type=Path,
@@ -61,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="train the WordPiece tokenizer on the synthetic corpus",
         description="Train the BLIP-layout WordPiece tokenizer ([DEC] bos, [ENC]) on the "
         "synthetic world's captions.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     tok.add_argument("--out", required=True, type=Path, help="output tokenizer directory")
     tok.add_argument("--seed", type=int, default=0, help="seed of the synthetic corpus")

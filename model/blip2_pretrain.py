@@ -252,7 +252,7 @@ def build_blip2(cfg: Blip2TrainConfig, work_dir, init=None, seed: int = 0, token
     spec = VisionSpec.parse(vision_init) if vision_init else None
     if spec and (spec.kind == "open_clip" or spec.kind == "timm" and not _timm_maps(spec)):
         image_size = int((overrides or {}).get("vision_config", {}).get("image_size", 224))
-        tower = PenultimateTower(vision_init, image_size)
+        tower = PenultimateTower.from_spec(vision_init, image_size)
         # Blip2Config takes the Q-Former's cross-attention width from its vision config; the HF
         # vision model itself is unused with such a tower, so it is built with no layers
         overrides = _merge(overrides or {}, {"vision_config": {

@@ -64,13 +64,6 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
 
 # --- ITC ---------------------------------------------------------------------------------------
 
-def one_hot_positive(pos_index: torch.Tensor, num_columns: int) -> torch.Tensor:
-    """(B,) column indices -> (B, N) bool mask with one True per row."""
-    mask = torch.zeros(len(pos_index), num_columns, dtype=torch.bool, device=pos_index.device)
-    mask[torch.arange(len(pos_index), device=pos_index.device), pos_index] = True
-    return mask
-
-
 def itc_targets(positive: torch.Tensor, teacher: torch.Tensor | None = None, alpha: float = 0.0) -> torch.Tensor:
     """(B, N) targets: uniform over each row's positives (one column, or several when the
     batch holds the same image or caption twice, as BLIP's retrieval finetuning treats equal

@@ -208,7 +208,8 @@ class ClipRanker:
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         """(T, D) float32 L2-normalised text embeddings."""
         if isinstance(texts, str) or len(texts) == 0:
-            raise ValueError("encode_texts needs a non-empty list of strings")
+            raise ValueError(f"encode_texts needs a non-empty list of strings, got {type(texts).__name__} "
+                             f"{str(texts)[:60]!r}")
         with inference_context(self.device, self.bf16):
             return self._encode_texts(texts).cpu().numpy()
 

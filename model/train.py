@@ -200,6 +200,9 @@ class Trainer:
                 window_t, window_steps = now, 0
                 bar.set_postfix(loss=f"{last['loss']:.3f}")
                 self._log(last)
+                if self.is_main and not cfg.progress:  # no bar (a bootstrap stage, a log file): a line
+                    log.info("%s: step %d/%d, loss %.4f, %.1f samples/s", cfg.run_name, self.step, cfg.steps,
+                             last["loss"], last["samples_per_s"])
             if (every and self.step % every == 0) or self.step == end:
                 self.save_checkpoint()
         bar.close()

@@ -207,39 +207,54 @@ def load_hf_vision(path: str) -> nn.Module:
 
 class PenultimateTower(nn.Module):
     """A frozen timm or open_clip tower returning its penultimate block's tokens (B, 1+N, D)
-    (class token first), for BLIP-2 towers that have no `Blip2VisionModel` equivalent."""
+    (class token first), for BLIP-2 towers that have no `Blip2VisionModel` equivalent. Built
+    by `from_spec`, which loads the weights; the constructor only wraps a built trunk."""
 
-    def __init__(self, spec: str, image_size: int):
+    def __init__(self, trunk: nn.Module, lib: str, spec: str):
         super().__init__()
-        self.spec = spec
+        if lib not in ("timm", "open_clip"):
+            raise ValueError(f"PenultimateTower wraps a timm or open_clip trunk, got {lib!r}")
+        self.trunk, self.lib, self.spec = trunk, lib, spec
+        if lib == "open_clip":
+            depth, self.width = len(trunk.transformer.resblocks), trunk.transformer.width
+        else:
+            depth, self.width = len(trunk.blocks), trunk.embed_dim
+        self.index = depth - 2
+        self.trunk.requires_grad_(False).eval()
+
+    @classmethod
+    def from_spec(cls, spec: str, image_size: int) -> "PenultimateTower":
+        """Load `spec` (open_clip:NAME:PRETRAINED or timm:NAME[:FILE]) at `image_size`."""
         vs = VisionSpec.parse(spec)
         if vs.kind == "open_clip":
             import open_clip
 
-            model = open_clip.create_model(vs.name, pretrained=vs.file)
-            self.trunk, self.lib = model.visual, "open_clip"
-            depth = len(self.trunk.transformer.resblocks)
-            self.width = self.trunk.transformer.width
-        elif vs.kind == "timm":
-            import timm
-
-            overlay = {"file": vs.file} if vs.file else None
-            if vs.file and not Path(vs.file).expanduser().is_file():
-                raise ValueError(f"--vision-init {spec}: weights file {vs.file} does not exist")
+            if not vs.file:  # open_clip would build random weights: a frozen random tower teaches nothing
+                raise ValueError(f"--vision-init {spec}: give the weights, open_clip:{vs.name}:PRETRAINED "
+                                 "(a pretrained tag or a local file)")
             try:
-                self.trunk = timm.create_model(vs.name, pretrained=True, pretrained_cfg_overlay=overlay,
-                                               num_classes=0, img_size=image_size)
-            except TypeError as err:  # convnets take no img_size: they have no token sequence either
-                raise ValueError(f"--vision-init {spec}: not a transformer tower ({err}); the Q-Former "
-                                 f"cross-attends to a token sequence (timm ViT / EVA, open_clip)") from err
-            if not hasattr(self.trunk, "blocks") or not getattr(self.trunk, "num_prefix_tokens", 0):
-                raise ValueError(f"--vision-init {spec}: {type(self.trunk).__name__} has no transformer "
-                                 f"blocks with a class token for the Q-Former to read")
-            self.lib, depth, self.width = "timm", len(self.trunk.blocks), self.trunk.embed_dim
-        else:
+                model = open_clip.create_model(vs.name, pretrained=vs.file, require_pretrained=True,
+                                               weights_only=True)
+            except Exception as err:  # open_clip, safetensors and the hub raise many error types
+                raise ValueError(f"--vision-init {spec}: cannot load it ({' '.join(str(err).split())[:300]})") from err
+            return cls(model.visual, "open_clip", spec)
+        if vs.kind != "timm":
             raise ValueError(f"PenultimateTower needs a timm or open_clip spec, got {spec!r}")
-        self.index = depth - 2
-        self.trunk.requires_grad_(False).eval()
+        import timm
+
+        overlay = {"file": vs.file} if vs.file else None
+        if vs.file and not Path(vs.file).expanduser().is_file():
+            raise ValueError(f"--vision-init {spec}: weights file {vs.file} does not exist")
+        try:
+            trunk = timm.create_model(vs.name, pretrained=True, pretrained_cfg_overlay=overlay,
+                                      num_classes=0, img_size=image_size)
+        except TypeError as err:  # convnets take no img_size: they have no token sequence either
+            raise ValueError(f"--vision-init {spec}: not a transformer tower ({err}); the Q-Former "
+                             f"cross-attends to a token sequence (timm ViT / EVA, open_clip)") from err
+        if not hasattr(trunk, "blocks") or not getattr(trunk, "num_prefix_tokens", 0):
+            raise ValueError(f"--vision-init {spec}: {type(trunk).__name__} has no transformer "
+                             f"blocks with a class token for the Q-Former to read")
+        return cls(trunk, "timm", spec)
 
     def train(self, mode: bool = True):
         super().train(mode)

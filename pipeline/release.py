@@ -10,6 +10,11 @@ other row, without its image, to ``removed.parquet`` with the reason. So every i
 either released or listed in ``removed.parquet``, which ``release_manifest.check_counts``
 verifies before the release is moved into place.
 
+It is plain Python over ``pyarrow.dataset``, not a Beam pipeline: the dedup and
+decontamination decisions need every kept row's embedding in one faiss index, in one process,
+before any row can be written, so the build is two sequential passes around one global step,
+which Beam's element-wise model would only wrap.
+
 Inputs are the shards each curate output's ``manifest.json`` records, checked against their
 recorded SHA-256 before any image is read (``list_input_shards``), so a lost or changed shard
 stops the build instead of shipping part of the data.
@@ -38,7 +43,8 @@ import pyarrow.parquet as pq
 from pipeline import dedup, release_manifest
 from pipeline.sources import file_sha256
 from pipeline.release_io import (
-    CURATED_READ_SCHEMA, REMOVED_SCHEMA, EvalSet, ShardWriter, check_input_schema, load_eval_set, scan_rows,
+    CURATED_READ_SCHEMA, PROGRESS_EVERY_S, REMOVED_SCHEMA, EvalSet, ShardWriter, check_input_schema, load_eval_set,
+    scan_rows,
 )
 
 log = logging.getLogger(__name__)
@@ -160,6 +166,7 @@ def list_input_shards(inputs: list[Path]) -> tuple[list[Path], list[str], list[s
     a partial or unaccounted release) and `shards/` must hold no other parquet file; the
     schemas are checked too. All of this before any image is read."""
     files, sources, hashes = [], [], []
+    t0 = last = time.time()
     for d in inputs:
         if not d.is_dir():
             raise ValueError(f"release input {d} is not a directory")
@@ -184,6 +191,9 @@ def list_input_shards(inputs: list[Path]) -> tuple[list[Path], list[str], list[s
             files.append(path)
             sources.append(f"{d}/shards/{shard['name']}")
             hashes.append(digest)
+            if time.time() - last >= PROGRESS_EVERY_S:
+                last = time.time()
+                log.info("checking inputs: %d shard(s) hashed (%.0f s)", len(files), last - t0)
     return files, sources, hashes
 
 
@@ -305,12 +315,16 @@ def write_outputs(files: list[Path], sources: list[str], dec: RowDecisions, stag
     writer = ShardWriter(stage, cfg.rows_per_shard, webdataset=cfg.webdataset)
     removed = pq.ParquetWriter(stage / "removed.parquet", REMOVED_SCHEMA)
     start = 0
+    t0 = last = time.time()
     try:
         for path, source in zip(files, sources):
             dataset = ds.dataset(str(path), format="parquet", schema=CURATED_READ_SCHEMA)
             for batch in dataset.to_batches(batch_size=1024):
                 rows = np.arange(start, start + batch.num_rows)
                 start += batch.num_rows
+                if time.time() - last >= PROGRESS_EVERY_S:
+                    last = time.time()
+                    log.info("pass 2: %d/%d rows written (%.0f s)", start, len(dec.reason), last - t0)
                 released = dec.reason[rows] == 0
                 if released.any():
                     writer.write(pa.Table.from_batches([batch]).filter(pa.array(released)))
@@ -424,7 +438,7 @@ def build_release(cfg: ReleaseConfig, embedder: Embedder | None = None) -> dict:
             cfg, files, sources, hashes, lineage, eval_set, plans, counts, outputs, stage)
         release_manifest.check_counts(manifest)
         (stage / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        (stage / "README.md").write_text(release_manifest.dataset_card(manifest))
+        (stage / "README.md").write_text(release_manifest.dataset_card(manifest, report=cfg.report))
         if cfg.report:
             from pipeline.report import write_report
             write_report(stage, out_file=stage / "report.html", title=str(cfg.out))

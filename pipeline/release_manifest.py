@@ -199,8 +199,9 @@ LIMITATIONS = """\
 """
 
 
-def dataset_card(m: dict) -> str:
-    """The release README.md: what it is, counts, filters, lineage, limitations."""
+def dataset_card(m: dict, report: bool = True) -> str:
+    """The release README.md: what it is, counts, filters, lineage, limitations (`report`:
+    whether the release has a report.html)."""
     c, s = m["counts"], m["settings"]
     lines = [
         "# CapFilt image-text release", "",
@@ -228,7 +229,8 @@ def dataset_card(m: dict) -> str:
               "## Layout", "",
               "- `shards/part-XXXXX.parquet`: one row per image, with the columns below;",
               "- `webdataset/XXXXX.tar` (optional): `NNNNNNNNN.jpg` + `.json` (`caption`, `captions`, `key`, ...) + `.txt`;",
-              "- `removed.parquet`, `manifest.json` (hashes, models, settings, counts), `report.html`.", "",
+              "- `removed.parquet`, `manifest.json` (hashes, models, settings, counts)"
+              + (", `report.html`." if report else "."), "",
               "| column | meaning |", "|---|---|", *COLUMNS, "",
               f"Code version: `{m['code_version']}`.", "", "## Known limitations", "", LIMITATIONS]
     return "\n".join(lines)

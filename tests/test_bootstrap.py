@@ -324,6 +324,48 @@ def test_rounds_and_ablations_call_the_stages_in_order(tmp_path, monkeypatch):
     assert len(fake.of("pretrain", "--arch clip")) == 1  # the ranker is trained once
 
 
+def test_rounds_and_ablations_flags_override_the_config(tmp_path, monkeypatch):
+    import jobs.bootstrap as bootstrap
+
+    _fake_evaluation(monkeypatch)
+    monkeypatch.setattr(bootstrap, "_cli", FakeStages())
+    out = tmp_path / "run"
+    assert cli.main(["bootstrap", "--config", str(_config_path("ci_small.yaml")), "--out", str(out),
+                     "--rounds", "2", "--ablations", "none, capfilt"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [(e["round"], e["ablation"]) for e in report["rounds"]] == [(0, "none"), (1, "capfilt"), (2, "capfilt")]
+    with pytest.raises(SystemExit, match="capfilt bootstrap: .*'filtre'"):
+        cli.main(["bootstrap", "--config", str(_config_path("ci_small.yaml")), "--out", str(out),
+                  "--ablations", "none,filtre"])
+
+
+def test_demo_runs_the_packaged_config_and_prints_the_report(tmp_path, monkeypatch, capsys):
+    """`capfilt demo` is bootstrap on jobs/configs/demo.yaml (kept beside the report), with
+    --rounds / --jobs / --threads passed through; the stages themselves are not run here."""
+    import torch
+
+    import jobs.bootstrap as bootstrap
+
+    seen = []
+    monkeypatch.setattr(bootstrap.Bootstrap, "run", lambda self: seen.append(self))
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: seen.append(("threads", n)))
+    packaged = _config_path("demo.yaml").read_text()
+    assert cli.main(["demo", "--print-config"]) == 0
+    assert capsys.readouterr().out == packaged
+    out = tmp_path / "d"
+    assert cli.main(["demo", "--out", str(out)]) == 0
+    assert (out / "demo_config.yaml").read_text() == packaged
+    threads, run = seen
+    assert threads == ("threads", 1) and run.config.rounds == 1 and run.jobs == 2 and run.out == out
+    assert run.config.ablations == ["none", "filter", "captioner", "capfilt"]
+    printed = capsys.readouterr().out
+    assert f"report: {out / 'report.md'}" in printed and f"demo finished: open {out / 'report.md'}" in printed
+    seen.clear()
+    assert cli.main(["demo", "--out", str(out), "--rounds", "2", "--jobs", "1", "--threads", "2"]) == 0
+    threads, run = seen
+    assert threads == ("threads", 2) and run.config.rounds == 2 and run.jobs == 1
+
+
 def test_rerun_skips_and_a_changed_option_redoes_downstream(tmp_path, monkeypatch):
     _fake_evaluation(monkeypatch)
     fake = FakeStages()

@@ -79,3 +79,31 @@ def test_entry_point_missing_path_is_exit_2_and_other_os_errors_exit_1(capsys, m
         cli.main_entry(["report", "X"])
     assert exc.value.code == 130
     assert "interrupted" in capsys.readouterr().err
+
+
+def test_help_shows_each_default_once(capsys):
+    """argparse's "(default: X)" was appended after help texts that already give the default
+    ("(default: DIR/report.html) (default: None)") and to every flag ("(default: False)")."""
+    import re
+
+    for argv in (["report", "--help"], ["curate", "--help"], ["bootstrap", "--help"], ["models", "init", "--help"]):
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+        out = capsys.readouterr().out
+        assert "(default: None)" not in out and "(default: False)" not in out, argv
+        for block in re.split(r"\n(?=  -)", out):  # one block per option
+            assert block.count("(default") <= 1, (argv, block)
+    with pytest.raises(SystemExit):
+        cli.main(["curate", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--itm-threshold T a caption passes the filter when its ITM p(match) >= T (default: 0.5)" in out
+
+
+def test_an_unknown_log_level_is_an_error(capsys):
+    """--log-level VERBOSE used to mean INFO without a word."""
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--log-level", "VERBOSE", "synth", "--help"])
+    assert exc.value.code == 2 and "invalid choice: 'VERBOSE'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--log-level", "debug", "synth", "--help"])  # any case
+    assert exc.value.code == 0

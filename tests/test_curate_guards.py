@@ -300,6 +300,19 @@ def test_a_refused_run_leaves_no_new_out_behind(tmp_path, tiny_models, two_rows)
     assert code == 2 and existing.is_dir()  # a directory the user made stays
 
 
+def test_curate_puts_beam_log_levels_back(tmp_path, tiny_models):
+    """curate quiets Beam's loggers while it runs; they stayed quiet for the rest of the process,
+    hiding Beam's errors from the stages a bootstrap or run-job runs after it."""
+    import logging
+
+    names = ("apache_beam", "apache_beam.runners.common")
+    before = {name: logging.getLogger(name).level for name in names}
+    code, _, _ = run_cli(["curate", "--input", str(tmp_path / "none" / "*.parquet"), "--out", str(tmp_path / "o"),
+                          *model_args(tiny_models)])
+    assert code == 2
+    assert {name: logging.getLogger(name).level for name in names} == before
+
+
 # --- models and --device are checked before --out is touched ----------------------------------
 
 @pytest.mark.parametrize("option, value, message", [

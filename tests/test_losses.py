@@ -16,7 +16,7 @@ def _ce(logits_row, target):
 def test_itc_loss_hand_computed():
     sim_i2t = torch.tensor([[2.0, 0.0], [1.0, 1.0]])
     sim_t2i = torch.tensor([[0.0, 1.0], [3.0, 0.0]])
-    pos = L.one_hot_positive(torch.tensor([0, 1]), 2)
+    pos = torch.eye(2, dtype=torch.bool)  # one positive per row, on the diagonal
     # i2t rows: -log(e^2 / (e^2 + 1)) and -log(1/2); t2i rows: -log(1 / (1 + e)) and -log(1 / (e^3 + 1))
     i2t = (math.log(1 + math.exp(-2)) + math.log(2)) / 2
     t2i = (math.log(1 + math.e) + math.log(math.exp(3) + 1)) / 2

@@ -52,6 +52,13 @@ def test_embeddings_are_normalised(ranker):
     assert score == pytest.approx(float(images[0] @ texts[1]), abs=1e-5)
 
 
+def test_encode_texts_names_what_it_got(ranker):
+    with pytest.raises(ValueError, match="non-empty list of strings, got str 'a red star'"):
+        ranker.encode_texts("a red star")  # one string, not a list of captions
+    with pytest.raises(ValueError, match="got list '\\[\\]'"):
+        ranker.encode_texts([])
+
+
 def test_each_image_encoded_once(ranker):
     calls = []
     hook = ranker.model.visual.register_forward_hook(lambda module, args, out: calls.append(out.shape[0]))

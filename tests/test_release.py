@@ -112,7 +112,25 @@ def test_manifest_counts_reconcile_with_files(world):
     assert json.loads((out / "manifest.json").read_text()) == m
     card = (out / "README.md").read_text()
     assert "| decontaminate | 11 |" in card and "| dedup | 9 |" in card and "Known limitations" in card
+    assert "report.html" not in card and not (out / "report.html").exists()  # built with report=False
     release_manifest.check_counts(m)  # the published manifest passes its own check
+
+
+def test_long_steps_log_progress(world, monkeypatch, caplog):
+    """Hashing the inputs and pass 2 logged nothing until they finished; with the interval at 0
+    every shard and batch logs a line (the CLIP pass and the near-dup search already did)."""
+    import logging
+
+    from pipeline import release
+
+    monkeypatch.setattr(release, "PROGRESS_EVERY_S", 0.0)
+    with caplog.at_level(logging.INFO, logger="pipeline.release"):
+        build(world)
+    lines = [r.getMessage() for r in caplog.records if r.name == "pipeline.release"]
+    assert [x.split(" (")[0] for x in lines if x.startswith("checking inputs")] == [
+        f"checking inputs: {n} shard(s) hashed" for n in (1, 2, 3)]  # cur_a has 2 shards, cur_b 1
+    assert [x.split(" (")[0] for x in lines if x.startswith("pass 2")] == [
+        f"pass 2: {n}/14 rows written" for n in (7, 9, 14)]  # one batch per shard: 7, 2 and 5 rows
 
 
 def test_accounting_failure_publishes_nothing(world, monkeypatch):
@@ -213,6 +231,7 @@ def test_cli_release_with_tiny_clip(world, tiny_models):
     assert removed_by_key(out)["b"]["reason"] == "exact_duplicate"
     assert m["counts"]["input_rows"] == 3 and m["counts"]["released"] + m["outputs"]["removed"]["rows"] == 3
     assert (out / "report.html").is_file() and len(m["outputs"]["webdataset"]) == m["counts"]["released"]
+    assert "`report.html`" in (out / "README.md").read_text()
 
 
 def test_empty_and_all_dropped_inputs(tmp_path):

@@ -2,7 +2,7 @@
 (bytes, HTML, Unicode, control characters)."""
 import pytest
 
-from transforms.text import DEFAULT_MAX_WORDS, caption_ok, clean_caption, normalize_text
+from transforms.text import DEFAULT_MAX_WORDS, clean_caption, normalize_text
 
 CASES = [
     # BLIP's pre_caption rules
@@ -122,25 +122,3 @@ def test_idempotent():
 def test_normalize_text_keeps_case_and_punctuation():
     assert normalize_text("<b>Hello</b>, World! &amp;\u200b Ｆine.") == "Hello , World! & Fine."
     assert normalize_text(None) == ""
-
-
-@pytest.mark.parametrize(
-    "raw,min_words,ok",
-    [
-        ("a dog", 1, True),
-        ("a dog", 2, True),
-        ("a dog", 3, False),
-        ("...", 1, False),
-        ("<br/>", 1, False),
-        (None, 1, False),
-        (b"\xff\xfe", 1, False),
-        ("", 0, True),
-    ],
-)
-def test_caption_ok(raw, min_words, ok):
-    assert caption_ok(raw, min_words=min_words) is ok
-
-
-def test_caption_ok_rejects_negative_min_words():
-    with pytest.raises(ValueError, match="min_words"):
-        caption_ok("a dog", min_words=-1)

@@ -302,11 +302,11 @@ def test_towers_the_qformer_cannot_read_are_named(tmp_path):
     resnet = timm.create_model("resnet10t", pretrained=False, num_classes=0)
     save_file({k: v.contiguous() for k, v in resnet.state_dict().items()}, str(tmp_path / "r.safetensors"))
     with pytest.raises(ValueError, match="not a transformer tower"):
-        PenultimateTower(f"timm:resnet10t:{tmp_path / 'r.safetensors'}", 224)
+        PenultimateTower.from_spec(f"timm:resnet10t:{tmp_path / 'r.safetensors'}", 224)
     with pytest.raises(ValueError, match="not a vision transformer"):
         create_timm(VisionSpec.parse(f"timm:resnet10t:{tmp_path / 'r.safetensors'}"), BlipVisionConfig())
     with pytest.raises(ValueError, match="weights file .*nofile.safetensors does not exist"):
-        PenultimateTower(f"timm:eva02_tiny_patch14_224:{tmp_path / 'nofile.safetensors'}", 224)
+        PenultimateTower.from_spec(f"timm:eva02_tiny_patch14_224:{tmp_path / 'nofile.safetensors'}", 224)
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0)
     save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(tmp_path / "vit.safetensors"))
     with pytest.raises(ValueError, match=r"do not fit .*own sizes pass --model-config .*\"hidden_size\": 192, "
@@ -593,3 +593,30 @@ def test_resume_with_other_model_options_is_refused(tmp_path, synth_world, tiny_
         main([*common, "--model-config", str(micro), *human, "--resume", "--tasks", "itc,lm"])
     assert main([*common, "--model-config", str(micro), *human, "--resume"]) == 0
     assert [json.loads(x)["step"] for x in (out / "pretrain_log.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_an_open_clip_frozen_tower_needs_its_weights(tmp_path):
+    """open_clip:NAME without PRETRAINED built a random frozen tower for BLIP-2 without a word;
+    now it is refused, and weights that do not load are named."""
+    from model.vision_init import PenultimateTower
+
+    with pytest.raises(ValueError, match="open_clip:ViT-B-32: give the weights, open_clip:ViT-B-32:PRETRAINED"):
+        PenultimateTower.from_spec("open_clip:ViT-B-32", 224)
+    with pytest.raises(ValueError, match=f"open_clip:ViT-B-32:{tmp_path / 'none.safetensors'}: cannot load it"):
+        PenultimateTower.from_spec(f"open_clip:ViT-B-32:{tmp_path / 'none.safetensors'}", 224)
+    with pytest.raises(ValueError, match="wraps a timm or open_clip trunk, got 'hf'"):
+        PenultimateTower(torch.nn.Identity(), "hf", "hf:DIR")
+
+
+def test_without_the_bar_the_loss_is_logged(tmp_path, synth_world, tiny_tokenizer, caplog):
+    """--no-progress (every bootstrap stage) printed nothing for the minutes a stage trains;
+    now each --log-every step logs a line with the step, the loss and the speed."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="model.train"):
+        run(build("clip", tmp_path, tiny_tokenizer), synth_world / "human", tmp_path, steps=4, batch_size=4,
+            lr=1e-3, log_every=2)
+    lines = [r.getMessage() for r in caplog.records if r.name == "model.train" and ": step " in r.getMessage()]
+    logged = [json.loads(x) for x in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [x.split(", ")[0] for x in lines] == ["train: step 2/4", "train: step 4/4"]
+    assert [float(x.split("loss ")[1].split(",")[0]) for x in lines] == [round(r["loss"], 4) for r in logged]

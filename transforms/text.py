@@ -95,11 +95,3 @@ def clean_caption(text: str | bytes | None, max_words: int | None = DEFAULT_MAX_
     if max_words is not None:
         words = words[:max_words]
     return " ".join(words)
-
-
-def caption_ok(text: str | bytes | None, min_words: int = 1) -> bool:
-    """True when the cleaned caption has at least ``min_words`` words (junk such as ``"..."``,
-    ``"<br>"`` or invalid bytes cleans to nothing and fails)."""
-    if min_words < 0:
-        raise ValueError(f"min_words must be >= 0, got {min_words}")
-    return len(clean_caption(text, max_words=None).split()) >= min_words
