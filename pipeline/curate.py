@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import apache_beam as beam
 
 from pipeline import progress, state
+from pipeline.model_checks import check_models
 from pipeline.decode import DecodeImages, ResolveDuplicateKeys
 from pipeline.handlers import CaptionHandler, FilterHandler, InferStage, RankHandler
 from pipeline.options import is_local_runner, make_pipeline_options, num_workers, runner_name
@@ -138,7 +139,7 @@ def run_curate(cfg, beam_args: list[str] | None = None) -> CurateResult:
     store = state.OutStore(cfg.out)
     # Before --out is created, locked or cleaned: a model or device that cannot work would
     # otherwise fail the run only after --overwrite had deleted the previous output.
-    state.check_models(cfg)
+    check_models(cfg)
     if not cfg.overwrite:  # before the lock file: a refused directory is left as it was
         store.check_is_curate_output()
     with store.locked():

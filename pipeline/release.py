@@ -21,12 +21,11 @@ stops the build instead of shipping part of the data.
 
 The release is built in a staging directory beside ``out`` (created before the CLIP pass, so an
 unwritable ``out`` fails at once) and renamed over it at the end, so a failed build never
-leaves a half-written release behind. What may be replaced is checked first (``check_out``):
+leaves a half-written release behind. What may be replaced is checked first (``release_out.check_out``):
 with ``overwrite`` only an empty directory or an earlier release, never an input.
 """
 from __future__ import annotations
 
-import glob as globlib
 import json
 import logging
 import shutil
@@ -41,6 +40,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from pipeline import dedup, release_manifest
+from pipeline.release_out import check_out, stage_dir, swap_into_place
 from pipeline.sources import file_sha256
 from pipeline.release_io import (
     CURATED_READ_SCHEMA, PROGRESS_EVERY_S, REMOVED_SCHEMA, EvalSet, ShardWriter, check_input_schema, load_eval_set,
@@ -339,93 +339,19 @@ def write_outputs(files: list[Path], sources: list[str], dec: RowDecisions, stag
     return outputs
 
 
-# Written into the staging directory so that a later build knows a leftover `.NAME.partial`
-# is its own and may delete it; removed just before the rename into place.
-STAGE_MARKER = ".capfilt-release-partial"
-
-
-def _ours(path: Path) -> bool:
-    """A directory this build may delete: a staging leftover or a finished release."""
-    return (path / STAGE_MARKER).is_file() or release_manifest.is_release_dir(path)
-
-
-def _remove(path: Path) -> None:
-    if path.is_symlink():
-        path.unlink()  # the link only; whatever it points at is not ours to delete
-    else:
-        shutil.rmtree(path)
-
-
-def check_out(cfg: ReleaseConfig) -> None:
-    """Refuse an --out this build must not replace: anything without --overwrite; with it,
-    anything but an empty directory or a capfilt release (manifest.json `format`)."""
-    out = cfg.out
-    if not (out.exists() or out.is_symlink()):
-        return
-    if not cfg.overwrite:
-        raise ValueError(f"release output {out} exists; pass --overwrite to replace it")
-    if not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a directory; --overwrite only replaces a release")
-    if any(out.iterdir()) and not release_manifest.is_release_dir(out):
-        raise ValueError(f"--out {out} is not empty and not a capfilt release (its manifest.json has no "
-                         f"format {release_manifest.FORMAT}); --overwrite only replaces a release: "
-                         f"choose another --out or empty {out} yourself")
-    for side in (out.parent / f".{out.name}.partial", out.parent / f".{out.name}.old"):
-        _check_side(side, out)
-    if cfg.decontaminate:  # the eval set is read before the swap would delete it
-        inside = [f for f in globlib.glob(cfg.decontaminate, recursive=True)
-                  if out.resolve() in Path(f).resolve().parents]
-        if inside:
-            raise ValueError(f"--decontaminate file {inside[0]} is inside --out {out}, which the release replaces")
-
-
-def _check_side(side: Path, out: Path) -> None:
-    """The staging and old-release names beside ``out`` may only hold what a build left there."""
-    if (side.exists() or side.is_symlink()) and not _ours(side):
-        raise ValueError(f"{side} is in the way of --out {out} and was not left by a release build; move it away")
-
-
-def _stage_dir(out: Path) -> Path:
-    """Create the staging directory beside ``out``. Called before any expensive work, so an
-    unwritable --out fails at once with a ValueError naming the path."""
-    stage = out.parent / f".{out.name}.partial"
-    try:
-        if stage.exists() or stage.is_symlink():
-            _check_side(stage, out)
-            _remove(stage)  # left by a crashed build; never a finished release
-        (stage / "shards").mkdir(parents=True)
-        (stage / STAGE_MARKER).write_text("staging directory of `capfilt release`; safe to delete\n")
-    except OSError as err:
-        raise ValueError(f"cannot write the release to --out {out}: creating {stage} failed "
-                         f"({err.strerror or err})") from err
-    return stage
-
-
-def _swap_into_place(stage: Path, out: Path) -> None:
-    old = out.parent / f".{out.name}.old"
-    if old.exists() or old.is_symlink():
-        _remove(old)  # check_out confirmed it is a release (a crash between the renames below)
-    if out.exists() or out.is_symlink():
-        out.rename(old)
-    (stage / STAGE_MARKER).unlink()
-    stage.rename(out)
-    if old.exists() or old.is_symlink():
-        _remove(old)
-
-
 def build_release(cfg: ReleaseConfig, embedder: Embedder | None = None) -> dict:
     """Build the release described by ``cfg``; returns the manifest (also in out/manifest.json).
 
     ``embedder`` maps RGB images to normalised embeddings; by default the CLIP named by
     ``cfg.clip`` (or the curate manifest) loaded through ``model.ranker.ClipRanker``."""
     t0 = time.time()
-    check_out(cfg)
+    check_out(cfg.out, cfg.overwrite, cfg.decontaminate)
     files, sources, hashes = list_input_shards(cfg.inputs)
     lineage = release_manifest.curate_lineage(cfg.inputs)
     if embedder is None:
         cfg.clip = cfg.clip or release_manifest.default_clip(lineage)
     # Before the model is loaded and the images embedded: an unwritable --out fails now.
-    stage = _stage_dir(cfg.out)
+    stage = stage_dir(cfg.out)
     try:
         if embedder is None:
             embedder = release_manifest.clip_embedder(cfg.clip)
@@ -445,6 +371,6 @@ def build_release(cfg: ReleaseConfig, embedder: Embedder | None = None) -> dict:
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    _swap_into_place(stage, cfg.out)
+    swap_into_place(stage, cfg.out)
     log.info("release %s: %s in %.1f s", cfg.out, counts, time.time() - t0)
     return manifest

@@ -317,6 +317,7 @@ def test_overwrite_refuses_foreign_files_in_the_way(world):
 
 def test_a_crashed_builds_staging_dir_is_replaced(world, monkeypatch):
     import pipeline.release as release
+    import pipeline.release_out as release_out
 
     def crash(*a, **kw):
         raise KeyboardInterrupt  # the build is killed while writing
@@ -326,11 +327,11 @@ def test_a_crashed_builds_staging_dir_is_replaced(world, monkeypatch):
     assert not (world / ".rel.partial").exists()  # cleaned on the way out
     # a staging dir left by a kill -9 carries the marker: the next build may delete it
     (world / ".rel.partial/shards").mkdir(parents=True)
-    (world / ".rel.partial" / release.STAGE_MARKER).write_text("")
+    (world / ".rel.partial" / release_out.STAGE_MARKER).write_text("")
     monkeypatch.undo()
     build(world)
     assert not (world / ".rel.partial").exists() and (world / "rel/manifest.json").is_file()
-    assert not (world / "rel" / release.STAGE_MARKER).exists()
+    assert not (world / "rel" / release_out.STAGE_MARKER).exists()
 
 
 # --- inputs checked against their curate record ---------------------------------------------
