@@ -263,7 +263,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model-config", help="JSON file deep-merged into the fresh model's config, e.g. "
                         '{"vision_config": {"num_hidden_layers": 12}}')
     parser.add_argument("--vision-init", metavar="SPEC", help="vision tower weights: timm:NAME[:FILE], "
-                        "hf:DIR, or (blip2 frozen tower) open_clip:NAME[:PRETRAINED]")
+                        "hf:DIR, or (blip2 frozen tower) open_clip:NAME:PRETRAINED")
     parser.add_argument("--tasks", help="comma list of losses (blip: itc,itm,lm; blip2: itc,itm,itg)")
     parser.add_argument("--prompt", default="", help="LM prompt masked out of the targets (blip)")
 

@@ -10,7 +10,7 @@ mapping (transformers converts only BLIP's own checkpoints), hence this module.
 
 Specs (`--vision-init`): ``timm:NAME[:FILE]`` (FILE: a local .safetensors/.pth state dict, read
 by timm's loader with ``weights_only=True``; without FILE timm fetches NAME's pretrained tag),
-``open_clip:NAME[:PRETRAINED]`` (BLIP-2's frozen tower only), ``hf:DIR`` (the vision tower of a
+``open_clip:NAME:PRETRAINED`` (BLIP-2's frozen tower only), ``hf:DIR`` (the vision tower of a
 saved BLIP / BLIP-2 directory).
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ class VisionSpec:
         kind, _, rest = spec.partition(":")
         if kind not in ("timm", "open_clip", "hf") or not rest:
             raise ValueError(f"--vision-init {spec!r}: expected timm:NAME[:FILE], "
-                             "open_clip:NAME[:PRETRAINED] or hf:DIR")
+                             "open_clip:NAME:PRETRAINED or hf:DIR")
         if kind == "hf":
             return cls(kind, rest)
         name, _, file = rest.partition(":")
