@@ -608,6 +608,31 @@ def test_an_open_clip_frozen_tower_needs_its_weights(tmp_path):
         PenultimateTower(torch.nn.Identity(), "hf", "hf:DIR")
 
 
+def test_blip2_trains_against_a_frozen_open_clip_tower(tmp_path, synth_world, tiny_tokenizer):
+    """open_clip:NAME:FILE as BLIP-2's frozen tower (BLIP-2 stage 1 freezes any timm or
+    open_clip tower): its penultimate block's tokens feed the Q-Former, and the weights stay."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    from model.blip2_pretrain import Blip2TrainConfig, build_blip2
+
+    config = tmp_path / "capfilt-test-tiny-oc.json"  # open_clip names a model config by its file
+    config.write_text(json.dumps({"embed_dim": 32, "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32,
+                                                                  "head_width": 16, "layers": 3},
+                                  "text_cfg": {"width": 32, "heads": 2, "layers": 1}}))
+    open_clip.add_model_config(config)
+    clip = open_clip.create_model("capfilt-test-tiny-oc")
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(tmp_path / "oc.safetensors"))
+    model = build_blip2(Blip2TrainConfig(), tmp_path, tokenizer_dir=tiny_tokenizer, overrides=MICRO["blip2"],
+                        vision_init=f"open_clip:capfilt-test-tiny-oc:{tmp_path / 'oc.safetensors'}")
+    assert model.tower.lib == "open_clip" and model.tower.index == 1  # 3 blocks: the second feeds the Q-Former
+    assert model.tower(torch.zeros(2, 3, 32, 32)).shape == (2, 1 + 16, 32)  # (B, 1 + patches, width)
+    run(model, synth_world / "human", tmp_path, steps=2, batch_size=4, lr=1e-3)
+    assert all(torch.equal(a, b) for a, b in zip(model.tower.trunk.state_dict().values(),
+                                                 clip.visual.state_dict().values()))
+    assert (tmp_path / "qformer" / "qformer.safetensors").is_file()
+
+
 def test_without_the_bar_the_loss_is_logged(tmp_path, synth_world, tiny_tokenizer, caplog):
     """--no-progress (every bootstrap stage) printed nothing for the minutes a stage trains;
     now each --log-every step logs a line with the step, the loss and the speed."""
