@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -301,7 +302,8 @@ class Bootstrap:
         log.info("%d independent stages in %d processes: %s", len(calls), workers, ", ".join(names))
         state = (self.config, self.out, self.stages.force, self.threads, dict(self.stages.stamps))
         # spawn: a fresh interpreter per worker (fork would copy torch's thread pools and locks).
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=exit_with_parent, initargs=(os.getpid(),)) as pool:
             futures = [pool.submit(_worker, state, method, args) for method, args in calls]
             outcomes = []
             for future in futures:
@@ -346,6 +348,18 @@ class Bootstrap:
                   "total_seconds": time.perf_counter() - started, "config": _config_dict(cfg)}
         write_report(self.out, report)
         return report
+
+
+def exit_with_parent(parent: int) -> None:
+    """Pool initializer: end this worker when the bootstrap process that started it is gone. A
+    kill -9 skips the pool's shutdown, and an orphan went on training in the stage directory a
+    re-run resumes in (or held its curate lock), then hung when it had nothing to report to."""
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _worker(state, method: str, args: tuple):

@@ -48,7 +48,7 @@ class Stages:
             raise RuntimeError(f"stage {name} depends on {unknown}, which have not run")
         key = {"key": key, "deps": {d: self.stamps[d] for d in deps}}
         marker = self._marker(name)
-        done = json.loads(marker.read_text()) if marker.is_file() else None
+        done = _read_marker(marker)
         if done and done["key"] == key and all(p.exists() for p in outputs) and not self.force:
             log.info("[%s] already done (%.0f s), skipped", name, done["seconds"])
             self.stamps[name] = done["stamp"]
@@ -71,10 +71,25 @@ class Stages:
         if missing:
             raise RuntimeError(f"stage {name} finished without writing {missing}")
         self.stamps[name] = uuid.uuid4().hex
-        marker.write_text(json.dumps({"key": key, "stamp": self.stamps[name], "seconds": seconds}, indent=1))
+        tmp = marker.with_name(marker.name + ".tmp")  # renamed into place: a kill never leaves half a marker
+        tmp.write_text(json.dumps({"key": key, "stamp": self.stamps[name], "seconds": seconds}, indent=1))
+        tmp.replace(marker)
         log.info("[%s] done in %.0f s", name, seconds)
         self.records.append({"stage": name, "seconds": seconds, "skipped": False})
         return seconds
+
+
+def _read_marker(marker: Path) -> dict | None:
+    """A stage's done marker, or None when there is none or it cannot be read (a marker from
+    before they were written atomically, cut short by a kill): the stage then runs again."""
+    if not marker.is_file():
+        return None
+    try:
+        done = json.loads(marker.read_text())
+    except ValueError:
+        log.warning("%s is not a readable stage marker: the stage runs again", marker)
+        return None
+    return done if isinstance(done, dict) and {"key", "stamp", "seconds"} <= set(done) else None
 
 
 class WouldRun(Exception):

@@ -378,7 +378,9 @@ def build_blip(cfg: BlipTrainConfig, work_dir, init=None, seed: int = 0, tokeniz
 
     if init is None:
         base = Path(work_dir) / "init"
-        if not (base / "itm" / "config.json").is_file():
+        # Both parts or neither: a run killed after writing init/itm left no init/captioner,
+        # and reusing half of it failed every resume. init_model writes each part atomically.
+        if not all((base / part / "config.json").is_file() for part in ("itm", "captioner")):
             init_model("itm", base / "itm", tokenizer_dir, seed, overrides)
             init_model("captioner", base / "captioner", base / "itm", seed, overrides)
         model = BlipTrainModel.from_dirs(dataclasses.replace(cfg, tie_text=True), base / "itm", base / "captioner")

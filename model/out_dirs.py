@@ -7,6 +7,7 @@ import contextlib
 import os
 import shutil
 import uuid
+from glob import escape as glob_escape
 from pathlib import Path
 
 
@@ -31,6 +32,7 @@ def staged_dir(out: str | Path, replace: bool = True):
         out.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError) as exc:
         raise ValueError(f"cannot create output directory {out}: a parent is a file ({exc})") from exc
+    _remove_dead_leftovers(out)
     # a hidden name in the same directory: the final rename stays on one filesystem
     stage = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     stage.mkdir()
@@ -56,3 +58,24 @@ def staged_dir(out: str | Path, replace: bool = True):
                 shutil.rmtree(target)
             os.replace(entry, target)
         stage.rmdir()
+
+
+def _remove_dead_leftovers(out: Path) -> None:
+    """Delete the staging (and parked old) siblings of ``out`` that a killed run left: their
+    name carries the writer's pid, and a pid that is no longer alive will not finish them. A
+    live pid's sibling is another run at work and stays."""
+    for kind in ("partial", "old"):
+        for path in out.parent.glob(f".{glob_escape(out.name)}.{kind}-*-*"):
+            pid = path.name[len(f".{out.name}.{kind}-"):].split("-")[0]
+            if pid.isdigit() and not _alive(int(pid)) and path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True

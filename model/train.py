@@ -296,7 +296,9 @@ class Trainer:
                        tmp / "train_state.pt")
             shutil.rmtree(path, ignore_errors=True)
             tmp.rename(path)
-            (self.ckpt_root / "latest").write_text(path.name)
+            tmp = self.ckpt_root / "latest.tmp"  # renamed into place: a kill never leaves it empty
+            tmp.write_text(path.name)
+            tmp.replace(self.ckpt_root / "latest")
             done = sorted(p for p in self.ckpt_root.glob("step-*") if not p.name.endswith(".tmp"))
             for old in done[: max(0, len(done) - self.cfg.keep_checkpoints)]:
                 shutil.rmtree(old)
@@ -327,12 +329,24 @@ class Trainer:
             raise ValueError(f"{path}: data source {i} differs: {what}; resume with the same --data/--mix "
                              "(or start a new run with --overwrite)")
 
-    def _resume(self) -> None:
+    def _latest_checkpoint(self) -> Path | None:
+        """The checkpoint ``latest`` names; if it names none that is whole (a ``latest`` cut
+        short by a kill before it was renamed into place), the newest whole step-* directory."""
         latest = self.ckpt_root / "latest"
-        if not latest.is_file():
+        name = latest.read_text().strip() if latest.is_file() else ""
+        if name and (self.ckpt_root / name / "train_state.pt").is_file():
+            return self.ckpt_root / name
+        whole = sorted(p for p in self.ckpt_root.glob("step-*")
+                       if not p.name.endswith(".tmp") and (p / "train_state.pt").is_file())
+        if whole and latest.is_file():
+            log.warning("%s names no whole checkpoint (%r): resuming from %s", latest, name, whole[-1].name)
+        return whole[-1] if whole else None
+
+    def _resume(self) -> None:
+        path = self._latest_checkpoint()
+        if path is None:
             log.info("no checkpoint in %s: starting from step 0", self.ckpt_root)
             return
-        path = self.ckpt_root / latest.read_text().strip()
         state = torch.load(path / "train_state.pt", map_location="cpu", weights_only=True)
         saved = state["config"]
         for key in ("batch_size", "accum", "seed"):

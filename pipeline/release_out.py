@@ -21,7 +21,10 @@ STAGE_MARKER = ".capfilt-release-partial"
 
 
 def _ours(path: Path) -> bool:
-    """A directory this build may delete: a staging leftover or a finished release."""
+    """A directory this build may delete: a staging leftover, a finished release, or an empty
+    directory (a build killed between creating its staging directory and marking it)."""
+    if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
+        return True
     return (path / STAGE_MARKER).is_file() or release_manifest.is_release_dir(path)
 
 
@@ -68,8 +71,9 @@ def stage_dir(out: Path) -> Path:
         if stage.exists() or stage.is_symlink():
             _check_side(stage, out)
             _remove(stage)  # left by a crashed build; never a finished release
-        (stage / "shards").mkdir(parents=True)
+        stage.mkdir(parents=True)
         (stage / STAGE_MARKER).write_text("staging directory of `capfilt release`; safe to delete\n")
+        (stage / "shards").mkdir()
     except OSError as err:
         raise ValueError(f"cannot write the release to --out {out}: creating {stage} failed "
                          f"({err.strerror or err})") from err

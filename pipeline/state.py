@@ -305,6 +305,9 @@ class OutStore:
                 stray = ".tmp-" in name or name not in kept
                 if stray:
                     FileSystems.delete([path])
+        for record in ("stats.json", "manifest.json"):  # the run record's temp files (write_json)
+            for path in self._list(_join(self.out, f"{record}.tmp-*")):
+                FileSystems.delete([path])
 
     # -- one shard ------------------------------------------------------------------------
     def staging_dir(self, run_id: str) -> str:

@@ -102,6 +102,11 @@ def test_stages_skip_redo_and_resume(tmp_path):
     (tmp_path / "b" / "partial").write_text("checkpoint")
     run_all(key_a="a2")
     assert calls[4:] == [("b", True)] and (tmp_path / "b" / "partial").exists()
+    # a marker cut short (written before markers were renamed into place): b is not done and resumes
+    (tmp_path / "stages" / "b.json").write_text("")
+    run_all(key_a="a2")
+    assert calls[5:] == [("b", True)] and json.loads((tmp_path / "stages" / "b.json").read_text())["key"]
+    assert not list((tmp_path / "stages").glob("*.tmp"))
     with pytest.raises(RuntimeError, match="depends on"):
         Stages(tmp_path).run("c", "c", [], work("c"), deps=("zzz",))
     with pytest.raises(RuntimeError, match="without writing"):
@@ -421,3 +426,45 @@ def test_parallel_groups_send_only_unfinished_stages_to_workers(tmp_path, monkey
     assert [s["stage"] for s in again["stages"]] == [s["stage"] for s in sequential["stages"]]
     assert {s["stage"] for s in again["stages"] if not s["skipped"]} == {
         "clip", *(f"round1/{a}/{s}" for a in ("filter", "captioner", "capfilt") for s in ("curate", "pretrain", "eval"))}
+
+
+ORPHAN_SCRIPT = """
+import multiprocessing, os, sys, time
+from concurrent.futures import ProcessPoolExecutor
+from jobs.bootstrap import exit_with_parent
+
+if __name__ == "__main__":
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=exit_with_parent, initargs=(os.getpid(),))
+    print(pool.submit(os.getpid).result(), flush=True)
+    pool.submit(time.sleep, 600)
+    time.sleep(600)
+"""
+
+
+def test_workers_end_when_the_bootstrap_process_is_killed(tmp_path):
+    """--jobs 2: a kill -9 of the bootstrap left its worker processes training on (in the stage
+    directories a re-run then resumed in) and hanging forever at the end."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "parent.py"
+    script.write_text(ORPHAN_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
+    worker = int(parent.stdout.readline())
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 60  # a bound on waiting, not a speed assertion
+    while time.monotonic() < deadline:
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        os.kill(worker, signal.SIGKILL)
+        raise AssertionError(f"worker {worker} outlived the killed bootstrap process")

@@ -300,6 +300,20 @@ def test_a_refused_run_leaves_no_new_out_behind(tmp_path, tiny_models, two_rows)
     assert code == 2 and existing.is_dir()  # a directory the user made stays
 
 
+def test_clean_incomplete_removes_the_run_records_temp_files(tmp_path):
+    """A kill while stats.json / manifest.json were being written left their temp files in
+    --out for good (only shards/, errors/ and _state/ were swept)."""
+    from pipeline.state import OutStore
+
+    out = tmp_path / "out"
+    store = OutStore(str(out))
+    out.mkdir()
+    for name in ("stats.json.tmp-18043", "manifest.json.tmp-7", "stats.json"):
+        (out / name).write_text("{}")
+    store.clean_incomplete({})
+    assert sorted(p.name for p in out.iterdir()) == ["stats.json"]
+
+
 def test_curate_puts_beam_log_levels_back(tmp_path, tiny_models):
     """curate quiets Beam's loggers while it runs; they stayed quiet for the rest of the process,
     hiding Beam's errors from the stages a bootstrap or run-job runs after it."""

@@ -332,6 +332,10 @@ def test_a_crashed_builds_staging_dir_is_replaced(world, monkeypatch):
     build(world)
     assert not (world / ".rel.partial").exists() and (world / "rel/manifest.json").is_file()
     assert not (world / "rel" / release_out.STAGE_MARKER).exists()
+    # killed between creating the staging directory and marking it: an empty directory is ours too
+    (world / ".rel.partial").mkdir()
+    build(world, overwrite=True)
+    assert not (world / ".rel.partial").exists() and (world / "rel/manifest.json").is_file()
 
 
 # --- inputs checked against their curate record ---------------------------------------------

@@ -645,3 +645,34 @@ def test_without_the_bar_the_loss_is_logged(tmp_path, synth_world, tiny_tokenize
     logged = [json.loads(x) for x in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert [x.split(", ")[0] for x in lines] == ["train: step 2/4", "train: step 4/4"]
     assert [float(x.split("loss ")[1].split(",")[0]) for x in lines] == [round(r["loss"], 4) for r in logged]
+
+
+def test_a_pretrain_killed_while_building_init_resumes(tmp_path, synth_world, tiny_tokenizer):
+    """Killed after init/itm was written and before init/captioner: every --resume (and so
+    every bootstrap re-run) failed with "init/captioner does not exist"; now init/ is rebuilt."""
+    from model.tiny import init_model
+
+    out = tmp_path / "K"
+    micro = _micro_file(tmp_path)
+    init_model("itm", out / "init" / "itm", tiny_tokenizer, 0, MICRO["blip"])  # what the kill left
+    assert main(["pretrain", "--arch", "blip", "--out", str(out), "--steps", "2", "--batch-size", "4", "--no-progress",
+                 "--tokenizer", str(tiny_tokenizer), "--model-config", str(micro),
+                 "--data", str(synth_world / "human"), "--resume"]) == 0
+    assert (out / "init" / "captioner" / "config.json").is_file() and (out / "captioner" / "config.json").is_file()
+
+
+def test_an_empty_latest_resumes_from_the_newest_whole_checkpoint(tmp_path, synth_world, tiny_tokenizer):
+    """A `latest` cut short by a kill sent --resume to checkpoints/RUN/train_state.pt (every
+    re-run failed); now it resumes from the newest step-* directory that is whole."""
+    def attempt(**cfg):
+        cfg = TrainConfig(out_dir=str(tmp_path), progress=False, shuffle_buffer=16, steps=6, batch_size=4, lr=1e-3,
+                          log_every=1, checkpoint_every=2, **cfg)
+        Trainer(build("clip", tmp_path, tiny_tokenizer), [SourceSpec(str(synth_world / "human"))], cfg).train()
+        return [json.loads(line)["step"] for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+
+    assert attempt(stop_after=4) == [1, 2, 3, 4]
+    root = tmp_path / "checkpoints" / "train"
+    (root / "latest").write_text("")
+    (root / "step-00000006.tmp").mkdir()  # a checkpoint the kill cut short is not whole
+    assert attempt(resume=True) == [1, 2, 3, 4, 5, 6]
+    assert (root / "latest").read_text() == "step-00000006"
