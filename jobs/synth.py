@@ -3,6 +3,8 @@
     capfilt synth --out world --n 2000 --noise 0.45 --seed 0
 
 writes `world/{web,human,test}/*.parquet` (img2dataset parquet format) and `world/truth.parquet`.
+The world is built beside `world` and renamed into place when complete, so an interrupted run
+(even kill -9) leaves `world` as it was and the same command can be re-run.
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ DESCRIPTION = (
     "on simple backgrounds, captioned in several phrasings. The web split is noisy (captions of "
     "other images, one wrong attribute, junk alt-text); human and test are clean. Writes "
     "OUT/{web,human,test}/*.parquet in img2dataset's parquet format and OUT/truth.parquet with "
-    "the ground truth of every row. The same options give the same bytes."
+    "the ground truth of every row. The same options give the same bytes. OUT appears whole or "
+    "not at all: an interrupted run leaves it as it was."
 )
 NOISY = ("other", "attribute", "junk")  # = transforms.synth_world.NOISY (keeps --help light)
 
@@ -60,7 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: other=0.35,attribute=0.35,junk=0.30)",
     )
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace shards already in OUT instead of failing")
+                        help="replace the synthetic world already in OUT instead of failing "
+                        "(a non-empty OUT that is not one is refused even so)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 

@@ -10,6 +10,8 @@ import uuid
 from glob import escape as glob_escape
 from pathlib import Path
 
+from transforms.procs import pid_alive
+
 
 def check_output_dir(out: Path, overwrite: bool, what: str = "output directory") -> None:
     """ValueError when ``out`` is a file, or a non-empty directory and not ``overwrite``."""
@@ -67,15 +69,5 @@ def _remove_dead_leftovers(out: Path) -> None:
     for kind in ("partial", "old"):
         for path in out.parent.glob(f".{glob_escape(out.name)}.{kind}-*-*"):
             pid = path.name[len(f".{out.name}.{kind}-"):].split("-")[0]
-            if pid.isdigit() and not _alive(int(pid)) and path.is_dir() and not path.is_symlink():
+            if pid.isdigit() and not pid_alive(int(pid)) and path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process: alive
-        return True
-    return True
