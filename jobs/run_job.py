@@ -8,13 +8,25 @@ its inputs changed since the last run:
 * **curate**: runs when there are raw shards it has not seen. Curate itself skips the shards
   it finished (and re-curates one whose output name changed because another shard of its
   name arrived); when a seen shard changed or vanished, or the curate settings or model files
-  changed, it runs with ``--overwrite``;
+  changed, or (URL lists) the list's curate output was made from an earlier download, it runs
+  with ``--overwrite``;
 * **release**: rebuilt when the curated shards' hashes, the eval files' hashes or the release
   settings differ from the last ``ROOT/release/manifest.json``.
 
 A run with nothing new calls no step and writes no file. What the job has seen is kept in
 ``ROOT/run-job-state.json`` (rewritten only when it changes); a lock file keeps two runs of one
 job apart. Exit codes: see ``EXIT_CODES`` and docs/scheduling.md.
+
+Crash safety. A run can be killed anywhere (kill -9, a lost machine), so the state file is
+written atomically (temporary file, fsync, rename) at every step boundary, never only at the
+end: a record is dropped before the work it describes starts and written back once that work
+is finished. So a re-run never trusts a half-done download, and does not download a list
+again that was finished (img2dataset writes rows in completion order: a second download of
+the same list differs in bytes from the first, and curate rightly refuses to resume over a
+changed input). ``curated_from`` records, per URL list, which download of the list its curate
+output directory was made from; a curate output from an earlier download (or of unknown
+origin, as left by a version that lost its state on a kill) is curated again with
+``--overwrite``, one from the current download is resumed.
 """
 from __future__ import annotations
 
@@ -25,6 +37,7 @@ import glob as globlib
 import hashlib
 import json
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -121,6 +134,11 @@ def _files(pattern: str, what: str, ext: str | None = None) -> list[Path]:
     return found
 
 
+def _has_files(path: Path) -> bool:
+    """Whether ``path`` is a directory holding any file (a killed run may leave empty folders)."""
+    return path.is_dir() and any(p.is_file() for p in path.rglob("*"))
+
+
 def ingest_step(job: Job, state, dry: bool) -> list[str]:
     if not job.url_lists:
         return []
@@ -133,12 +151,24 @@ def ingest_step(job: Job, state, dry: bool) -> list[str]:
         ran.append(f"ingest {lst.name}")
         if dry:
             continue
+        # Forget the old download before deleting it: a run killed during the new download must
+        # not find its half-written directory recorded as done. A curate output already there
+        # was made from an earlier download (or a killed one): it is curated again with
+        # --overwrite; an absent one will be made from this download only.
+        unit = f"list:{lst.stem}"
+        fresh = not _has_files(job.root / "curated" / lst.stem)
+        done.pop(str(lst), None)
+        state.get("curated_from", {}).pop(unit, None)
+        _checkpoint(job, state)
         if out.exists():
-            shutil.rmtree(out)  # the list changed: replace its download
+            shutil.rmtree(out)  # the list changed (or its download was lost): replace it
         code = call(["ingest", "--url-list", str(lst), "--out", str(out)] + job.ingest_argv)
         if code != 0:
             raise _failed(code, f"ingest of {lst}")
         done[str(lst)] = sha
+        if fresh:
+            state.setdefault("curated_from", {})[unit] = sha
+        _checkpoint(job, state)
     return ran
 
 
@@ -153,20 +183,38 @@ def curate_units(job: Job) -> list[tuple[str, str, Path]]:
             for p in lists]
 
 
+def _downloads(job: Job, state) -> dict[str, str]:
+    """URL-list mode: {curate unit name: recorded SHA-256 of the list whose finished download
+    it reads}; empty in shards mode."""
+    if job.shards:
+        return {}
+    done = state.get("ingest", {})
+    return {f"list:{p.stem}": done[str(p)] for p in _files(job.url_lists, "inputs.url_lists") if str(p) in done}
+
+
 def curate_step(job: Job, state, dry: bool) -> list[str]:
     signature = _digest([job.curate_argv, job.beam_argv] + [_model_stamp(m) for m in job.models.values()])
     ran, record = [], state.setdefault("curate", {})
+    downloads = _downloads(job, state)
     for name, pattern, out in curate_units(job):
         shards = _files(pattern, "inputs.shards" if job.shards else "ingested raw shards")
         now = {str(p): _sha256(p, state.setdefault("hashes", {})) for p in shards}
         seen = record.get(name, {}) if (out / "stats.json").is_file() else {}
         changed = [p for p, h in seen.get("inputs", {}).items() if now.get(p) != h]
-        overwrite = bool(seen) and (seen.get("signature") != signature or bool(changed))
+        download = downloads.get(name)
+        # URL lists: an output whose files may come from another download of the list must not
+        # be resumed. It is known to match when it was started on this download (curated_from),
+        # or when its last finished curate read exactly these shard hashes (also true of a
+        # state written before curated_from existed, so an upgrade re-curates nothing).
+        stale = (download is not None and state.get("curated_from", {}).get(name) != download
+                 and not (seen and not changed) and _has_files(out))
+        overwrite = stale or (bool(seen) and (seen.get("signature") != signature or bool(changed)))
         new = [p for p in now if p not in seen.get("inputs", {})]
         if not overwrite and not new:
             continue
         why = ("settings or models changed" if seen.get("signature") not in (None, signature) else
-               f"{len(changed)} seen shard(s) changed or vanished" if changed else f"{len(new)} new shard(s)")
+               f"{len(changed)} seen shard(s) changed or vanished" if changed else
+               "its output is from an earlier download" if stale else f"{len(new)} new shard(s)")
         label = f"curate{'' if job.shards else ' ' + out.name} ({why})"
         ran.append(label)
         if dry:
@@ -177,6 +225,9 @@ def curate_step(job: Job, state, dry: bool) -> list[str]:
             raise _failed(code, f"curate into {out}")
         _check_curate(out, shards)
         record[name] = {"signature": signature, "inputs": now}
+        if download is not None:
+            state.setdefault("curated_from", {})[name] = download
+        _checkpoint(job, state)
     return ran
 
 
@@ -259,12 +310,21 @@ def _locked(root: Path):
 
 
 def _save_state(path: Path, state: dict) -> None:
+    """Write the state atomically: a run killed while writing leaves the previous file whole."""
     text = json.dumps(state, indent=2, sort_keys=True) + "\n"
     if path.is_file() and path.read_text() == text:
         return  # unchanged: a run with nothing to do writes no file
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())  # the rename must not land before the data (power loss)
+    os.replace(tmp, path)
+
+
+def _checkpoint(job: Job, state: dict) -> None:
+    """Persist the state now, at a step boundary: a killed run runs no ``finally``."""
+    _save_state(job.root / STATE_FILE, state)
 
 
 def run(args) -> int:

@@ -5,6 +5,7 @@ shards + stats.json, finished input shards skipped, --overwrite starts again) an
 release command a pixel embedder instead of CLIP, so they run in seconds. The end-to-end test
 at the bottom runs the real curate on tiny models and the synthetic world.
 """
+import argparse
 import fcntl
 import glob
 import hashlib
@@ -19,6 +20,9 @@ import pyarrow.parquet as pq
 import pytest
 
 import jobs.curate
+import jobs.ingest
+import pipeline.release
+from jobs import run_job
 from jobs.cli import main
 from pipeline import release_manifest
 from pipeline.sources import discover_shards
@@ -34,14 +38,17 @@ def snapshot(root: Path) -> dict:
 
 class FakeCurate:
     """Stands in for `capfilt curate`: one curated shard per raw shard, named by curate's own
-    shard ids (pipeline.sources.discover_shards, exit 2 when it refuses the input), done shards
-    skipped, an output whose shard name changed curated again, the outputs recorded in
-    manifest.json as curate records them."""
+    shard ids (pipeline.sources.discover_shards, exit 2 when it refuses the input), a done
+    marker per shard written last and holding the input's hash, done shards skipped, a changed
+    input refused (exit 2) unless --overwrite, an output whose shard name changed curated again,
+    the outputs recorded in manifest.json as curate records them."""
 
     def __init__(self):
         self.calls = []
         self.fail = False
         self.break_stats = False
+        self.curated = []  # every input shard curated, in order, over all calls
+        self.kill_after = None  # a callable run after each curated shard (tests kill the run there)
 
     def __call__(self, args):
         self.calls.append({"inputs": sorted(f for g in args.input for f in glob.glob(g, recursive=True)),
@@ -56,16 +63,32 @@ class FakeCurate:
         if args.overwrite and out.exists():
             shutil.rmtree(out)
         (out / "shards").mkdir(parents=True, exist_ok=True)
-        current = {f"part-{shard.shard_id}.parquet" for shard in shards}
-        for old in (out / "shards").glob("*.parquet"):
-            if old.name not in current:  # as curate does with a shard whose name changed
+        (out / "_state").mkdir(exist_ok=True)
+        current = {shard.shard_id for shard in shards}
+        for old in (out / "_state").glob("*.json"):
+            if old.stem not in current:  # as curate does with a shard whose name changed
                 old.unlink()
+        for old in (out / "shards").glob("*.parquet"):
+            if old.name.removeprefix("part-").removesuffix(".parquet") not in current:
+                old.unlink()
+        # Done markers hold the input's hash; like curate (which compares sizes) it refuses to
+        # resume over a changed input without --overwrite, before any work.
+        digest = {s.shard_id: hashlib.sha256(Path(s.path).read_bytes()).hexdigest() for s in shards}
+        for shard in shards:
+            marker = out / "_state" / f"{shard.shard_id}.json"
+            if marker.exists() and json.loads(marker.read_text())["sha256"] != digest[shard.shard_id]:
+                return 2
         for shard in shards:
             target = out / "shards" / f"part-{shard.shard_id}.parquet"
-            if target.exists():
+            marker = out / "_state" / f"{shard.shard_id}.json"
+            if target.exists() and marker.exists():
                 continue  # finished earlier
             rows = [row(r["key"], r["jpg"]) for r in pq.read_table(shard.path).to_pylist()]
             pq.write_table(pa.Table.from_pylist(rows, schema=CURATED_SCHEMA), target)
+            marker.write_text(json.dumps({"sha256": digest[shard.shard_id]}))
+            self.curated.append(str(shard.path))
+            if self.kill_after:
+                self.kill_after()
         n = sum(pq.ParquetFile(p).metadata.num_rows for p in (out / "shards").glob("*.parquet"))
         stats = {"input_rows": n, "kept": n, "dropped": 0, "errors": 1 if self.break_stats else 0}
         (out / "stats.json").write_text(json.dumps(stats))
@@ -395,3 +418,204 @@ def test_url_lists_are_ingested_once_and_again_when_changed(job, monkeypatch, ca
     assert [(c["inputs"], c["overwrite"]) for c in fake.calls[1:]] == [
         ([str(root / "out/raw/a/00000.parquet")], True), ([str(root / "out/raw/b/00000.parquet")], False)]
     assert released_keys(root) == ["u1", "u2", "u3", "u4"]
+
+
+# -- a run killed anywhere (kill -9) ----------------------------------------------------------
+class Killed(BaseException):
+    """kill -9 of the run, in-process: not an Exception, so no step's error handling takes it."""
+
+
+@pytest.fixture
+def kill(monkeypatch):
+    """``kill()`` stops the run where it is, as kill -9 would: it raises Killed, and from then
+    on no run-job state is written (a killed process runs no ``finally`` block; the run's lock
+    is released, as the kernel releases it). ``kill.revive()`` starts the next process."""
+    real = run_job._save_state
+    dead = []
+
+    def save(path, state):
+        if not dead:
+            real(path, state)
+
+    def do():
+        dead.append(True)
+        raise Killed
+
+    monkeypatch.setattr(run_job, "_save_state", save)
+    do.revive = dead.clear
+    return do
+
+
+class FakeIngest:
+    """Stands in for `capfilt ingest`: writes a list's rows into 2-row shards 00000, 00001, ...
+    in completion order, which differs on every download (like img2dataset's threads), so a
+    second download of the same list has other bytes. ``kill_after`` runs after each shard."""
+
+    def __init__(self):
+        self.downloads = []
+        self.kill_after = None
+
+    def __call__(self, args):
+        urls = Path(args.url_list).read_text().split()
+        turn = len(self.downloads) % len(urls)
+        self.downloads.append(Path(args.url_list).name)
+        urls = urls[turn:] + urls[:turn]
+        for i in range(0, len(urls), 2):
+            write_raw(Path(args.out) / f"{i // 2:05d}.parquet",
+                      [(u, image_bytes(100 + int(u[1:]))) for u in urls[i:i + 2]])
+            if self.kill_after:
+                self.kill_after()
+        return 0
+
+
+@pytest.fixture
+def url_job(job, monkeypatch):
+    """The job over two URL lists (3 URLs each), and ref.yaml: the same job into ROOT/ref, the
+    uninterrupted run a killed one is compared with."""
+    path, fake = job
+    root = path.parent
+    ingest = FakeIngest()
+    monkeypatch.setattr(jobs.ingest, "run", ingest)
+    (root / "urls").mkdir()
+    (root / "urls" / "a.txt").write_text("u1 u2 u3\n")
+    (root / "urls" / "b.txt").write_text("u4 u5 u6\n")
+    path.write_text(path.read_text().replace('inputs: {shards: "raw/*.parquet"}', 'inputs: {url_lists: "urls/*.txt"}'))
+    ref = root / "ref.yaml"
+    ref.write_text(path.read_text().replace("output_root: out", "output_root: ref"))
+    return path, ref, fake, ingest
+
+
+def outcome(out: Path) -> dict:
+    """What a finished job produced: per list the curate counts and curated keys (asserted
+    free of duplicates and equal to the raw download's keys), the release's keys and counts."""
+    result = {}
+    for curated in sorted((out / "curated").iterdir()):
+        keys = sorted(pq.read_table(curated / "shards").column("key").to_pylist())
+        raw = sorted(pq.read_table(out / "raw" / curated.name).column("key").to_pylist())
+        assert keys == raw and len(set(keys)) == len(keys), curated
+        stats = json.loads((curated / "stats.json").read_text())
+        assert stats["input_rows"] == stats["kept"] + stats["dropped"] + stats["errors"] == len(raw)
+        result[curated.name] = {"stats": stats, "keys": keys}
+    manifest = json.loads((out / "release" / "manifest.json").read_text())
+    release_manifest.check_counts(manifest)
+    keys = pq.read_table(out / "release" / "shards").column("key").to_pylist()
+    assert len(set(keys)) == len(keys)
+    result["release"] = {"keys": sorted(keys), "counts": manifest["counts"]}
+    return result
+
+
+def test_killed_during_curate_resumes_without_downloading_again(url_job, kill, capsys):
+    """The crash audit's case: kill -9 while curate works on the first list. The re-run must not
+    download the lists again (a new download has other bytes, and curate refuses to resume over
+    a changed input: exit 2 on every later run), but resume curate where it stopped."""
+    path, ref, fake, ingest = url_job
+    root = path.parent
+    assert main(["run-job", str(ref)]) == 0
+    expected = outcome(root / "ref")
+    assert expected["release"]["keys"] == ["u1", "u2", "u3", "u4", "u5", "u6"]
+    ingest.downloads.clear()
+    fake.curated.clear()
+    fake.kill_after = kill
+    with pytest.raises(Killed):
+        main(["run-job", str(path)])
+    assert ingest.downloads == ["a.txt", "b.txt"] and len(fake.curated) == 1
+    kill.revive()
+    fake.kill_after = None
+    assert main(["run-job", str(path)]) == 0, capsys.readouterr().err
+    assert ingest.downloads == ["a.txt", "b.txt"]  # nothing downloaded twice
+    assert fake.calls[-2]["overwrite"] is False  # list a: resumed, its finished shard kept
+    assert sorted(fake.curated) == sorted(str(p) for p in (root / "out/raw").glob("*/*.parquet"))
+    assert outcome(root / "out") == expected
+    assert main(["run-job", str(path)]) == 0 and "nothing to do" in capsys.readouterr().out
+
+
+def test_killed_during_release_rebuilds_only_the_release(url_job, kill, monkeypatch, capsys):
+    """kill -9 inside the release, its staging directory written but not yet swapped in."""
+    path, ref, fake, ingest = url_job
+    root = path.parent
+    assert main(["run-job", str(ref)]) == 0
+    expected = outcome(root / "ref")
+    ingest.downloads.clear()
+    real_swap = pipeline.release.swap_into_place
+    monkeypatch.setattr(pipeline.release, "swap_into_place", lambda stage, out: kill())
+    with pytest.raises(Killed):
+        main(["run-job", str(path)])
+    assert (root / "out" / ".release.partial").is_dir() and not (root / "out" / "release").exists()
+    kill.revive()
+    monkeypatch.setattr(pipeline.release, "swap_into_place", real_swap)
+    calls = len(fake.calls)
+    capsys.readouterr()
+    assert main(["run-job", str(path)]) == 0, capsys.readouterr().err
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "run-job nightly: ran: release"
+    assert ingest.downloads == ["a.txt", "b.txt"] and len(fake.calls) == calls
+    assert outcome(root / "out") == expected
+
+
+def test_killed_while_downloading_again_downloads_again(url_job, kill, capsys):
+    """A lost download (raw/a deleted) is downloaded again; a run killed half-way through that
+    download must not leave the half as list a's download: the re-run downloads it again and
+    curates it again from scratch."""
+    path, ref, fake, ingest = url_job
+    root = path.parent
+    assert main(["run-job", str(ref)]) == 0
+    expected = outcome(root / "ref")
+    assert main(["run-job", str(path)]) == 0
+    shutil.rmtree(root / "out" / "raw" / "a")
+    ingest.kill_after = kill
+    with pytest.raises(Killed):
+        main(["run-job", str(path)])
+    assert [p.name for p in (root / "out" / "raw" / "a").iterdir()] == ["00000.parquet"]  # the half
+    kill.revive()
+    ingest.kill_after = None
+    ingest.downloads.clear()
+    assert main(["run-job", str(path)]) == 0, capsys.readouterr().err
+    assert ingest.downloads == ["a.txt"]
+    assert fake.calls[-1]["overwrite"] is True  # curated/a holds the earlier download's rows
+    assert outcome(root / "out") == expected
+
+
+def test_killed_while_recurating_a_changed_list_recurates_it_again(url_job, kill, capsys):
+    """List a changes; the run downloads it again and is killed while curating it with
+    --overwrite (the earlier output deleted, part of the new one written). The re-run must not
+    download it a third time, and must curate it again with --overwrite."""
+    path, ref, fake, ingest = url_job
+    root = path.parent
+    assert main(["run-job", str(path)]) == 0
+    (root / "urls" / "a.txt").write_text("u1 u2 u3 u7\n")
+    assert main(["run-job", str(ref)]) == 0
+    expected = outcome(root / "ref")
+    assert expected["a"]["keys"] == ["u1", "u2", "u3", "u7"]
+    ingest.downloads.clear()
+    fake.kill_after = kill
+    with pytest.raises(Killed):
+        main(["run-job", str(path)])
+    assert ingest.downloads == ["a.txt"] and fake.calls[-1]["overwrite"] is True
+    kill.revive()
+    fake.kill_after = None
+    assert main(["run-job", str(path)]) == 0, capsys.readouterr().err
+    assert "curate a (its output is from an earlier download)" in capsys.readouterr().out
+    assert ingest.downloads == ["a.txt"] and fake.calls[-1]["overwrite"] is True
+    assert outcome(root / "out") == expected
+
+
+def test_state_of_a_run_stuck_by_an_earlier_kill_recovers(url_job, capsys):
+    """What the version that saved its state only at the end left after such a kill: the lists
+    downloaded again (other bytes) and recorded, no curate record, curate's outputs and markers
+    from the first download. Curate refused that (exit 2) on every run; now it starts again."""
+    path, ref, fake, ingest = url_job
+    root = path.parent
+    assert main(["run-job", str(ref)]) == 0
+    expected = outcome(root / "ref")
+    assert main(["run-job", str(path)]) == 0
+    for lst in ("a", "b"):
+        raw = root / "out" / "raw" / lst
+        shutil.rmtree(raw)
+        assert ingest(argparse.Namespace(url_list=str(root / "urls" / f"{lst}.txt"), out=str(raw))) == 0
+        (root / "out" / "curated" / lst / "stats.json").unlink()
+    state_file = root / "out" / "run-job-state.json"
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({k: ({} if k == "curate" else v) for k, v in state.items()
+                                      if k != "curated_from"}))
+    assert main(["run-job", str(path)]) == 0, capsys.readouterr().err
+    assert [c["overwrite"] for c in fake.calls[-2:]] == [True, True]
+    assert outcome(root / "out") == expected
