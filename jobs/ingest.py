@@ -18,7 +18,11 @@ DESCRIPTION = (
     "in `jpg` (default) or webdataset tars. Every img2dataset option passes through, e.g. "
     "--image_size 384 --resize_mode keep_ratio --processes_count 4 --thread_count 64 --retries 2. "
     "Failed downloads stay in the shards with status != success (curate reports them as error "
-    "rows). Re-running into the same OUT resumes (img2dataset's incremental mode)."
+    "rows). After the download every shard is checked against the URL list (readable, its row count "
+    "that of its stats, each URL once under its key); a mismatch is an error. One ingest at a time per "
+    "OUT: a second one, or one started while the processes of a killed one still run, is refused. "
+    "Re-running into the same OUT resumes (img2dataset's incremental mode): shards a killed run left "
+    "unfinished are downloaded again; other download settings than those OUT was made with are an error."
 )
 
 
@@ -47,9 +51,15 @@ def run(args) -> int:
     except ValueError as err:
         print(f"capfilt ingest: error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:  # img2dataset's process failed or was killed
+        print(f"capfilt ingest: error: {err}", file=sys.stderr)
+        return 1
     print(f"capfilt ingest -> {cfg.out} ({cfg.output_format})")
+    if summary["redone"]:
+        print(f"  shards a killed run left unfinished, downloaded again: {', '.join(summary['redone'])}")
     for key in ("shards", "count", "successes", "failed_to_download", "failed_to_resize"):
         print(f"  {key:<22}{summary[key]:>10}")
+    print(f"  {'url list rows':<22}{summary['url_list_rows']:>10}  (each in the shards once, checked)")
     for status, count in summary["status"].items():
         print(f"    {status[:60]:<60}{count:>8}")
     if summary["count"] == 0:

@@ -1,14 +1,29 @@
 """`capfilt ingest`: a URL list becomes raw shards, downloaded by img2dataset.
 
 ``img2dataset.download`` does the work (HTTP, retries, resizing, hashing, sharding, its own
-incremental mode); this module only
+incremental mode); this module
 
 * detects the list's format (parquet, csv, tsv, txt, json, ...; from the file name) and checks
   up front that it has the URL and caption columns, naming the file and the column when not;
 * turns pass-through command-line options (``--image_size 384``, ``--resize-mode=keep_ratio``,
   ``--retries 2`` ...) into ``download`` keyword arguments, typed from its signature, so every
   img2dataset option is available and a misspelt one is an error;
+* keeps one ingest per ``--out`` (:class:`OutLock`) and runs ``download`` in a process of its
+  own that leads a new process group, which img2dataset's logger and pool workers join; that
+  process kills the group when capfilt dies (:func:`run_download`), so a killed ingest leaves
+  no process writing into ``--out``;
+* before resuming, drops the shards a killed run left unfinished (:func:`drop_unfinished_shards`)
+  and refuses an ``--out`` downloaded with other settings; after ``download`` returns, checks
+  the output against the URL list (:func:`verify_output`): img2dataset reports success even when
+  a shard failed or a foreign process wrote into its file;
 * sums img2dataset's per-shard ``*_stats.json`` into one summary.
+
+Why code of our own around img2dataset: it starts its processes with the ``spawn`` method (no
+file descriptor, so no ``flock``, reaches them) and offers no hook in them, so neither a lock
+they inherit nor a parent-death signal (``PR_SET_PDEATHSIG``, which is per process and not
+inherited) can be set through its options; a process group that a process of ours leads can be
+killed as a whole. Its incremental mode takes a shard as done when its ``_stats.json`` exists,
+without looking at the shard file, and its ``download`` returns normally when a shard failed.
 
 Failed downloads stay in the shards as rows with ``status != "success"``; curate carries them to
 its error output, so nothing in the URL list is lost.
@@ -18,6 +33,7 @@ from __future__ import annotations
 import glob
 import inspect
 import json
+import logging
 import math
 import os
 import typing
@@ -28,6 +44,11 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
+
+from pipeline.ingest_check import ShardLayout, download_settings, prepare_out, read_input_urls, verify_output
+from pipeline.ingest_lock import OutLock, run_download
+
+LOG = logging.getLogger(__name__)
 
 # file suffix -> img2dataset input_format
 INPUT_FORMATS = {
@@ -198,14 +219,30 @@ def summarize(out: str) -> dict:
 
 
 def run_ingest(cfg: IngestConfig) -> dict:
-    """Download the URL list into ``cfg.out``; returns :func:`summarize` of the result."""
-    from img2dataset import download
+    """Download the URL list into ``cfg.out``; returns :func:`summarize` of the result, with the
+    URL list's row count (``url_list_rows``; every row checked to be in the shards) and the
+    shards of an earlier, killed run downloaded again (``redone``)."""
+    from img2dataset import download  # the package's attribute, so that tests can stand in for it
 
     input_format = cfg.input_format or detect_input_format(cfg.url_list)
     check_url_list(cfg, input_format)
     kwargs = dict(cfg.options)
-    download(
-        url_list=cfg.url_list, output_folder=cfg.out, output_format=cfg.output_format,
-        input_format=input_format, url_col=cfg.url_col, caption_col=cfg.caption_col or None, **kwargs,
-    )
-    return summarize(cfg.out)
+    mode = kwargs.pop("incremental_mode", None) or "incremental"
+    if mode not in ("incremental", "overwrite", "extend"):
+        raise ValueError(f"--incremental_mode {mode!r}: img2dataset knows incremental, overwrite, extend")
+    params = inspect.signature(download).parameters
+    option = {k: kwargs.get(k, params[k].default if k in params else default)
+              for k, default in (("number_sample_per_shard", 10000), ("oom_shard_count", 5), ("encode_format", "jpg"))}
+    layout = ShardLayout(cfg.output_format, option["number_sample_per_shard"], option["oom_shard_count"],
+                         option["encode_format"])
+    urls = read_input_urls(cfg.url_list, input_format, cfg.url_col)
+    kwargs.update(url_list=cfg.url_list, output_folder=cfg.out, output_format=cfg.output_format,
+                  input_format=input_format, url_col=cfg.url_col, caption_col=cfg.caption_col or None,
+                  # prepare_out did what overwrite needs (img2dataset's would remove the lock too)
+                  incremental_mode="extend" if mode == "extend" else "incremental")
+    os.makedirs(cfg.out, exist_ok=True)
+    with OutLock(cfg.out) as lock:
+        first, redone = prepare_out(cfg.out, mode, layout, download_settings(download, kwargs, cfg.url_list), urls)
+        run_download(download, kwargs, lock)
+        verify_output(cfg.out, layout, urls, first)
+    return {**summarize(cfg.out), "url_list_rows": len(urls), "redone": redone}

@@ -1,13 +1,26 @@
 """`capfilt ingest` end to end against an HTTP server on 127.0.0.1 (a thread in this test) that
-serves the synthetic images, 404s and an HTML page, plus a URL on a closed port (refused)."""
+serves the synthetic images, 404s and an HTML page, plus a URL on a closed port (refused); a
+`kill -9` mid-download; and, with stand-ins for img2dataset's `download` that write its layout
+and then break it, the checks of its output, the lock on --out and resuming."""
 import contextlib
+import fcntl
 import gzip
 import hashlib
 import http.server
+import importlib
+import inspect
 import io
 import json
+import math
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
+import time
+import uuid
+from pathlib import Path
 
 import apache_beam as beam
 import pyarrow as pa
@@ -32,9 +45,13 @@ def server(synth_world):
         timeout = 10  # a stuck client cannot hold a server thread
 
         def do_GET(self):
-            if self.path in images:
-                self._send(200, "image/jpeg", images[self.path])
-            elif self.path == "/page.html":
+            path = self.path
+            if path.startswith("/slow/"):  # slow enough to kill a download midway
+                time.sleep(0.4)
+                path = path[len("/slow"):]
+            if path in images:
+                self._send(200, "image/jpeg", images[path])
+            elif path == "/page.html":
                 self._send(200, "text/html", b"<!doctype html><html><body>not an image</body></html>")
             else:
                 self.send_error(404)
@@ -181,3 +198,260 @@ def test_img2dataset_options_are_typed_from_its_signature():
         parse_img2dataset_options(["--image_size", "big"])
     with pytest.raises(ValueError, match="--thread_count needs a value"):
         parse_img2dataset_options(["--thread_count"])
+
+
+# --- a kill -9 mid-download ----------------------------------------------------------------------
+
+def _processes_with(marker):
+    """Live (not zombie) pids whose environment holds ``marker``: capfilt and every process it
+    started, wherever they were re-parented."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read()
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if marker.encode() in env and state not in ("Z", "X"):
+            found.append(int(pid))
+    return found
+
+
+def _wait_for(condition, what, deadline_s=120):
+    end = time.monotonic() + deadline_s
+    while not condition():
+        if time.monotonic() > end:
+            raise AssertionError(f"gave up waiting for {what} after {deadline_s} s")
+        time.sleep(0.02)
+
+
+def test_kill_9_mid_download_leaves_no_process_and_the_rerun_converges(server, tmp_path):
+    """The crash audit's case: img2dataset's logger and pool workers outlived a killed capfilt
+    and kept writing; the re-run then shared shard files with them."""
+    base, images, captions, closed = server
+    rows = [(base + "/slow" + path, captions[path]) for path in images] * 2
+    rows += [(base + "/slow/missing.jpg", "a 404"), (base + "/slow/missing2.jpg", "another 404")]
+    pq.write_table(pa.table({"url": [u for u, _ in rows], "caption": [c for _, c in rows]}), tmp_path / "urls.parquet")
+    out = tmp_path / "raw"
+    argv = ["ingest", "--url-list", str(tmp_path / "urls.parquet"), "--out", str(out), "--processes_count", "1",
+            "--thread_count", "2", "--retries", "0", "--resize_mode", "no", "--skip-reencode",
+            "--number_sample_per_shard", "4"]
+    marker = f"CAPFILT_TEST_RUN={uuid.uuid4().hex}"
+    env = {**os.environ, marker.split("=")[0]: marker.split("=")[1]}
+    log = open(tmp_path / "killed.log", "wb")
+    cli = "import sys; from jobs.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen([sys.executable, "-c", cli, *argv], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            cwd=Path(__file__).parents[1])
+    try:
+        # kill once the first shard is finished: the second one is being written
+        _wait_for(lambda: (out / "00000_stats.json").exists() or proc.poll() is not None, "the first shard")
+        assert proc.poll() is None, (tmp_path / "killed.log").read_text()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        with contextlib.suppress(AssertionError):
+            _wait_for(lambda: not _processes_with(marker), "the killed ingest's processes to end", deadline_s=60)
+        assert _processes_with(marker) == []
+    finally:
+        log.close()
+        for pid in _processes_with(marker):  # the old behaviour: don't leave them running
+            os.kill(pid, signal.SIGKILL)
+
+    code, stdout, stderr = run_cli(argv)
+    assert code == 0, stderr
+    assert f"{len(rows):>10}" in stdout and "url list rows" in stdout
+    table = pq.read_table(sorted(out.glob("*.parquet")), columns=["key", "url", "status", "jpg"]).to_pylist()
+    assert sorted(r["key"] for r in table) == [f"{10 * s + i:06d}" for s in range(3) for i in range(4)]
+    by_key = {r["key"]: r for r in table}
+    for n, (url, _) in enumerate(rows):  # each URL once, under its key, with the bytes served
+        got = by_key[f"{10 * (n // 4) + n % 4:06d}"]
+        assert got["url"] == url
+        path = url[len(base) + len("/slow"):]
+        if path in images:
+            assert got["status"] == "success" and got["jpg"] == images[path]
+        else:
+            assert got["status"] == "failed_to_download" and got["jpg"] is None
+
+
+# --- img2dataset stand-ins: its layout, then a defect --------------------------------------------
+# `capfilt ingest` calls `img2dataset.download` (looked up when it runs, so monkeypatch works);
+# these stand-ins run where it would (a spawned process), so they are module-level functions.
+
+PER_SHARD = 4
+N_URLS = 10  # shards 00000, 00001 of 4 rows, 00002 of 2
+
+
+def _img2dataset_layout(kw):
+    """Shards as img2dataset writes them for a parquet URL list, every row a failed download (no
+    network): ``NNNNN.parquet`` with key/url/caption/status/error_message/jpg, ``NNNNN_stats.json``.
+    Shards that have stats are skipped (its incremental mode)."""
+    urls = pq.read_table(kw["url_list"]).column(kw.get("url_col", "url")).to_pylist()
+    per, out = kw.get("number_sample_per_shard", 10000), Path(kw["output_folder"])
+    out.mkdir(parents=True, exist_ok=True)
+    done = {int(p.name.split("_")[0]) for p in out.glob("*.json")}
+    digits = math.ceil(math.log10(per))
+    for shard in range(math.ceil(len(urls) / per)):
+        if shard in done and kw.get("incremental_mode", "incremental") == "incremental":
+            continue
+        part = urls[shard * per:(shard + 1) * per]
+        n = len(part)
+        pq.write_table(pa.table({"key": [f"{10 ** digits * shard + i:0{digits + 5}d}" for i in range(n)], "url": part,
+                                 "caption": ["c"] * n, "status": ["failed_to_download"] * n,
+                                 "error_message": ["HTTP Error 404: Not Found"] * n, "jpg": pa.nulls(n, pa.binary())}),
+                       out / f"{shard:05d}.parquet")
+        (out / f"{shard:05d}_stats.json").write_text(json.dumps(
+            {"count": n, "successes": 0, "failed_to_download": n, "failed_to_resize": 0,
+             "status_dict": {"HTTP Error 404: Not Found": n}}))
+
+
+def _rewrite(path, change):
+    pq.write_table(change(pq.read_table(path)), path)
+
+
+def download_clean(**kw):
+    _img2dataset_layout(kw)
+
+
+def download_truncating_a_shard(**kw):
+    """A shard a foreign process was still writing: no footer."""
+    _img2dataset_layout(kw)
+    shard = Path(kw["output_folder"]) / "00001.parquet"
+    shard.write_bytes(shard.read_bytes()[:shard.stat().st_size // 2])
+
+
+def download_losing_a_row(**kw):
+    """The parquet lacks a row its stats count."""
+    _img2dataset_layout(kw)
+    _rewrite(Path(kw["output_folder"]) / "00001.parquet", lambda t: t.slice(0, t.num_rows - 1))
+
+
+def download_giving_up_a_shard(**kw):
+    """img2dataset's download returns normally when a shard failed max_shard_retry times."""
+    _img2dataset_layout(kw)
+    (Path(kw["output_folder"]) / "00001_stats.json").unlink()
+
+
+def download_dropping_a_url(**kw):
+    """A shard consistent with its stats, but one URL of the list short."""
+    _img2dataset_layout(kw)
+    out = Path(kw["output_folder"])
+    _rewrite(out / "00001.parquet", lambda t: t.slice(0, t.num_rows - 1))
+    stats = json.loads((out / "00001_stats.json").read_text())
+    stats.update(count=3, failed_to_download=3)
+    (out / "00001_stats.json").write_text(json.dumps(stats))
+
+
+def download_mixing_up_urls(**kw):
+    """Right counts and keys, but two rows hold each other's URL."""
+    _img2dataset_layout(kw)
+
+    def swap(t):
+        urls = t.column("url").to_pylist()
+        urls[0], urls[1] = urls[1], urls[0]
+        return t.set_column(t.schema.get_field_index("url"), "url", pa.array(urls))
+    _rewrite(Path(kw["output_folder"]) / "00001.parquet", swap)
+
+
+def _real_download():
+    return importlib.import_module("img2dataset.main").download  # the package's `main` is a function
+
+
+for _fake in (download_clean, download_truncating_a_shard, download_losing_a_row, download_giving_up_a_shard,
+              download_dropping_a_url, download_mixing_up_urls):
+    _fake.__signature__ = inspect.signature(_real_download())  # capfilt types options from it
+
+
+@pytest.fixture
+def url_list(tmp_path):
+    path = tmp_path / "urls.parquet"
+    pq.write_table(pa.table({"url": [f"http://example.invalid/{i}.jpg" for i in range(N_URLS)],
+                             "caption": [f"caption {i}" for i in range(N_URLS)]}), path)
+    return path
+
+
+def ingest_with(monkeypatch, fake, url_list, out, *extra):
+    import img2dataset
+
+    monkeypatch.setattr(img2dataset, "download", fake)
+    return run_cli(["ingest", "--url-list", str(url_list), "--out", str(out),
+                    "--number_sample_per_shard", str(PER_SHARD), *extra])
+
+
+@pytest.mark.parametrize("fake, message", [
+    (download_truncating_a_shard, "00001.parquet: not a readable parquet file"),
+    (download_losing_a_row, "00001.parquet: 3 rows, but 00001_stats.json records 4 (successes 0 + "
+                            "failed_to_download 4 + failed_to_resize 0)"),
+    (download_giving_up_a_shard, "00001_stats.json: missing, img2dataset did not finish shard 00001"),
+    (download_dropping_a_url, "00001_stats.json: count 3, but the URL list puts 4 row(s) in shard 00001"),
+    (download_mixing_up_urls, "00001.parquet: key 000010 has url 'http://example.invalid/5.jpg', "
+                              "but the URL list has 'http://example.invalid/4.jpg'"),
+])
+def test_output_that_does_not_hold_the_url_list_is_an_error(monkeypatch, url_list, tmp_path, fake, message):
+    code, stdout, stderr = ingest_with(monkeypatch, fake, url_list, tmp_path / "raw")
+    assert code == 2, (stdout, stderr)
+    assert "capfilt ingest: error:" in stderr and message in stderr
+    assert f"the URL list's {N_URLS} row(s) (3 shard(s) of {PER_SHARD})" in stderr
+    assert "successes" not in stdout
+
+
+def _boot_id():
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        return f.read().strip()
+
+
+def test_a_live_process_group_of_a_killed_ingest_refuses_the_run(monkeypatch, url_list, tmp_path):
+    """The lock records the process group that runs img2dataset; while a process of it lives,
+    a new ingest into the same --out refuses to start and names it."""
+    out = tmp_path / "raw"
+    (out / ".capfilt-ingest").mkdir(parents=True)
+    orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+    try:
+        (out / ".capfilt-ingest" / "lock").write_text(json.dumps(
+            {"pid": 999999, "pgid": orphan.pid, "boot_id": _boot_id()}))
+        code, stdout, stderr = ingest_with(monkeypatch, download_clean, url_list, out)
+        assert code == 2, (stdout, stderr)
+        assert (f"another ingest is still running in {out}: pid(s) {orphan.pid} of process group {orphan.pid}, "
+                f"started by capfilt ingest pid 999999" in stderr)
+        assert f"wait for it or kill it (kill -9 -- -{orphan.pid})" in stderr
+        assert not list(out.glob("0*"))  # nothing downloaded
+    finally:
+        orphan.kill()
+        orphan.wait()
+    code, _, stderr = ingest_with(monkeypatch, download_clean, url_list, out)
+    assert code == 0, stderr
+    assert len(list(out.glob("*.parquet"))) == 3
+
+
+def test_a_running_ingest_holds_the_lock(monkeypatch, url_list, tmp_path):
+    out = tmp_path / "raw"
+    (out / ".capfilt-ingest").mkdir(parents=True)
+    with open(out / ".capfilt-ingest" / "lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write(json.dumps({"pid": 4242, "pgid": None}))
+        held.flush()
+        code, _, stderr = ingest_with(monkeypatch, download_clean, url_list, out)
+        assert code == 2 and f"another capfilt ingest (pid 4242) is still running in {out}: wait for it" in stderr
+        assert not list(out.glob("0*"))
+    code, _, stderr = ingest_with(monkeypatch, download_clean, url_list, out)
+    assert code == 0, stderr
+
+
+def test_resume_downloads_broken_shards_again_and_refuses_other_settings(monkeypatch, url_list, tmp_path):
+    """What a killed run leaves: a shard cut short (its stats written by a foreign process), stats
+    cut short, a shard without stats. img2dataset's incremental mode alone would keep the first two."""
+    out = tmp_path / "raw"
+    assert ingest_with(monkeypatch, download_clean, url_list, out)[0] == 0
+    ref = pq.read_table(sorted(out.glob("*.parquet"))).sort_by("key")
+    (out / "00000.parquet").write_bytes((out / "00000.parquet").read_bytes()[:100])
+    (out / "00001_stats.json").write_text((out / "00001_stats.json").read_text()[:20])
+    (out / "00002_stats.json").unlink()
+    code, stdout, stderr = ingest_with(monkeypatch, download_clean, url_list, out)
+    assert code == 0, stderr
+    assert "downloaded again: 00000, 00001, 00002" in stdout
+    assert pq.read_table(sorted(out.glob("*.parquet"))).sort_by("key").equals(ref)
+    code, _, stderr = ingest_with(monkeypatch, download_clean, url_list, out, "--image_size", "64")
+    assert code == 2 and "holds a download made with other settings (image_size 256 -> 64)" in stderr
+    code, _, stderr = ingest_with(monkeypatch, download_clean, url_list, out, "--image_size", "64",
+                                  "--incremental_mode", "overwrite")
+    assert code == 0, stderr
