@@ -32,12 +32,11 @@ import argparse
 import json
 import logging
 import os
-import tempfile
 import threading
 import time
 from pathlib import Path
 
-from jobs.bootstrap_stages import Stages
+from jobs.bootstrap_stages import Stages, write_json
 
 HELP = "Run CapFilt bootstrap rounds (and BLIP's ablations) from a YAML config"
 DESCRIPTION = (
@@ -76,13 +75,6 @@ def _cli(argv: list[str]) -> None:
     code = main([str(a) for a in argv])
     if code != 0:
         raise RuntimeError(f"`capfilt {' '.join(map(str, argv))}` exited with code {code}")
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        json.dump(data, f, indent=2)
-    Path(f.name).replace(path)
 
 
 class Bootstrap:
@@ -134,7 +126,7 @@ class Bootstrap:
         command += ["--data", data, "--mix", f"{self.human}:{self.config.human_weight}"] if data else ["--data", self.human]
         if self.config.model_config:
             path = self.out / "model_config.json"
-            _write_json(path, self.config.model_config)
+            write_json(path, self.config.model_config)
             command += ["--model-config", path]
         train = self.config.pretrain
         if name.startswith("round0/") and self.config.round0_pretrain is not None:
@@ -227,7 +219,7 @@ class Bootstrap:
                 if filter_applied:
                     result["curated_filter"] = ev.evaluate_filter(None, str(curated), truth=self.truth,
                                                                   threshold=self.config.curate.itm_threshold)
-            _write_json(path, result)
+            write_json(path, result)
 
         seconds = self.stages.run(name, key, [path], work, deps=(*self.world_deps, *deps))
         return {"eval": json.loads(path.read_text()), "eval_seconds": seconds}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -71,12 +72,19 @@ class Stages:
         if missing:
             raise RuntimeError(f"stage {name} finished without writing {missing}")
         self.stamps[name] = uuid.uuid4().hex
-        tmp = marker.with_name(marker.name + ".tmp")  # renamed into place: a kill never leaves half a marker
-        tmp.write_text(json.dumps({"key": key, "stamp": self.stamps[name], "seconds": seconds}, indent=1))
-        tmp.replace(marker)
+        write_json(marker, {"key": key, "stamp": self.stamps[name], "seconds": seconds})
         log.info("[%s] done in %.0f s", name, seconds)
         self.records.append({"stage": name, "seconds": seconds, "skipped": False})
         return seconds
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write to a temporary name, then rename: a kill never leaves half a file (stage markers,
+    configs and evaluation results)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+        json.dump(data, f, indent=2)
+    Path(f.name).replace(path)
 
 
 def _read_marker(marker: Path) -> dict | None:

@@ -186,10 +186,10 @@ INIT_RECORD = "options.json"  # in OUT/init: the options the fresh model was bui
 
 
 def init_record(args) -> dict:
-    """What shaped pretrain's fresh OUT/init model (--vision-init is applied on top, every run)."""
-    options = model_options(args)
-    return {"arch": args.arch, "seed": args.seed, "model_config": options.get("model_config"),
-            "tokenizer": options.get("tokenizer")}
+    """What shaped pretrain's fresh OUT/init model (--vision-init is applied on top, every run):
+    --arch, --model-config and --tokenizer as model_options has them, and --seed."""
+    return {**{k: v for k, v in model_options(args).items() if k in ("arch", "model_config", "tokenizer")},
+            "seed": args.seed}
 
 
 def check_init_record(args) -> None:

@@ -299,7 +299,7 @@ class Trainer:
             tmp = self.ckpt_root / "latest.tmp"  # renamed into place: a kill never leaves it empty
             tmp.write_text(path.name)
             tmp.replace(self.ckpt_root / "latest")
-            done = sorted(p for p in self.ckpt_root.glob("step-*") if not p.name.endswith(".tmp"))
+            done = self._checkpoint_dirs()
             for old in done[: max(0, len(done) - self.cfg.keep_checkpoints)]:
                 shutil.rmtree(old)
         self._barrier()
@@ -329,6 +329,10 @@ class Trainer:
             raise ValueError(f"{path}: data source {i} differs: {what}; resume with the same --data/--mix "
                              "(or start a new run with --overwrite)")
 
+    def _checkpoint_dirs(self) -> list[Path]:
+        """The step-* checkpoint directories, oldest first (a ``.tmp`` one is still being written)."""
+        return sorted(p for p in self.ckpt_root.glob("step-*") if not p.name.endswith(".tmp"))
+
     def _latest_checkpoint(self) -> Path | None:
         """The checkpoint ``latest`` names; if it names none that is whole (a ``latest`` cut
         short by a kill before it was renamed into place), the newest whole step-* directory."""
@@ -336,8 +340,7 @@ class Trainer:
         name = latest.read_text().strip() if latest.is_file() else ""
         if name and (self.ckpt_root / name / "train_state.pt").is_file():
             return self.ckpt_root / name
-        whole = sorted(p for p in self.ckpt_root.glob("step-*")
-                       if not p.name.endswith(".tmp") and (p / "train_state.pt").is_file())
+        whole = [p for p in self._checkpoint_dirs() if (p / "train_state.pt").is_file()]
         if whole and latest.is_file():
             log.warning("%s names no whole checkpoint (%r): resuming from %s", latest, name, whole[-1].name)
         return whole[-1] if whole else None

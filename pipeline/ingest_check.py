@@ -9,7 +9,6 @@ settings is refused (:func:`prepare_out`).
 """
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import logging
@@ -27,6 +26,7 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from pipeline.ingest_lock import LOCK_DIR
+from pipeline.sources import file_sha256
 
 LOG = logging.getLogger(__name__)
 
@@ -243,11 +243,7 @@ def download_settings(download, kwargs: dict, url_list: str) -> dict:
                 if p.default is not inspect.Parameter.empty}
     settings.update(kwargs)
     settings = {k: v for k, v in sorted(settings.items()) if k not in RUN_ONLY_OPTIONS}
-    digest = hashlib.sha256()
-    with open(url_list, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    settings["url_list_sha256"] = digest.hexdigest()
+    settings["url_list_sha256"] = file_sha256(url_list)
     return json.loads(json.dumps(settings))
 
 
