@@ -1,6 +1,10 @@
-"""Install the `capfilt` distribution: packages pipeline, model, transforms, jobs and the
-`capfilt` console script. `requirements.txt` pins the exact working set for CI."""
+"""Install the `capfilt` distribution and its console script. The four layer folders
+(transforms, model, pipeline, jobs) install under the one import name `capfilt`
+(`capfilt.model`, ...); nothing installs a bare `model` or `pipeline`.
+`requirements.txt` pins the exact working set for CI."""
 from setuptools import find_packages, setup
+
+LAYERS = ("transforms", "model", "pipeline", "jobs")
 
 setup(
     name="capfilt",
@@ -10,9 +14,10 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["pipeline*", "model*", "transforms*", "jobs*"]),
-    package_data={"model": ["configs/*.json"], "jobs": ["configs/*.yaml"]},
-    include_package_data=True,
+    # `capfilt` itself is an implicit namespace package: its only contents are the four layers.
+    packages=[f"capfilt.{p}" for p in find_packages(include=[f"{layer}*" for layer in LAYERS])],
+    package_dir={f"capfilt.{layer}": layer for layer in LAYERS},
+    package_data={"capfilt.model": ["configs/*.json"], "capfilt.jobs": ["configs/*.yaml"]},
     install_requires=[
         "torch>=2.4",
         "torchvision",
@@ -36,5 +41,5 @@ setup(
         "gpu": ["faiss-gpu>=1.8"],
         "dev": ["pytest>=8", "pytest-timeout", "faiss-cpu>=1.8"],
     },
-    entry_points={"console_scripts": ["capfilt=jobs.cli:main_entry"]},
+    entry_points={"console_scripts": ["capfilt=capfilt.jobs.cli:main_entry"]},
 )

@@ -100,14 +100,14 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import bench_models as bm  # noqa: E402
-from model.captioner import CaptionConfig, Captioner  # noqa: E402
-from model.device import cpu_has_native_bf16, use_bf16  # noqa: E402
-from model.fastpath import FastPath, fast_attention  # noqa: E402
-from model.filter import load_filter  # noqa: E402
-from model.ranker import ClipRanker  # noqa: E402
-from model.sampling import SeededNucleusSampler, row_seeds  # noqa: E402
-from pipeline.precision import checked_filter_scores, checked_rank_scores, model_bf16  # noqa: E402
-from pipeline.select import select_captions  # noqa: E402
+from capfilt.model.inference.captioner import CaptionConfig, Captioner  # noqa: E402
+from capfilt.model.inference.device import cpu_has_native_bf16, use_bf16  # noqa: E402
+from capfilt.model.inference.fastpath import FastPath, fast_attention  # noqa: E402
+from capfilt.model.inference.filter import load_filter  # noqa: E402
+from capfilt.model.inference.ranker import ClipRanker  # noqa: E402
+from capfilt.model.inference.sampling import SeededNucleusSampler, row_seeds  # noqa: E402
+from capfilt.pipeline.curate.precision import checked_filter_scores, checked_rank_scores, model_bf16  # noqa: E402
+from capfilt.pipeline.curate.select import select_captions  # noqa: E402
 
 CONFIGS = REPO / "benchmarks" / "configs"
 PLAN = {"captioner": "blip-image-captioning-large", "itm": "blip-itm-large-coco", "clip": "open_clip-ViT-L-14"}
@@ -509,9 +509,9 @@ def synth_rows(work: Path, rows: int):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from transforms.image import ImageDecodeError, decode_image
-    from transforms.synth_world import SynthConfig, write_world
-    from transforms.text import clean_caption
+    from capfilt.transforms.image import ImageDecodeError, decode_image
+    from capfilt.transforms.synth.world import SynthConfig, write_world
+    from capfilt.transforms.text import clean_caption
 
     out = work / f"drift_world_{rows}"
     if not (out / "web").is_dir():
@@ -529,7 +529,7 @@ def synth_rows(work: Path, rows: int):
 
 
 def tiny_drift(work: Path, tiny_dir: Path | None, rows: int, n: int, batch_size: int, ways: list[str]) -> dict:
-    from model import tiny
+    from capfilt.model.builders import tiny
 
     if tiny_dir is None:
         tiny_dir = work / "tiny_random"
@@ -564,7 +564,7 @@ def beam_overhead(work: Path, rows: int, threads: int) -> dict:
     import shutil
 
     import bench_curate as bc
-    from pipeline.options import CurateConfig
+    from capfilt.pipeline.curate.options import CurateConfig
 
     models = bc.tiny_models(work)
     web = bc.world(work, rows)

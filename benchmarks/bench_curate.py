@@ -37,17 +37,17 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
-from model import tiny  # noqa: E402
-from pipeline.curate import run_curate  # noqa: E402
-from pipeline.handlers import CaptionHandler, FilterHandler, RankHandler, candidates  # noqa: E402
-from pipeline.options import CurateConfig  # noqa: E402
-from pipeline.sinks import curated_record  # noqa: E402
-from pipeline.sources import Sample  # noqa: E402
-from transforms.image import ImageDecodeError, decode_image  # noqa: E402
-from transforms.schemas import CURATED_SCHEMA  # noqa: E402
-from transforms.seeding import sample_seed  # noqa: E402
-from transforms.synth_world import SynthConfig, write_world  # noqa: E402
-from transforms.text import clean_caption  # noqa: E402
+from capfilt.model.builders import tiny  # noqa: E402
+from capfilt.pipeline.curate.graph import run_curate  # noqa: E402
+from capfilt.pipeline.curate.inference import CaptionHandler, FilterHandler, RankHandler, candidates  # noqa: E402
+from capfilt.pipeline.curate.options import CurateConfig  # noqa: E402
+from capfilt.pipeline.curate.sinks import curated_record  # noqa: E402
+from capfilt.pipeline.curate.sources import Sample  # noqa: E402
+from capfilt.transforms.image import ImageDecodeError, decode_image  # noqa: E402
+from capfilt.transforms.schemas import CURATED_SCHEMA  # noqa: E402
+from capfilt.transforms.seeding import sample_seed  # noqa: E402
+from capfilt.transforms.synth.world import SynthConfig, write_world  # noqa: E402
+from capfilt.transforms.text import clean_caption  # noqa: E402
 
 ROWS_PER_SHARD = 1000
 

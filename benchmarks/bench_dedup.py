@@ -60,7 +60,7 @@ def run_one(args) -> dict:
     """Child: one index kind on one size."""
     import faiss
 
-    from pipeline import dedup
+    from capfilt.pipeline.release import dedup
 
     faiss.omp_set_num_threads(args.threads)
     x, planted = make_data(args.n, args.dim, args.dup_frac, args.noise, args.seed)

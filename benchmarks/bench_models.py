@@ -35,11 +35,11 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from model import tiny  # noqa: E402
-from model.captioner import Captioner  # noqa: E402
-from model.device import cpu_has_native_bf16  # noqa: E402
-from model.filter import BlipFilter, load_filter  # noqa: E402
-from model.ranker import ClipRanker  # noqa: E402
+from capfilt.model.builders import tiny  # noqa: E402
+from capfilt.model.inference.captioner import Captioner  # noqa: E402
+from capfilt.model.inference.device import cpu_has_native_bf16  # noqa: E402
+from capfilt.model.inference.filter import BlipFilter, load_filter  # noqa: E402
+from capfilt.model.inference.ranker import ClipRanker  # noqa: E402
 
 CONFIGS = REPO / "benchmarks" / "configs"
 BERT_SPECIALS = {0: "[PAD]", 100: "[UNK]", 101: "[CLS]", 102: "[SEP]", 103: "[MASK]"}

@@ -31,9 +31,9 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from model.blip_pretrain import BlipTrainConfig, BlipTrainModel, build_blip  # noqa: E402
-from model.data import ImageTextStream, SourceSpec  # noqa: E402
-from model.train import TrainConfig, Trainer  # noqa: E402
+from capfilt.model.training.blip import BlipTrainConfig, BlipTrainModel, build_blip  # noqa: E402
+from capfilt.model.training.data import ImageTextStream, SourceSpec  # noqa: E402
+from capfilt.model.training.loop import TrainConfig, Trainer  # noqa: E402
 
 # Salesforce/blip-image-captioning-base (ViT-B/16, BERT-base text), published values.
 BLIP_BASE = {
@@ -46,7 +46,7 @@ BLIP_BASE = {
 
 
 def world(root: Path, n: int, seed: int = 0) -> Path:
-    from transforms.synth_world import SynthConfig, write_world
+    from capfilt.transforms.synth.world import SynthConfig, write_world
 
     if not (root / "synth_config.json").is_file():
         write_world(root, SynthConfig(n=n, seed=seed), overwrite=True)
@@ -58,7 +58,7 @@ def blip_base(image_size: int, tokenizer_dir: Path) -> BlipTrainModel:
     from transformers import (BlipConfig, BlipForConditionalGeneration, BlipForImageTextRetrieval,
                               BlipImageProcessor, BlipProcessor)
 
-    from model.tiny import BLIP_IMAGE_MEAN, BLIP_IMAGE_STD, load_tokenizer, token_ids
+    from capfilt.model.builders.tiny import BLIP_IMAGE_MEAN, BLIP_IMAGE_STD, load_tokenizer, token_ids
 
     tok = load_tokenizer(tokenizer_dir)
     ids = {k: v for k, v in token_ids(tok).items() if k != "vocab_size"}
@@ -108,9 +108,9 @@ def time_compute(model, data: Path, batch: int, steps: int, warmup: int, bf16: b
 
 
 def throughput(args) -> dict:
-    from model.blip2_pretrain import Blip2TrainConfig, build_blip2
-    from model.clip_pretrain import build_clip
-    from model.tiny import train_tokenizer
+    from capfilt.model.training.blip2 import Blip2TrainConfig, build_blip2
+    from capfilt.model.training.clip import build_clip
+    from capfilt.model.builders.tiny import train_tokenizer
 
     work = Path(args.work_dir)
     data = world(work / "world", 400) / "web"

@@ -47,10 +47,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from model.evaluation import filter_itc_matrix, load_eval_set, read_truth  # noqa: E402
-from model.filter import load_filter  # noqa: E402
-from model.losses import negative_weights  # noqa: E402
-from model.model_dirs import find_model_dirs  # noqa: E402
+from capfilt.model.evaluation.evaluate import filter_itc_matrix, load_eval_set, read_truth  # noqa: E402
+from capfilt.model.inference.filter import load_filter  # noqa: E402
+from capfilt.model.training.losses import negative_weights  # noqa: E402
+from capfilt.model.builders.model_dirs import find_model_dirs  # noqa: E402
 
 PROBED = {"colour": "colours", "shape": "shapes", "position": "positions"}  # name -> truth column
 

@@ -19,19 +19,19 @@ import sys
 
 # Subcommand name -> module. Order is the order shown by `capfilt --help`.
 COMMANDS = {
-    "synth": "jobs.synth",
-    "models": "jobs.models",
-    "ingest": "jobs.ingest",
-    "curate": "jobs.curate",
-    "pretrain": "jobs.pretrain",
-    "finetune": "jobs.finetune",
-    "evaluate": "jobs.evaluate",
-    "bootstrap": "jobs.bootstrap",
-    "demo": "jobs.demo",
-    "release": "jobs.release",
-    "run-job": "jobs.run_job",
-    "report": "jobs.report",
-    "convert": "jobs.convert",
+    "synth": "capfilt.jobs.commands.synth",
+    "models": "capfilt.jobs.commands.models",
+    "ingest": "capfilt.jobs.commands.ingest",
+    "curate": "capfilt.jobs.commands.curate",
+    "pretrain": "capfilt.jobs.commands.pretrain",
+    "finetune": "capfilt.jobs.commands.finetune",
+    "evaluate": "capfilt.jobs.commands.evaluate",
+    "bootstrap": "capfilt.jobs.bootstrap.rounds",
+    "demo": "capfilt.jobs.commands.demo",
+    "release": "capfilt.jobs.commands.release",
+    "run-job": "capfilt.jobs.scheduled.run_job",
+    "report": "capfilt.jobs.commands.report",
+    "convert": "capfilt.jobs.commands.convert",
 }
 
 

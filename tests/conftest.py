@@ -20,7 +20,7 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory):
     """Directory of the BLIP-layout WordPiece tokenizer trained on the synthetic corpus."""
-    from model.tiny import train_tokenizer
+    from capfilt.model.builders.tiny import train_tokenizer
 
     return train_tokenizer(tmp_path_factory.mktemp("tiny_tokenizer"))
 
@@ -30,7 +30,7 @@ def tiny_models(tmp_path_factory, tiny_tokenizer):
     """{kind: model directory} for "captioner", "itm", "blip2-itm" and "clip" (seed 0).
     BLIP kinds load with `from_pretrained(dir)`; clip with
     `open_clip.create_model_and_transforms("local-dir:" + str(dir))`."""
-    from model.tiny import KINDS, init_model
+    from capfilt.model.builders.tiny import KINDS, init_model
 
     root = tmp_path_factory.mktemp("tiny_models")
     return {kind: init_model(kind, root / kind, tokenizer_dir=tiny_tokenizer, seed=0) for kind in KINDS}
@@ -40,7 +40,7 @@ def tiny_models(tmp_path_factory, tiny_tokenizer):
 def synth_world(tmp_path_factory):
     """A small synthetic world (seed 0): web 48 rows (45% noisy, 2 shards of 32 + 16),
     human 16, test 16, 64 px. Layout: <dir>/{web,human,test}/*.parquet + <dir>/truth.parquet."""
-    from transforms.synth_world import SynthConfig, write_world
+    from capfilt.transforms.synth.world import SynthConfig, write_world
 
     out = tmp_path_factory.mktemp("synth_world")
     write_world(out, SynthConfig(n=48, human=16, test=16, noise=0.45, seed=0, rows_per_shard=32))

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from transforms.schemas import CURATED_SCHEMA, RAW_SCHEMA
+from capfilt.transforms.schemas import CURATED_SCHEMA, RAW_SCHEMA
 
 
 def image_bytes(seed: int, size: int = 32, quality: int = 92, shift: int = 0) -> bytes:
@@ -108,7 +108,7 @@ def scanned_rows(keys: list[str], images: list[str], emb, rank):
     """A pass-1 view (pipeline.release_io.ScannedRows) of kept, readable rows given directly:
     ``images`` stand for the image hashes, ``emb`` (N, D) for their embeddings, ``rank`` (N, 2)
     for (best CLIP, best ITM). Lets the tests drive pipeline.release.decide without images."""
-    from pipeline.release_io import ScannedRows
+    from capfilt.pipeline.release.shards import ScannedRows
 
     n = len(keys)
     return ScannedRows(keys=np.array(keys, dtype=object), keep=np.ones(n, bool), drop_reason=[None] * n,

@@ -1,0 +1,259 @@
+"""The YAML config of `capfilt bootstrap`: world or data, model sizes, steps, thresholds, seeds.
+
+A config is a plain YAML mapping (see `jobs/configs/demo.yaml` for every key, commented). It is
+read into dataclasses so that a typo is an error naming the key, not a silently ignored
+option. Stage options the dataclasses do not name (a learning-rate warmup, a Beam runner flag)
+go in an ``options`` mapping and are passed to the stage's CLI as ``--key value``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+ABLATIONS = ("none", "filter", "captioner", "capfilt")
+# BLIP Table 1 rows as `capfilt curate` switches: filter only keeps web captions that pass ITM;
+# captioner only adds synthetic captions and ranks everything by CLIP without the ITM filter.
+CURATE_FLAGS = {"filter": ["--no-synthetic"], "captioner": ["--no-filter"], "capfilt": []}
+
+
+@dataclass
+class WorldConfig:
+    """`capfilt synth` options (sizes in images)."""
+
+    n: int = 2000
+    human: int | None = None
+    test: int | None = None
+    noise: float = 0.45
+    image_size: int = 64
+    noise_mix: str | None = None
+    rows_per_shard: int = 1000
+
+
+@dataclass
+class DataConfig:
+    """Existing data instead of a synthetic world: shard globs and the truth file."""
+
+    web: str
+    human: str
+    test: str
+    truth: str
+
+
+@dataclass
+class TrainConfig:
+    """Options of one `capfilt pretrain` / `capfilt finetune` call."""
+
+    steps: int = 200
+    batch_size: int = 32
+    lr: float = 1e-4
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class CurateConfig:
+    """`capfilt curate` options (BLIP's CapFilt settings by default, BLIP-2's 10 captions)."""
+
+    num_captions: int = 10
+    top_p: float = 0.9
+    itm_threshold: float = 0.5
+    keep_top: int = 2
+    batch_size: int = 16
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation: ITM re-ranking of the ITC top-k (0 = off) and how many test
+    images to caption (None = all)."""
+
+    itm_rerank: int = 0
+    caption_limit: int | None = None
+    batch_size: int = 32
+
+
+@dataclass
+class BootstrapConfig:
+    seed: int = 0
+    rounds: int = 1
+    threads: int | None = None  # torch threads in training/evaluation; None = torch's default
+    jobs: int = 1  # independent stages run in this many processes at once (jobs.bootstrap)
+    # JSON deep-merged into the tiny BLIP config of every pretrained model (`pretrain
+    # --model-config`), e.g. {"vision_config": {"num_hidden_layers": 4}}; None = model/configs.
+    model_config: dict | None = None
+    ablations: list[str] = field(default_factory=lambda: list(ABLATIONS))
+    world: WorldConfig | None = field(default_factory=WorldConfig)
+    data: DataConfig | None = None
+    human_weight: float = 1.0  # mixture weight of the human split against web/curated (weight 1)
+    pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(steps=600, lr=3e-4))
+    # Round 0's pretraining when it should differ from `pretrain` (None: the same). The demo keeps
+    # them equal, so rounds compare at equal budgets; the CI config trains round 0 longer, since
+    # its finetuned filter decides the curated data, and the later models only briefly.
+    round0_pretrain: TrainConfig | None = None
+    finetune_caption: TrainConfig = field(default_factory=lambda: TrainConfig(steps=150, lr=1e-4))
+    finetune_retrieval: TrainConfig = field(default_factory=lambda: TrainConfig(steps=150, lr=1e-4))
+    clip: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300, lr=5e-4))
+    clip_data: list[str] = field(default_factory=lambda: ["human"])  # splits the ranker trains on
+    curate: CurateConfig = field(default_factory=CurateConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> None:
+        if self.rounds < 0:
+            raise ValueError(f"rounds must be >= 0, got {self.rounds}")
+        if not isinstance(self.jobs, int) or self.jobs < 1:
+            raise ValueError(f"jobs must be an integer >= 1, got {self.jobs!r}")
+        bad = [a for a in self.ablations if a not in ABLATIONS]
+        if bad:
+            raise ValueError(f"unknown ablation {bad[0]!r}; expected some of {ABLATIONS}")
+        if self.rounds > 1 and "capfilt" not in self.ablations:
+            raise ValueError("round 2 continues from the capfilt model: keep 'capfilt' in ablations")
+        if self.model_config is not None and not isinstance(self.model_config, dict):
+            raise ValueError(f"model_config must be a mapping, got {type(self.model_config).__name__}")
+        if (self.world is None) == (self.data is None):
+            raise ValueError("give exactly one of 'world' (a synthetic world) and 'data' (existing shards)")
+        if not 0.0 <= self.curate.itm_threshold <= 1.0:
+            raise ValueError(f"curate.itm_threshold must be in [0, 1], got {self.curate.itm_threshold}")
+        if self.human_weight <= 0:
+            raise ValueError(f"human_weight must be > 0, got {self.human_weight}")
+        bad_splits = [s for s in self.clip_data if s not in ("human", "web")]
+        if bad_splits or not self.clip_data:
+            raise ValueError(f"clip_data takes 'human' and/or 'web', got {self.clip_data}")
+        for name in ("pretrain", "round0_pretrain", "finetune_caption", "finetune_retrieval", "clip"):
+            train = getattr(self, name)
+            if train is None:
+                continue
+            if train.steps < 1 or train.batch_size < 1:
+                raise ValueError(f"{name}: steps and batch_size must be >= 1, got {train.steps}, {train.batch_size}")
+
+
+def _build(cls, value, where: str):
+    """A dataclass from a mapping; unknown keys are an error naming them."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError(f"{where} must be a mapping, got {type(value).__name__}")
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(value) - set(names))
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in {where}; known: {sorted(names)}")
+    kwargs = {}
+    for key, item in value.items():
+        nested = _NESTED.get((cls, key))
+        kwargs[key] = _build(nested, item, f"{where}.{key}") if nested else item
+    return cls(**kwargs)
+
+
+_NESTED = {
+    (BootstrapConfig, "world"): WorldConfig,
+    (BootstrapConfig, "data"): DataConfig,
+    (BootstrapConfig, "pretrain"): TrainConfig,
+    (BootstrapConfig, "round0_pretrain"): TrainConfig,
+    (BootstrapConfig, "finetune_caption"): TrainConfig,
+    (BootstrapConfig, "finetune_retrieval"): TrainConfig,
+    (BootstrapConfig, "clip"): TrainConfig,
+    (BootstrapConfig, "curate"): CurateConfig,
+    (BootstrapConfig, "evaluate"): EvalConfig,
+}
+
+
+def load_config(path) -> BootstrapConfig:
+    """Read and validate a YAML config; relative data paths are taken from the config's folder."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"cannot read bootstrap config {path}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ValueError(f"bootstrap config {path} must be a YAML mapping")
+    if "data" in raw and "world" not in raw:
+        raw["world"] = None  # existing data replaces the default synthetic world
+    try:
+        config = _build(BootstrapConfig, raw, str(path))
+        if config.data is not None:
+            for name in ("web", "human", "test", "truth"):
+                value = getattr(config.data, name)
+                if not Path(value).is_absolute():
+                    setattr(config.data, name, str(path.parent / value))
+        _check_types(config)
+        config.validate()
+        _check_stage_options(config)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"bootstrap config {path}: {exc}") from exc
+    return config
+
+
+# Annotation (as written above, a string under `from __future__ import annotations`) -> the
+# Python types YAML may give for it. bool is an int subclass, so it is refused explicitly.
+_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "dict": (dict,), "list[str]": (list,)}
+
+
+def _check_types(config, where: str = "") -> None:
+    """Raise naming a scalar field whose YAML value has the wrong type (``steps: ten``), which
+    would otherwise fail deep inside a stage, or not at all."""
+    for f in dataclasses.fields(config):
+        value, name = getattr(config, f.name), f"{where}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _check_types(value, name + ".")
+            continue
+        annotation = str(f.type).replace(" | None", "")
+        if value is None or annotation not in _TYPES:
+            continue
+        if isinstance(value, bool) or not isinstance(value, _TYPES[annotation]):
+            raise ValueError(f"{name} must be {annotation}, got {value!r}")
+
+
+def _check_stage_options(config: BootstrapConfig) -> None:
+    """Parse each stage's ``options`` with that stage's own command-line parser now, so that a
+    misspelt option fails before the first stage runs instead of after an hour of them."""
+    from capfilt.jobs.cli import parse_options
+
+    x = "x"  # placeholder values for the options every stage gets from the bootstrap itself
+    stages = {
+        "pretrain": ["pretrain", "--arch", "blip", "--data", x, "--out", x],
+        "round0_pretrain": ["pretrain", "--arch", "blip", "--data", x, "--out", x],
+        "finetune_caption": ["finetune", "--task", "caption", "--init", x, "--data", x, "--out", x],
+        "finetune_retrieval": ["finetune", "--task", "retrieval", "--init", x, "--data", x, "--out", x],
+        "clip": ["pretrain", "--arch", "clip", "--data", x, "--out", x],
+        "curate": ["curate", "--input", x, "--out", x, "--clip", x],
+    }
+    if config.model_config is not None:  # a misspelt key would build the default model silently
+        from capfilt.model.builders.tiny import load_config as tiny_config
+
+        tiny_config("itm", config.model_config)
+    for name, argv in stages.items():
+        section = getattr(config, name)
+        if section is None or not section.options:
+            continue
+        try:
+            _, extra = parse_options(argv[0], [*argv[1:], *cli_options(section.options)])
+        except ValueError as exc:  # a bad value or a missing argument, in argparse's words
+            raise ValueError(f"{name}.options: {exc}") from None
+        if extra and name == "curate":  # the rest must be Beam pipeline options
+            from capfilt.pipeline.curate.options import make_pipeline_options
+
+            try:
+                make_pipeline_options(extra)
+            except ValueError as exc:
+                raise ValueError(f"{name}.options: {exc}") from None
+        elif extra:
+            raise ValueError(f"{name}.options: unknown option(s) {extra} for `capfilt {argv[0]}`")
+
+
+def as_dict(config: BootstrapConfig) -> dict:
+    return dataclasses.asdict(config)
+
+
+def cli_options(options: dict) -> list[str]:
+    """``{"warmup": 20, "momentum": True}`` -> ``["--warmup", "20", "--momentum"]``."""
+    argv = []
+    for key, value in options.items():
+        flag = "--" + str(key).replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif value is False or value is None:
+            continue
+        else:
+            argv.extend([flag, str(value)])
+    return argv

@@ -1,0 +1,1 @@
+"""One module per `capfilt` subcommand: options in, one Python call out."""

@@ -1,0 +1,1 @@
+"""The three CapFilt models at inference: captioner (sampling, fastpath), filter, ranker, and where they run (device)."""

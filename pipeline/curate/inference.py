@@ -1,0 +1,288 @@
+"""RunInference stages: the captioner, the filter and the CLIP ranker as Beam ``ModelHandler``s.
+
+Each handler takes ``Sample`` s (already decoded) and returns updated copies, and is wrapped in
+``KeyedModelHandler`` so elements travel as ``(sample key, Sample)``. Beam supplies the rest:
+
+* **One model per worker process.** ``RunInference`` loads the model through its shared
+  handle once per process and hands it to every thread; with
+  ``--share-model-across-processes`` Beam's ``MultiProcessShared`` serves one copy per
+  machine instead (for models that do not fit once per worker).
+* **Batching** comes from ``batch_elements_kwargs`` (``--batch-size``, fixed, so every batch
+  but a bundle's last is full).
+* **A failed batch is retried element by element** inside ``run_inference``: only the element
+  that fails again becomes an error row (an :class:`InferenceFailure` result, split off by
+  :class:`InferStage`). ``RunInference.with_exception_handling`` stays on as a safety net; a
+  batch it catches becomes one error row per element.
+* **Metrics**: RunInference's own (``num_inferences``, latencies, model load time) under the
+  namespace ``capfilt_<stage>``, plus our counters of retried batches and failed elements.
+
+Whether a stage's results depend on the batch: the captioner draws from per-sample seeds and
+the scorers run each caption against its own image, so they do not (up to float rounding).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from dataclasses import dataclass
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunInference
+
+from capfilt.pipeline.curate.precision import checked_filter_scores, checked_rank_scores, model_bf16, resolve_precision
+from capfilt.pipeline.curate.sources import NAMESPACE, ErrorRow, Sample
+
+LOG = logging.getLogger(__name__)
+ERRORS = "errors"
+# The last model loaded per stage in this process. RunInference's shared handle lives as long
+# as one pipeline; a run of several pipelines (one per shard group) in the same process, as
+# with the in-process FnApiRunner, would otherwise reload every model for every group.
+_LOADED: dict[str, tuple[tuple, object]] = {}
+_LOADED_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class InferenceFailure:
+    """The result of an element that failed on its own (after its batch failed)."""
+
+    sample: Sample
+    stage: str
+    error_type: str
+    message: str
+
+
+def candidates(sample: Sample) -> list[str]:
+    """The captions a sample is scored on: the web caption (when not empty), then every
+    synthetic caption, in that order. Scores come back in the same order."""
+    return ([sample.web_caption] if sample.web_caption else []) + list(sample.synthetic)
+
+
+class _SampleHandler(ModelHandler):
+    """Shared plumbing; subclasses set ``stage`` and implement ``load`` and ``infer``."""
+
+    stage = ""
+
+    def __init__(self, spec: str, cfg):
+        super().__init__()
+        self._spec = spec
+        self._cfg = cfg
+        self._precision: str | None = None  # resolved on first use, in the worker process
+
+    # -- what RunInference asks --------------------------------------------------------
+    def load_model(self):
+        if self._cfg.torch_threads:
+            import torch
+
+            torch.set_num_threads(self._cfg.torch_threads)
+        ident = (self._spec, self._cfg.device, self._cfg.precision)
+        with _LOADED_LOCK:
+            cached = _LOADED.get(self.stage)
+            if cached is not None and cached[0] == ident:
+                return cached[1]
+            LOG.info("loading %s model %s", self.stage, self._spec)
+            model = self.load()
+            _LOADED[self.stage] = (ident, model)  # replaces (frees) the previous one
+            return model
+
+    def run_inference(self, batch, model, inference_args=None):
+        batch = list(batch)
+        try:
+            return self.infer(batch, model)
+        except Exception as err:  # noqa: BLE001 - any failure is retried per element
+            Metrics.counter(NAMESPACE, f"{self.stage}_failed_batches").inc()
+            if len(batch) == 1:
+                return [self._failure(batch[0], err)]
+            LOG.warning("%s batch of %d failed (%s: %s); retrying element by element",
+                        self.stage, len(batch), type(err).__name__, err)
+        results = []
+        for sample in batch:
+            try:
+                results.extend(self.infer([sample], model))
+            except Exception as err:  # noqa: BLE001
+                results.append(self._failure(sample, err))
+        return results
+
+    def batch_elements_kwargs(self):
+        return {"min_batch_size": self._cfg.batch_size, "max_batch_size": self._cfg.batch_size}
+
+    def share_model_across_processes(self) -> bool:
+        return bool(self._cfg.share_model_across_processes)
+
+    def get_num_bytes(self, batch) -> int:
+        # The default pickles the batch (PIL images included) just to measure it.
+        return sum(len(s.jpg or b"") for s in batch)
+
+    def get_metrics_namespace(self) -> str:
+        return f"{NAMESPACE}_{self.stage}"
+
+    # -- ours ------------------------------------------------------------------------------
+    def _failure(self, sample: Sample, err: Exception) -> InferenceFailure:
+        Metrics.counter(NAMESPACE, f"{self.stage}_errors").inc()
+        return InferenceFailure(sample, self.stage, type(err).__name__, str(err) or repr(err))
+
+    def load(self):
+        raise NotImplementedError
+
+    def precision(self) -> str:
+        """``--precision`` resolved once, on the worker (its hardware decides ``auto``)."""
+        if self._precision is None:
+            self._precision = resolve_precision(self._cfg.precision, self._cfg.device)
+        return self._precision
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_precision"] = None  # a worker on other hardware resolves ``auto`` again
+        return state
+
+    def bf16(self) -> bool:
+        """Whether this stage's model runs in bf16 (``pipeline.precision``)."""
+        return model_bf16(self.precision(), self.stage)
+
+    def checked(self) -> bool:
+        """Whether bf16 decisions are checked in fp32 (``--precision bf16-checked`` or ``auto``)."""
+        return self.precision() == "bf16-checked"
+
+    def infer(self, batch: list[Sample], model) -> list[Sample]:
+        raise NotImplementedError
+
+
+class CaptionHandler(_SampleHandler):
+    """Sample -> Sample with ``synthetic`` = N nucleus-sampled captions (seeded per key)."""
+
+    stage = "caption"
+
+    def load(self):
+        from capfilt.model.inference.captioner import Captioner
+
+        return Captioner.from_pretrained(self._spec, device=self._cfg.device, bf16=self.bf16())
+
+    def infer(self, batch, model):
+        cfg = self._cfg
+        captions = model.caption(
+            [s.image for s in batch], [s.key for s in batch], n=cfg.num_captions, seed=cfg.seed,
+            prompt=cfg.prompt, top_p=cfg.top_p, max_length=cfg.max_length,
+            min_length=cfg.min_length, repetition_penalty=cfg.repetition_penalty,
+        )
+        return [dataclasses.replace(s, synthetic=list(c)) for s, c in zip(batch, captions)]
+
+
+def _with_candidates(batch: list[Sample]) -> list[Sample]:
+    return [s for s in batch if candidates(s)]
+
+
+def _by_sample(batch: list[Sample], todo: list[Sample], scores: list) -> list:
+    """One entry per sample of ``batch``: its scores, or None for a sample without candidates."""
+    by_id = {id(s): sc for s, sc in zip(todo, scores)}
+    return [by_id.get(id(s)) for s in batch]
+
+
+def _split_scores(sample: Sample, values) -> tuple[float | None, list[float]]:
+    """Scores in candidate order -> (web score or None, synthetic scores)."""
+    values = [float(v) for v in values]
+    if sample.web_caption:
+        return values[0], values[1:]
+    return None, values
+
+
+def _joined_scores(sample: Sample, web, synthetic) -> list[float]:
+    """(web score, synthetic scores) -> scores in candidate order; the inverse of ``_split_scores``."""
+    return ([web] if sample.web_caption else []) + list(synthetic or [])
+
+
+class FilterHandler(_SampleHandler):
+    """Sample -> Sample with ITM p(match) and ITC cosine of every candidate caption."""
+
+    stage = "filter"
+
+    def load(self):
+        from capfilt.model.inference.filter import load_filter
+
+        return load_filter(self._spec, device=self._cfg.device, bf16=self.bf16())
+
+    def infer(self, batch, model):
+        todo = _with_candidates(batch)
+        result = checked_filter_scores(model, [s.image for s in todo], [candidates(s) for s in todo],
+                                       check=self.checked(), itm_threshold=self._cfg.itm_threshold, margin=self._cfg.itm_margin)
+        Metrics.counter(NAMESPACE, "filter_fp32_rescored").inc(len(result.rescored))
+        out = []
+        for s, sc in zip(batch, _by_sample(batch, todo, result.scores)):
+            if sc is None:
+                out.append(dataclasses.replace(s, synthetic_itm=[], synthetic_itc=[]))
+                continue
+            web_itm, syn_itm = _split_scores(s, sc.itm)
+            web_itc, syn_itc = _split_scores(s, sc.itc)
+            out.append(dataclasses.replace(
+                s, web_itm=web_itm, web_itc=web_itc, synthetic_itm=syn_itm, synthetic_itc=syn_itc
+            ))
+        return out
+
+
+class RankHandler(_SampleHandler):
+    """Sample -> Sample with the CLIP cosine of every candidate caption."""
+
+    stage = "rank"
+
+    def load(self):
+        from capfilt.model.inference.ranker import ClipRanker
+
+        # bf16-checked sizes its CLIP margin for a bf16 image tower; the text stays fp32
+        return ClipRanker.load(self._spec, device=self._cfg.device, bf16=self.bf16(), bf16_text=not self.checked())
+
+    def infer(self, batch, model):
+        cfg = self._cfg
+        todo = _with_candidates(batch)
+        itm = None
+        if cfg.use_filter:  # the filter ran before: candidates' ITM in candidate order
+            itm = [_joined_scores(s, s.web_itm, s.synthetic_itm) for s in todo]
+        result = checked_rank_scores(
+            model, [s.image for s in todo], [candidates(s) for s in todo], itm,
+            check=self.checked(), itm_threshold=cfg.itm_threshold,
+            keep_top=cfg.keep_top, margin=cfg.clip_margin,
+        )
+        Metrics.counter(NAMESPACE, "rank_fp32_rescored").inc(len(result.rescored))
+        out = []
+        for s, sc in zip(batch, _by_sample(batch, todo, result.scores)):
+            web_clip, syn_clip = _split_scores(s, sc) if sc is not None else (None, [])
+            out.append(dataclasses.replace(s, web_clip=web_clip, synthetic_clip=syn_clip))
+        return out
+
+
+class _SplitFailures(beam.DoFn):
+    def process(self, keyed_result):
+        _key, result = keyed_result
+        if isinstance(result, InferenceFailure):
+            s = result.sample
+            yield beam.pvalue.TaggedOutput(
+                ERRORS, ErrorRow(s.key, s.url, result.stage, result.error_type, result.message, s.shard, s.row)
+            )
+        else:
+            yield result
+
+
+def _failed_batch_rows(dead_letter, stage: str):
+    """RunInference's dead letter ``(batch of (key, Sample), (type, repr, traceback))``."""
+    batch, (exc_type, exc_repr, _tb) = dead_letter
+    name = getattr(exc_type, "__name__", str(exc_type))
+    for _key, s in batch:
+        Metrics.counter(NAMESPACE, f"{stage}_errors").inc()
+        yield ErrorRow(s.key, s.url, stage, name, exc_repr, s.shard, s.row)
+
+
+class InferStage(beam.PTransform):
+    """PCollection[Sample] -> (updated Samples, ErrorRows) through one RunInference stage."""
+
+    def __init__(self, handler: _SampleHandler):
+        super().__init__()
+        self._handler = handler
+
+    def expand(self, samples):
+        stage = self._handler.stage
+        results, dlq = (
+            samples
+            | "Key" >> beam.Map(lambda s: (s.key, s))
+            | "RunInference" >> RunInference(KeyedModelHandler(self._handler)).with_exception_handling()
+        )
+        ok, failed = results | "SplitFailures" >> beam.ParDo(_SplitFailures()).with_outputs(ERRORS, main="ok")
+        batch_failed = dlq.failed_inferences | "FailedBatches" >> beam.FlatMap(_failed_batch_rows, stage)
+        return ok, (failed, batch_failed) | "Errors" >> beam.Flatten()

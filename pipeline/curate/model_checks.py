@@ -1,0 +1,67 @@
+"""Curate's models and --device, checked before anything is written.
+
+A failed ``--overwrite`` would otherwise delete the old output for nothing, and a typo in a
+hub id would surface only in a Beam worker's traceback. Hub ids are resolved (their config
+through ``AutoConfig``, which fails at once offline) and open_clip specs looked up; the
+weights themselves are read by the workers.
+"""
+from __future__ import annotations
+
+import os
+
+def check_models(cfg) -> None:
+    """--device and every model must be usable before --out is touched (a failed
+    ``--overwrite`` would otherwise have deleted the old output for nothing): ValueError naming
+    the option. Hub ids are resolved too (their config through ``AutoConfig``, which fails at
+    once offline); the weights themselves are read by the workers."""
+    from capfilt.model.inference.device import check_model_dir, is_local_spec, load_config, resolve_device
+
+    def check_blip(spec) -> None:  # a local directory's files, then its config (a hub id's too)
+        if is_local_spec(spec):
+            check_model_dir(spec)
+        load_config(spec)
+
+    _named("--device", cfg.device, resolve_device)
+    if cfg.use_captioner:
+        _named("--captioner", cfg.captioner, check_blip)
+    if cfg.use_filter:
+        _named("--filter", cfg.filter, check_blip)
+    _named("--clip", cfg.clip, _check_clip)
+
+
+def _named(flag: str, spec, check) -> None:
+    try:
+        check(spec)
+    except ValueError as err:
+        message = " ".join(str(err).split())  # the hub's messages span lines
+        raise ValueError(f"{flag} {spec}: {message}") from err
+
+
+def _check_clip(spec: str) -> None:
+    """A ranker spec open_clip can load: a model directory, or a known architecture with a
+    weights file or a known pretrained tag (offline: already in the cache)."""
+    import open_clip
+    from huggingface_hub import constants, hf_hub_download
+
+    from capfilt.model.inference.ranker import parse_spec
+
+    name, pretrained = parse_spec(spec)
+    if name.startswith("local-dir:"):
+        return
+    try:
+        if name.startswith("hf-hub:"):
+            if constants.HF_HUB_OFFLINE:
+                hf_hub_download(name[len("hf-hub:"):], "open_clip_config.json")
+            return
+        if name not in open_clip.list_models():
+            raise ValueError(f"open_clip has no architecture {name!r}")
+        if os.path.isfile(os.path.expanduser(pretrained)):
+            return
+        cfg = open_clip.get_pretrained_cfg(name, pretrained)
+        if not cfg:
+            raise ValueError(f"open_clip has no pretrained tag {pretrained!r} for {name} (known: "
+                             f"{', '.join(open_clip.list_pretrained_tags_by_model(name))}) and it is not a file")
+        if constants.HF_HUB_OFFLINE:  # only a cache lookup then; online, the workers download
+            open_clip.download_pretrained(cfg)
+    except (OSError, RuntimeError) as err:  # the hub's and urllib's error types
+        raise ValueError(f"cannot find its files ({err})") from err

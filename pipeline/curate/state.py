@@ -1,0 +1,378 @@
+"""The state of a curate output directory: done markers, settings, staging, the run record.
+
+Layout of ``--out``::
+
+    shards/part-<shard>.parquet    curated rows of input shard <shard>
+    errors/part-<shard>.parquet    error rows of input shard <shard>
+    _state/<shard>.json            done marker: input (path, size, sha256, rows), outputs
+                                   (name, size, sha256, rows), counts; written last
+    _state/settings.json           the settings that decide rows (refused if they change
+                                   while a shard is done); also what marks a curate output
+    _staging/<run>/                pipeline output before it is final (deleted on every run)
+    stats.json  manifest.json      the run record
+    .lock                          held while a run works here (local directories)
+
+A done marker counts only while its two output files exist with the recorded size (sha256
+for markers written before sizes were recorded): a deleted or truncated output makes its
+shard pending again instead of silently missing from the totals.
+
+Paths go through Beam's ``FileSystems`` so the layout works on any filesystem Beam knows;
+the lock only where the directory is local.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import posixpath
+import shutil
+
+from apache_beam.io.filesystems import FileSystems
+
+from capfilt.pipeline.curate.sinks import check_identity, check_schema, code_version, model_record, output_counts
+from capfilt.pipeline.curate.sources import ShardInfo, file_sha256
+from capfilt.transforms.schemas import CURATED_SCHEMA, ERROR_SCHEMA
+
+LOG = logging.getLogger(__name__)
+LOCK_NAME = ".lock"
+
+
+def _same_path(path: str) -> str:
+    """A spelling of `path` shared by its other spellings (relative, symlinked) where it is local."""
+    return path if "://" in path else os.path.realpath(path)
+
+
+def _join(*parts: str) -> str:
+    return FileSystems.join(*parts)
+
+
+def output_name(shard_id: str) -> str:
+    """``part-<id>.parquet`` (an id that already starts with ``part-`` is used as is)."""
+    return f"part-{shard_id.removeprefix('part-')}.parquet"
+
+
+def read_json(path: str):
+    with FileSystems.open(path, compression_type="uncompressed") as f:
+        return json.loads(f.read().decode("utf-8"))
+
+
+def write_json(path: str, obj) -> None:
+    """Write to a temporary name, then rename: readers never see half a file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with FileSystems.create(tmp, compression_type="uncompressed") as f:
+        f.write((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    FileSystems.rename([tmp], [path])
+
+
+def staged_counts(shard: ShardInfo, curated: str, errors: str) -> dict:
+    """Counts of one shard's staged files, after checking their schemas and the identity."""
+    check_schema(curated, CURATED_SCHEMA)
+    check_schema(errors, ERROR_SCHEMA)
+    counts = dict(output_counts(curated, errors), input_rows=shard.num_rows)
+    check_identity(counts, f"shard {shard.path}")
+    return counts
+
+
+def settings_record(cfg) -> dict:
+    """What decides the rows: the settings and each model's content hash (call
+    :func:`check_models` first)."""
+    return {
+        "settings": cfg.fingerprint(),
+        "models": {
+            "captioner": model_record(cfg.captioner if cfg.use_captioner else None),
+            "filter": model_record(cfg.filter if cfg.use_filter else None),
+            "clip": model_record(cfg.clip),
+        },
+    }
+
+
+def manifest(cfg, settings: dict, markers: list[dict]) -> dict:
+    markers = sorted(markers, key=lambda m: m["shard_id"])
+    return {
+        "code_version": code_version(),
+        "models": settings["models"],
+        "settings": settings["settings"],
+        "thresholds": {"itm_threshold": cfg.itm_threshold if cfg.use_filter else None, "keep_top": cfg.keep_top},
+        "seeds": {"run_seed": cfg.seed, "per_sample": "capfilt.transforms.seeding.sample_seed(run_seed, key, index)"},
+        "round": cfg.round,
+        "inputs": [m["input"] for m in markers],
+        "outputs": [o for m in markers for o in (m["curated"], m["errors"])],
+    }
+
+
+class OutStore:
+    """Reads and updates one ``--out`` directory (see the module docstring)."""
+
+    def __init__(self, out: str):
+        self.out = out
+        self.local = "://" not in out
+        self.shards_dir = _join(out, "shards")
+        self.errors_dir = _join(out, "errors")
+        self.state_dir = _join(out, "_state")
+        self.staging_root = _join(out, "_staging")
+        self.settings_path = _join(self.state_dir, "settings.json")
+        self._output_problems: dict[str, str | None] = {}  # shard id -> why its outputs are bad
+
+    @contextlib.contextmanager
+    def locked(self):
+        """Hold ``--out/.lock`` for the run. A directory this call created is removed again
+        when the run fails before writing anything in it (a refused run leaves no trace)."""
+        if not self.local:
+            yield
+            return
+        import fcntl
+
+        if os.path.exists(self.out) and not os.path.isdir(self.out):
+            raise ValueError(f"--out {self.out} exists and is not a directory")
+        created = not os.path.exists(self.out)
+        try:
+            os.makedirs(self.out, exist_ok=True)
+            handle = open(os.path.join(self.out, LOCK_NAME), "w")
+        except OSError as err:
+            raise ValueError(f"--out {self.out}: cannot create the output directory ({err})") from err
+        try:
+            with handle:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError as err:
+                    raise RuntimeError(f"{self.out}: another curate run is working in this directory") from err
+                yield
+        except BaseException:
+            if created and not self._holds_files():
+                shutil.rmtree(self.out, ignore_errors=True)
+            raise
+
+    def _holds_files(self) -> bool:
+        """Whether the local --out holds any file besides the lock (empty folders do not count)."""
+        for _root, _dirs, files in os.walk(self.out):
+            if any(name != LOCK_NAME for name in files):
+                return True
+        return False
+
+    def check_is_curate_output(self) -> None:
+        """Refuse a non-empty --out that no curate run wrote (no ``_state/settings.json``):
+        cleaning up a killed run would delete its files. ``--overwrite`` skips this check."""
+        if FileSystems.exists(self.settings_path) or not FileSystems.exists(self.out):
+            return
+        if self.local and not os.path.isdir(self.out):
+            return  # locked() refuses it, naming the path
+        if self.local:
+            names = sorted(n for n in os.listdir(self.out) if n != LOCK_NAME)
+        else:
+            names = [posixpath.basename(m.path.rstrip("/")) for m in
+                     FileSystems.match([_join(self.out, "*")])[0].metadata_list]
+        if names:
+            shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+            raise ValueError(
+                f"--out {self.out} is not empty ({shown}) and is not a capfilt curate output (it has "
+                f"no _state/settings.json); use another --out, or pass --overwrite to curate into it"
+            )
+
+    def _ensure(self, path: str) -> None:
+        if not FileSystems.exists(path):
+            FileSystems.mkdirs(path)
+
+    def _list(self, pattern: str) -> list[str]:
+        return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
+
+    def remove(self, path: str) -> None:
+        if FileSystems.exists(path):
+            FileSystems.delete([path])
+
+    def reset(self) -> None:
+        """--overwrite: delete everything a previous run wrote."""
+        for path in (self.shards_dir, self.errors_dir, self.state_dir, self.staging_root,
+                     _join(self.out, "stats.json"), _join(self.out, "manifest.json")):
+            self.remove(path)
+
+    # -- settings and markers ----------------------------------------------------------------
+    def check_settings(self, settings: dict, done: dict) -> None:
+        """Refuse settings other than the stored ones while any shard is done (``done``: the
+        intact markers). Without a done shard there are no rows to mix with: a run that failed
+        before finishing a shard (a model that did not load) must not lock out its retry."""
+        path = self.settings_path
+        if not done or not FileSystems.exists(path):
+            return
+        old = read_json(path)
+        if old != json.loads(json.dumps(settings)):
+            diff = _diff(old, settings)
+            raise ValueError(
+                f"{self.out} was curated with other settings ({'; '.join(diff)}); "
+                f"pass --overwrite to start again, or use another --out"
+            )
+
+    def save_settings(self, settings: dict) -> None:
+        path = self.settings_path
+        if FileSystems.exists(path) and read_json(path) == json.loads(json.dumps(settings)):
+            return  # unchanged: no write (a re-run with nothing to do changes no file)
+        self._ensure(self.state_dir)
+        write_json(path, settings)  # differs only when no shard is done (check_settings)
+
+    def markers(self) -> dict[str, dict]:
+        if not FileSystems.exists(self.state_dir):
+            return {}
+        out = {}
+        for path in self._list(_join(self.state_dir, "*.json")):
+            if posixpath.basename(path) == "settings.json":
+                continue
+            marker = read_json(path)
+            out[marker["shard_id"]] = marker
+        return out
+
+    def output_problem(self, marker: dict) -> str | None:
+        """Why a done shard's output files cannot be trusted, or None when they are intact:
+        both exist with the marker's size (its sha256 for markers without sizes)."""
+        shard_id = marker["shard_id"]
+        if shard_id not in self._output_problems:
+            self._output_problems[shard_id] = self._find_output_problem(marker)
+        return self._output_problems[shard_id]
+
+    def _find_output_problem(self, marker: dict) -> str | None:
+        for kind, folder in (("curated", self.shards_dir), ("errors", self.errors_dir)):
+            record = marker[kind]
+            path = _join(folder, record["name"])
+            found = FileSystems.match([path])[0].metadata_list
+            if not found:
+                return f"{path} is missing"
+            if "size" in record:
+                if found[0].size_in_bytes != record["size"]:
+                    return f"{path} has {found[0].size_in_bytes} bytes, its done marker says {record['size']}"
+            elif file_sha256(path) != record["sha256"]:
+                return f"{path} does not match the sha256 in its done marker"
+        return None
+
+    def intact(self, markers: dict) -> dict:
+        """The markers whose outputs are intact; the others are logged and will be redone
+        (``clean_incomplete`` deletes them with their remaining files)."""
+        out = {}
+        for shard_id, marker in markers.items():
+            problem = self.output_problem(marker)
+            if problem:
+                LOG.warning("shard %s is no longer done: %s; it will be curated again", shard_id, problem)
+            else:
+                out[shard_id] = marker
+        return out
+
+    def without_renamed(self, markers: dict, shards: list[ShardInfo]) -> dict:
+        """The markers minus those of an input that is now curated under another shard id.
+
+        Shard ids come from file names, and from the path below the common folder once two
+        inputs share a name (``pipeline.sources.shard_ids``): when ``raw/b/00000.parquet``
+        arrives, ``raw/a/00000.parquet`` turns from ``00000`` into ``a_00000``. Its old outputs
+        would count it twice beside the new ones, so its marker is dropped (``clean_incomplete``
+        then deletes its files) and the input is curated again under its new id."""
+        ids = {_same_path(shard.path): shard.shard_id for shard in shards}
+        out = {}
+        for shard_id, marker in markers.items():
+            new_id = ids.get(_same_path(marker["input"]["path"]))
+            if new_id is not None and new_id != shard_id:
+                LOG.warning("input %s was curated as shard %s and is shard %s now (another input of the "
+                            "same name arrived): it will be curated again under the new name",
+                            marker["input"]["path"], shard_id, new_id)
+                continue
+            out[shard_id] = marker
+        return out
+
+    def is_done(self, shard: ShardInfo, markers: dict) -> bool:
+        marker = markers.get(shard.shard_id)
+        if marker is None or self.output_problem(marker):
+            return False
+        if marker["input"]["size"] != shard.size:
+            raise ValueError(
+                f"{shard.path} has {shard.size} bytes but was curated into {self.out} with "
+                f"{marker['input']['size']}; the input changed: pass --overwrite or use another --out"
+            )
+        return True
+
+    def completed_files(self) -> tuple[list[str], list[str]]:
+        markers = self.markers().values()
+        return ([_join(self.shards_dir, m["curated"]["name"]) for m in markers],
+                [_join(self.errors_dir, m["errors"]["name"]) for m in markers])
+
+    def clean_incomplete(self, markers: dict) -> None:
+        """Delete what a killed run left (staging, outputs without a marker, temp files) and
+        the markers not in ``markers`` (those whose outputs were found broken)."""
+        self.remove(self.staging_root)
+        keep = {m[kind]["name"] for m in markers.values() for kind in ("curated", "errors")}
+        keep_markers = {f"{shard_id}.json" for shard_id in markers} | {"settings.json"}
+        for folder in (self.shards_dir, self.errors_dir, self.state_dir):
+            if not FileSystems.exists(folder):
+                continue
+            for path in self._list(_join(folder, "*")):
+                name = posixpath.basename(path)
+                kept = keep_markers if folder == self.state_dir else keep
+                stray = ".tmp-" in name or name not in kept
+                if stray:
+                    FileSystems.delete([path])
+        for record in ("stats.json", "manifest.json"):  # the run record's temp files (write_json)
+            for path in self._list(_join(self.out, f"{record}.tmp-*")):
+                FileSystems.delete([path])
+
+    # -- one shard ------------------------------------------------------------------------
+    def staging_dir(self, run_id: str) -> str:
+        path = _join(self.staging_root, run_id)
+        self._ensure(path)
+        return path
+
+    def staged_paths(self, staging: str, shard: ShardInfo) -> tuple[str, str]:
+        stem = output_name(shard.shard_id).removesuffix(".parquet")
+        return _join(staging, "curated", stem), _join(staging, "errors", stem)
+
+    def complete(self, shard: ShardInfo, curated: str, errors: str, counts: dict, input_sha256: str) -> dict:
+        """Move a shard's staged files into place, then write its done marker (last)."""
+        name = output_name(shard.shard_id)
+        self._ensure(self.shards_dir)
+        self._ensure(self.errors_dir)
+        final_cur, final_err = _join(self.shards_dir, name), _join(self.errors_dir, name)
+        FileSystems.rename([curated, errors], [final_cur, final_err])
+        marker = {
+            "shard_id": shard.shard_id,
+            "input": {"path": shard.path, "name": posixpath.basename(shard.path), "size": shard.size,
+                      "sha256": input_sha256, "rows": shard.num_rows, "format": shard.fmt},
+            "curated": {"name": name, "path": f"shards/{name}", "sha256": file_sha256(final_cur),
+                        "size": _size(final_cur), "rows": counts["curated_rows"]},
+            "errors": {"name": name, "path": f"errors/{name}", "sha256": file_sha256(final_err),
+                       "size": _size(final_err), "rows": counts["errors"]},
+            "counts": {k: counts[k] for k in ("input_rows", "kept", "dropped", "errors",
+                                              "drop_reasons", "error_types")},
+        }
+        write_json(_join(self.state_dir, f"{shard.shard_id}.json"), marker)
+        self._output_problems.pop(shard.shard_id, None)
+        return marker
+
+    # -- the run record -------------------------------------------------------------------
+    def last_run(self) -> dict | None:
+        path = _join(self.out, "stats.json")
+        return read_json(path).get("this_run") if FileSystems.exists(path) else None
+
+    def last_code_version(self) -> str | None:
+        """The code version of the last run that curated rows here (manifest.json)."""
+        path = _join(self.out, "manifest.json")
+        return read_json(path).get("code_version") if FileSystems.exists(path) else None
+
+    def write_record(self, stats: dict, manifest_: dict) -> None:
+        """stats.json and manifest.json, each rewritten only when its content changed (a
+        re-run with nothing to do changes no file)."""
+        for name, obj in (("stats.json", stats), ("manifest.json", manifest_)):
+            path = _join(self.out, name)
+            if FileSystems.exists(path) and read_json(path) == json.loads(json.dumps(obj)):
+                continue
+            write_json(path, obj)
+
+
+def _size(path: str) -> int:
+    return FileSystems.match([path])[0].metadata_list[0].size_in_bytes
+
+
+def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(_diff(a, b, f"{prefix}{key}."))
+        elif key not in old:  # written by an older capfilt: what it used is unknown
+            out.append(f"{prefix}{key}: not recorded by the run that wrote it, now {b!r}")
+        elif a != b:
+            out.append(f"{prefix}{key}: was {a!r}, now {b!r}")
+    return out

@@ -1,0 +1,1 @@
+"""`capfilt ingest`: img2dataset downloads (download), one run per --out (lock), shards checked against the list (check)."""

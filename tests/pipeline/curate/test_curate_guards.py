@@ -1,0 +1,481 @@
+"""What `capfilt curate` refuses, and what it leaves behind when it does: option ranges, the
+settings fingerprint, --out paths that cannot hold a curate output, unreadable shard data and
+done markers whose outputs are gone (pipeline/options.py, pipeline/state.py, pipeline/curate.py,
+pipeline/sources.py). End-to-end resume cases with full runs are in tests/test_curate.py."""
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import math
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from capfilt.jobs.cli import main
+from capfilt.pipeline.curate.options import CurateConfig
+from capfilt.transforms.schemas import RAW_SCHEMA
+
+
+def run_cli(argv):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+def error_line(stderr):
+    """The one ``capfilt curate: error: ...`` line (log lines may surround it)."""
+    lines = [line for line in stderr.splitlines() if line.startswith("capfilt curate:")]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def model_args(tiny_models):
+    return ["--captioner", str(tiny_models["captioner"]), "--filter", str(tiny_models["itm"]),
+            "--clip", str(tiny_models["clip"]), "--num-captions", "1", "--max-length", "8", "--min-length", "2",
+            "--torch-threads", "1", "--precision", "fp32"]
+
+
+def snapshot(root: Path) -> dict:
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.fixture
+def two_rows(tmp_path, synth_world):
+    """One raw shard holding the first two web rows of the synthetic world."""
+    table = pq.read_table(sorted((synth_world / "web").glob("*.parquet"))[0]).slice(0, 2)
+    path = tmp_path / "in" / "00000.parquet"
+    path.parent.mkdir()
+    pq.write_table(table, path)
+    return path
+
+
+# --- option ranges (CurateConfig.__post_init__) ------------------------------------------------
+
+BASE = dict(inputs=("x",), out="y", captioner="c", filter="f", clip="k")
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"max_pixels": 0}, "--max-pixels must be >= 1, got 0"),
+    ({"min_side": 0}, "--min-side must be >= 1, got 0"),
+    ({"max_aspect": 0.5}, "--max-aspect must be >= 1, got 0.5"),
+    ({"max_length": 0, "min_length": 0}, "--max-length must be >= 1, got 0"),
+    ({"min_length": -1}, "--min-length must be >= 0, got -1"),
+    ({"min_length": 31}, "--min-length 31 exceeds --max-length 30"),
+    ({"repetition_penalty": -1.0}, "--repetition-penalty must be > 0, got -1.0"),
+    ({"repetition_penalty": 0.0}, "--repetition-penalty must be > 0, got 0.0"),
+    ({"repetition_penalty": math.nan}, "--repetition-penalty must be > 0, got nan"),
+    ({"torch_threads": 0}, "--torch-threads must be >= 1, got 0"),
+])
+def test_out_of_range_options_are_refused_naming_option_and_value(changes, message):
+    with pytest.raises(ValueError) as err:
+        CurateConfig(**BASE, **changes)
+    assert str(err.value) == message
+
+
+def test_boundary_values_are_accepted():
+    cfg = CurateConfig(**BASE, max_pixels=1, min_side=1, max_aspect=1.0, max_length=1, min_length=1,
+                       repetition_penalty=0.5, torch_threads=1)
+    assert (cfg.max_pixels, cfg.max_aspect, cfg.torch_threads) == (1, 1.0, 1)
+    assert CurateConfig(**BASE).torch_threads is None
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--max-pixels", "0", "--max-pixels must be >= 1, got 0"),
+    ("--min-side", "0", "--min-side must be >= 1, got 0"),
+    ("--max-aspect", "0.5", "--max-aspect must be >= 1, got 0.5"),
+    ("--repetition-penalty", "-1", "--repetition-penalty must be > 0, got -1.0"),
+    ("--torch-threads", "0", "--torch-threads must be >= 1, got 0"),
+])
+def test_cli_exits_2_on_an_out_of_range_option_and_creates_nothing(tmp_path, option, value, message):
+    out = tmp_path / "out"
+    code, stdout, stderr = run_cli(["curate", "--input", str(tmp_path / "*.parquet"), "--out", str(out),
+                                    "--captioner", "c", "--filter", "f", "--clip", "k", option, value])
+    assert code == 2 and error_line(stderr) == f"capfilt curate: error: {message}" and stdout == ""
+    assert not out.exists()
+
+
+def test_repetition_penalty_has_a_help_text():
+    from capfilt.jobs.commands.curate import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    action = next(a for a in parser._actions if "--repetition-penalty" in a.option_strings)
+    assert action.help and "repetition penalty" in action.help and "> 0" in action.help
+
+
+# --- the fingerprint records the resolved precision ---------------------------------------------
+
+@pytest.fixture
+def bf16_cpu(monkeypatch):
+    """Make this CPU report native bf16, so that "auto" resolves the same on every machine."""
+    import capfilt.model.inference.device as dev
+    monkeypatch.setattr(dev, "cpu_has_native_bf16", lambda: True)
+
+
+def test_fingerprint_holds_the_resolved_precision_and_the_check_margins(bf16_cpu, monkeypatch):
+    fp = {p: CurateConfig(**BASE, device="cpu", precision=p).fingerprint() for p in ("auto", "fp32", "bf16-checked", "bf16")}
+    assert fp["auto"]["precision"] == "bf16-checked" and fp["auto"] == fp["bf16-checked"]
+    assert (fp["auto"]["itm_margin"], fp["auto"]["clip_margin"]) == (0.02, 0.01)
+    assert fp["fp32"]["precision"] == "fp32" and fp["fp32"]["itm_margin"] is fp["fp32"]["clip_margin"] is None
+    assert fp["bf16"]["precision"] == "bf16" and fp["bf16"]["clip_margin"] is None
+    assert fp["fp32"] != fp["auto"] != fp["bf16"]
+    other_margin = CurateConfig(**BASE, device="cpu", precision="bf16-checked", itm_margin=0.05).fingerprint()
+    assert other_margin["itm_margin"] == 0.05
+    # without native bf16, "auto" is fp32 and must not be resumed by a bf16-checked run elsewhere
+    import capfilt.model.inference.device as dev
+    monkeypatch.setattr(dev, "cpu_has_native_bf16", lambda: False)
+    assert CurateConfig(**BASE, device="cpu").fingerprint()["precision"] == "fp32"
+
+
+def test_resume_with_another_precision_is_refused(tmp_path, bf16_cpu):
+    from capfilt.pipeline.curate.state import OutStore
+
+    store = OutStore(str(tmp_path / "out"))
+    first = {"settings": CurateConfig(**BASE, device="cpu").fingerprint(), "models": {}}
+    store.save_settings(first)
+    resumed = {"settings": CurateConfig(**BASE, device="cpu", precision="fp32").fingerprint(), "models": {}}
+    with pytest.raises(ValueError, match=r"settings\.precision: was 'bf16-checked', now 'fp32'"):
+        store.check_settings(resumed, done={"00000": {}})
+    # an output written before the settings recorded the precision: what it used is unknown
+    older = {"settings": {k: v for k, v in first["settings"].items() if k != "precision"}, "models": {}}
+    store.save_settings(older)
+    with pytest.raises(ValueError, match=r"settings\.precision: not recorded by the run that wrote it, now 'fp32'"):
+        store.check_settings(resumed, done={"00000": {}})
+
+
+# --- settings without a done shard ------------------------------------------------------------
+
+def test_stored_settings_without_a_done_shard_do_not_lock_out_a_retry(tmp_path):
+    from capfilt.pipeline.curate.state import OutStore, read_json
+
+    store = OutStore(str(tmp_path / "out"))
+    old, new = {"settings": {"seed": 1}}, {"settings": {"seed": 2}}
+    store.save_settings(old)
+    store.check_settings(new, done={})  # nothing curated with the old settings: no refusal
+    store.save_settings(new)
+    assert read_json(store.settings_path) == new
+    with pytest.raises(ValueError, match=r"other settings \(settings\.seed: was 2, now 1\)"):
+        store.check_settings(old, done={"00000": {}})
+
+
+# --- done markers whose outputs are gone ----------------------------------------------------------
+
+def _done_shard(store, shard_id="00000", with_size=True):
+    """Files and a marker as OutStore.complete writes them (by hand: no pipeline)."""
+    from capfilt.pipeline.curate.state import output_name, write_json
+
+    name = output_name(shard_id)
+    marker = {"shard_id": shard_id, "input": {"size": 10}}
+    for kind, folder in (("curated", store.shards_dir), ("errors", store.errors_dir)):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        data = f"{kind} rows of {shard_id}".encode()
+        (Path(folder) / name).write_bytes(data)
+        marker[kind] = {"name": name, "sha256": hashlib.sha256(data).hexdigest(), "rows": 1}
+        if with_size:
+            marker[kind]["size"] = len(data)
+    Path(store.state_dir).mkdir(exist_ok=True)
+    write_json(str(Path(store.state_dir) / f"{shard_id}.json"), marker)
+    return marker
+
+
+def _shard(shard_id="00000"):
+    from capfilt.pipeline.curate.sources import ShardInfo
+
+    return ShardInfo(f"in/{shard_id}.parquet", 0, shard_id, "parquet", 10, num_rows=1)
+
+
+@pytest.mark.parametrize("damage, with_size, problem", [
+    ("delete_curated", True, "shards/part-00000.parquet is missing"),
+    ("delete_errors", True, "errors/part-00000.parquet is missing"),
+    ("truncate_curated", True, "shards/part-00000.parquet has 3 bytes, its done marker says 21"),
+    ("same_size_edit", False, "shards/part-00000.parquet does not match the sha256 in its done marker"),
+])
+def test_a_done_shard_with_a_missing_or_changed_output_is_not_done(tmp_path, damage, with_size, problem):
+    from capfilt.pipeline.curate.state import OutStore
+
+    store = OutStore(str(tmp_path / "out"))
+    _done_shard(store, with_size=with_size)
+    assert OutStore(store.out).is_done(_shard(), store.markers())  # intact
+    curated = tmp_path / "out" / "shards" / "part-00000.parquet"
+    if damage == "delete_curated":
+        curated.unlink()
+    elif damage == "delete_errors":
+        (tmp_path / "out" / "errors" / "part-00000.parquet").unlink()
+    elif damage == "truncate_curated":
+        curated.write_bytes(b"cur")
+    else:
+        curated.write_bytes(curated.read_bytes().upper())
+    fresh = OutStore(store.out)
+    markers = fresh.markers()
+    assert not fresh.is_done(_shard(), markers)
+    assert fresh.output_problem(markers["00000"]).endswith(problem)
+    assert fresh.intact(markers) == {}
+    # cleaning up with the intact markers removes the broken marker and its remaining output
+    fresh.clean_incomplete(fresh.intact(markers))
+    assert sorted(p.name for p in (tmp_path / "out").rglob("*") if p.is_file()) == []
+
+
+def test_complete_records_output_sizes(tmp_path):
+    from capfilt.pipeline.curate.state import OutStore
+
+    store = OutStore(str(tmp_path / "out"))
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    (staged / "c.parquet").write_bytes(b"12345")
+    (staged / "e.parquet").write_bytes(b"123")
+    counts = {"input_rows": 2, "kept": 1, "dropped": 0, "errors": 1, "curated_rows": 1,
+              "drop_reasons": {}, "error_types": {"x": 1}}
+    marker = store.complete(_shard(), str(staged / "c.parquet"), str(staged / "e.parquet"), counts, "ab" * 32)
+    assert (marker["curated"]["size"], marker["errors"]["size"]) == (5, 3)
+    assert json.loads((tmp_path / "out" / "_state" / "00000.json").read_text()) == marker
+    assert store.is_done(_shard(), store.markers())
+
+
+# --- --out paths --------------------------------------------------------------------------------
+
+def test_non_curate_out_is_refused_untouched_unless_overwrite(tmp_path, tiny_models, two_rows):
+    release = tmp_path / "release"
+    (release / "shards").mkdir(parents=True)
+    (release / "shards" / "part-00000.parquet").write_bytes(b"a release shard")
+    (release / "manifest.json").write_text('{"kind": "release"}')
+    before = snapshot(release)
+    argv = ["curate", "--input", str(two_rows), "--out", str(release), *model_args(tiny_models)]
+    code, stdout, stderr = run_cli(argv)
+    assert code == 2 and stdout == ""
+    assert error_line(stderr).startswith(f"capfilt curate: error: --out {release} is not empty (manifest.json, "
+                                         f"shards) and is not a capfilt curate output")
+    assert snapshot(release) == before  # nothing deleted or rewritten, no lock file added
+    code, stdout, stderr = run_cli(argv + ["--overwrite"])
+    assert code == 0, stderr
+    assert "1 curated now" in stdout
+    assert json.loads((release / "stats.json").read_text())["input_rows"] == 2
+    assert pq.read_metadata(release / "shards" / "part-00000.parquet").num_rows == 2
+
+
+def test_an_existing_curate_output_and_an_empty_dir_are_accepted(tmp_path):
+    from capfilt.pipeline.curate.state import LOCK_NAME, OutStore
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / LOCK_NAME).write_text("")  # left by a run killed before it wrote anything
+    OutStore(str(empty)).check_is_curate_output()
+    OutStore(str(tmp_path / "not-yet")).check_is_curate_output()
+    done = OutStore(str(tmp_path / "done"))
+    done.save_settings({"settings": {}})
+    (tmp_path / "done" / "stats.json").write_text("{}")
+    done.check_is_curate_output()
+
+
+def test_unusable_out_paths_are_clean_errors(tmp_path, tiny_models, two_rows):
+    a_file = tmp_path / "truth.parquet"
+    a_file.write_bytes(b"not a directory")
+    for out, message in ((a_file / "x", f"--out {a_file / 'x'}: cannot create the output directory ("),
+                         (a_file, f"--out {a_file} exists and is not a directory")):
+        code, stdout, stderr = run_cli(["curate", "--input", str(two_rows), "--out", str(out),
+                                        *model_args(tiny_models)])
+        assert code == 2 and stdout == ""
+        assert error_line(stderr).startswith(f"capfilt curate: error: {message}")
+    assert a_file.read_bytes() == b"not a directory"
+
+
+def test_a_refused_run_leaves_no_new_out_behind(tmp_path, tiny_models, two_rows):
+    """Checks that run after the lock is taken (here: the input glob) must not leave a new
+    --out holding only .lock."""
+    out = tmp_path / "new"
+    code, _, stderr = run_cli(["curate", "--input", str(tmp_path / "none" / "*.parquet"), "--out", str(out),
+                               *model_args(tiny_models)])
+    assert code == 2 and "matches no file" in error_line(stderr)
+    assert not out.exists()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    code, _, _ = run_cli(["curate", "--input", str(tmp_path / "none" / "*.parquet"), "--out", str(existing),
+                          *model_args(tiny_models)])
+    assert code == 2 and existing.is_dir()  # a directory the user made stays
+
+
+def test_clean_incomplete_removes_the_run_records_temp_files(tmp_path):
+    """A kill while stats.json / manifest.json were being written left their temp files in
+    --out for good (only shards/, errors/ and _state/ were swept)."""
+    from capfilt.pipeline.curate.state import OutStore
+
+    out = tmp_path / "out"
+    store = OutStore(str(out))
+    out.mkdir()
+    for name in ("stats.json.tmp-18043", "manifest.json.tmp-7", "stats.json"):
+        (out / name).write_text("{}")
+    store.clean_incomplete({})
+    assert sorted(p.name for p in out.iterdir()) == ["stats.json"]
+
+
+def test_curate_puts_beam_log_levels_back(tmp_path, tiny_models):
+    """curate quiets Beam's loggers while it runs; they stayed quiet for the rest of the process,
+    hiding Beam's errors from the stages a bootstrap or run-job runs after it."""
+    import logging
+
+    names = ("apache_beam", "apache_beam.runners.common")
+    before = {name: logging.getLogger(name).level for name in names}
+    code, _, _ = run_cli(["curate", "--input", str(tmp_path / "none" / "*.parquet"), "--out", str(tmp_path / "o"),
+                          *model_args(tiny_models)])
+    assert code == 2
+    assert {name: logging.getLogger(name).level for name in names} == before
+
+
+# --- models and --device are checked before --out is touched ----------------------------------
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--captioner", "Salesforce/blip-image-captioning-large",
+     "--captioner Salesforce/blip-image-captioning-large: cannot read the model config of"),
+    ("--filter", "Salesforce/blip-itm-large-coco", "--filter Salesforce/blip-itm-large-coco: cannot read the model"),
+    ("--clip", "ViT-B-32:no-such-tag", "--clip ViT-B-32:no-such-tag: open_clip has no pretrained tag 'no-such-tag'"),
+    ("--clip", "No-Such-Arch:openai", "--clip No-Such-Arch:openai: open_clip has no architecture 'No-Such-Arch'"),
+    ("--clip", "ViT-B-32:openai", "--clip ViT-B-32:openai: cannot find its files"),
+    ("--device", "bogus", "--device bogus: unknown device 'bogus'"),
+])
+def test_unloadable_models_and_devices_fail_before_out_exists(tmp_path, tiny_models, two_rows, monkeypatch,
+                                                              option, value, message):
+    """Hub ids are resolved offline (HF_HUB_OFFLINE=1 in conftest) against an empty hub cache."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    out = tmp_path / "out"
+    argv = ["curate", "--input", str(two_rows), "--out", str(out), *model_args(tiny_models), option, value]
+    code, stdout, stderr = run_cli(argv)
+    assert code == 2 and stdout == ""
+    assert error_line(stderr).startswith(f"capfilt curate: error: {message}")
+    assert not out.exists()
+
+
+# --- unreadable shard data --------------------------------------------------------------------
+
+@pytest.fixture
+def corrupt_shard(tmp_path, synth_world):
+    """A web shard with 2,000 bytes flipped in the middle: its footer reads, a data page does not."""
+    src = sorted((synth_world / "web").glob("*.parquet"))[0]
+    data = bytearray(src.read_bytes())
+    mid = len(data) // 2
+    for i in range(mid - 1000, mid + 1000):
+        data[i] ^= 0xFF
+    path = tmp_path / "corrupt" / "00000.parquet"
+    path.parent.mkdir()
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_read_failure_mid_shard_names_the_shard(corrupt_shard):
+    from capfilt.pipeline.curate.sources import ReadShardFn, discover_shards, validate_shard
+
+    info = validate_shard(discover_shards([str(corrupt_shard)])[0])  # the footer is fine
+    assert info.num_rows == 32
+    with pytest.raises(ValueError, match=rf"^{corrupt_shard}: cannot read the shard after \d+ rows "
+                                         r"\(OSError: Corrupt snappy compressed data\.?\)$"):
+        list(ReadShardFn().process(info))
+
+
+def test_cli_reports_a_corrupt_shard_in_one_line(tmp_path, tiny_models, corrupt_shard):
+    out = tmp_path / "out"
+    code, stdout, stderr = run_cli(["curate", "--input", str(corrupt_shard), "--out", str(out),
+                                    *model_args(tiny_models)])
+    assert code == 2 and stdout == ""
+    line = error_line(stderr)
+    assert line.startswith(f"capfilt curate: error: {corrupt_shard}: cannot read the shard after")
+    assert "(OSError: Corrupt snappy compressed data" in line
+    assert not (out / "shards").exists() and not (out / "stats.json").exists()
+
+
+def test_an_input_renamed_by_a_new_shard_of_the_same_name_is_not_counted_twice(tmp_path, synth_world, tiny_models):
+    """img2dataset numbers every download from 00000: when raw/b/00000 arrives beside raw/a/00000,
+    the first becomes shard a_00000; its old output 00000 must not stay beside the new one."""
+    web = sorted((synth_world / "web").glob("*.parquet"))[0]
+    table = pq.read_table(web)
+    (tmp_path / "raw" / "a").mkdir(parents=True)
+    pq.write_table(table.slice(0, 3), tmp_path / "raw" / "a" / "00000.parquet")
+    out = tmp_path / "out"
+    argv = ["curate", "--input", str(tmp_path / "raw" / "**" / "*.parquet"), "--out", str(out), *model_args(tiny_models)]
+    code, _, stderr = run_cli(argv)
+    assert code == 0, stderr
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["part-00000.parquet"]
+    (tmp_path / "raw" / "b").mkdir()
+    pq.write_table(table.slice(3, 2), tmp_path / "raw" / "b" / "00000.parquet")
+    code, stdout, stderr = run_cli(argv)
+    assert code == 0, stderr
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["part-a_00000.parquet", "part-b_00000.parquet"]
+    assert sorted(p.name for p in (out / "_state").glob("*_00000.json")) == ["a_00000.json", "b_00000.json"]
+    assert not (out / "_state" / "00000.json").exists()
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["input_rows"] == 5 == stats["kept"] + stats["dropped"] + stats["errors"]
+    rows = sum(pq.read_metadata(p).num_rows for p in (out / "shards").iterdir())
+    rows += sum(pq.read_metadata(p).num_rows for p in (out / "errors").iterdir())
+    assert rows == 5
+
+
+def test_a_key_naming_another_image_is_a_key_collision_not_a_duplicate(tmp_path, synth_world, tiny_models):
+    """Two img2dataset downloads both number their keys from 000000000: the second download's
+    rows name other images under the same keys. They are error rows that say why."""
+    table = pq.read_table(sorted((synth_world / "web").glob("*.parquet"))[0])
+    first, second = table.slice(0, 2), table.slice(2, 2)
+    second = second.set_column(second.schema.get_field_index("key"), "key", first.column("key"))
+    for name, part in (("a", first), ("b", second)):
+        (tmp_path / "raw" / name).mkdir(parents=True)
+        pq.write_table(part, tmp_path / "raw" / name / "00000.parquet")
+    out = tmp_path / "out"
+    code, _, stderr = run_cli(["curate", "--input", str(tmp_path / "raw" / "*" / "*.parquet"), "--out", str(out),
+                               *model_args(tiny_models)])
+    assert code == 0, stderr
+    errors = pq.read_table(out / "errors" / "part-b_00000.parquet").to_pylist()
+    assert [(e["key"], e["error_type"], e["input_row"]) for e in errors] == [
+        (k, "key_collision", i) for i, k in enumerate(first.column("key").to_pylist())]
+    assert all("img2dataset numbers keys per download" in e["error_message"] for e in errors)
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["input_rows"] == 4 and stats["errors"] == 2
+
+
+def test_bundle_based_direct_runner_with_error_rows(tmp_path, synth_world, tiny_models):
+    """BundleBasedDirectRunner's Metrics miss counter updates (one bundle per step): with error
+    rows beside good ones the run used to fail its accounting; its counts come from the files."""
+    rows = pq.read_table(sorted((synth_world / "web").glob("*.parquet"))[0]).slice(0, 5).to_pylist()
+    for row in rows[3:]:
+        row["jpg"] = b"not an image"
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows, schema=RAW_SCHEMA), tmp_path / "in" / "00000.parquet")
+    out = tmp_path / "out"
+    code, _, stderr = run_cli(["curate", "--input", str(tmp_path / "in" / "*.parquet"), "--out", str(out),
+                               *model_args(tiny_models), "--runner", "BundleBasedDirectRunner"])
+    assert code == 0, stderr
+    stats = json.loads((out / "stats.json").read_text())
+    assert (stats["input_rows"], stats["errors"]) == (5, 2)
+    assert stats["kept"] + stats["dropped"] == 3 == pq.read_metadata(out / "shards" / "part-00000.parquet").num_rows
+
+
+def test_direct_num_workers_zero_means_one_per_core(monkeypatch):
+    from capfilt.pipeline.curate.options import make_pipeline_options, num_workers
+
+    monkeypatch.setattr("os.cpu_count", lambda: 6)
+    assert num_workers(make_pipeline_options(["--direct_num_workers", "0"])) == 6
+    assert num_workers(make_pipeline_options(["--direct_num_workers", "3"])) == 3
+    assert num_workers(make_pipeline_options([])) == 1
+
+
+def test_duplicate_key_rows_do_not_depend_on_shards_per_pipeline(tmp_path, synth_world, tiny_models):
+    """The same key in a later shard: its error row names the kept row by url, so the error file
+    is the same whether the first shard ran in the same pipeline or an earlier one."""
+    rows = pq.read_table(sorted((synth_world / "web").glob("*.parquet"))[0]).slice(0, 3)
+    (tmp_path / "in").mkdir()
+    pq.write_table(rows.slice(0, 2), tmp_path / "in" / "00000.parquet")
+    pq.write_table(rows.slice(1, 2), tmp_path / "in" / "00001.parquet")  # row 1 again, then row 2
+    errors = []
+    for name, extra in (("together", []), ("apart", ["--shards-per-pipeline", "1"])):
+        out = tmp_path / name
+        code, _, stderr = run_cli(["curate", "--input", str(tmp_path / "in" / "*.parquet"), "--out", str(out),
+                                   *model_args(tiny_models), *extra])
+        assert code == 0, stderr
+        errors.append(pq.read_table(out / "errors" / "part-00001.parquet").to_pylist())
+    assert errors[0] == errors[1]
+    key, url = rows.column("key")[1].as_py(), rows.column("url")[1].as_py()
+    assert [(e["key"], e["error_type"], e["input_row"]) for e in errors[0]] == [(key, "duplicate_key", 0)]
+    assert errors[0][0]["error_message"] == f"key {key!r} already seen (the first row, url {url!r}, is kept)"

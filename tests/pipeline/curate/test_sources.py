@@ -1,0 +1,208 @@
+"""Raw shard discovery, up-front schema checks, row reading (parquet and webdataset tars),
+duplicate-key resolution and the decode step (pipeline/sources.py, pipeline/decode.py)."""
+import io
+import json
+import tarfile
+
+import apache_beam as beam
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.testing import test_pipeline
+from apache_beam.testing.util import assert_that, equal_to
+from PIL import Image
+
+from capfilt.pipeline.curate.decode import ResolveDuplicateKeys, StageError, dead_letter_to_error, decode_sample
+from capfilt.pipeline.curate.sources import ErrorRow, ReadShardFn, Sample, discover_shards, shard_ids, validate_shard
+from capfilt.transforms.image import encode_jpeg
+from capfilt.transforms.schemas import RAW_SCHEMA
+from capfilt.transforms.seeding import sample_seed
+
+
+def jpeg(colour=(200, 30, 30), size=(32, 24)) -> bytes:
+    return encode_jpeg(Image.new("RGB", size, colour))
+
+
+def raw_row(key, caption="a red square", jpg=None, status="success", **extra):
+    row = {name: None for name in RAW_SCHEMA.names}
+    row.update(key=key, url=f"http://example.invalid/{key}.jpg", caption=caption, status=status,
+               jpg=jpeg() if jpg is None and status == "success" else jpg)
+    row.update(extra)
+    return row
+
+
+def write_raw(path, rows, schema=RAW_SCHEMA):
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+    return path
+
+
+def read_all(info):
+    """Run ReadShardFn.process directly: (samples, error rows)."""
+    samples, errors = [], []
+    for out in ReadShardFn().process(info):
+        if isinstance(out, beam.pvalue.TaggedOutput):
+            errors.append(out.value)
+        else:
+            samples.append(out)
+    return samples, errors
+
+
+# --- discovery and up-front checks -------------------------------------------------------------
+
+def test_discover_sorts_assigns_ordinals_and_skips_stats_json(tmp_path):
+    for name in ("00001.parquet", "00000.parquet"):
+        write_raw(tmp_path / name, [raw_row("k" + name[:5])])
+    (tmp_path / "00000_stats.json").write_text("{}")
+    shards = discover_shards([str(tmp_path / "*")])
+    assert [s.shard_id for s in shards] == ["00000", "00001"]
+    assert [s.ordinal for s in shards] == [0, 1]
+    assert all(s.fmt == "parquet" and s.size > 0 for s in shards)
+
+
+def test_discover_errors_name_the_glob_or_file(tmp_path):
+    with pytest.raises(ValueError, match="matches no file"):
+        discover_shards([str(tmp_path / "nothing-*.parquet")])
+    (tmp_path / "notes.csv").write_text("url,caption\n")
+    with pytest.raises(ValueError, match="notes.csv: not a raw shard"):
+        discover_shards([str(tmp_path / "*")])
+
+
+def test_discover_repeated_stems_get_ids_from_the_path_below_the_common_root(tmp_path):
+    """img2dataset numbers every download from 00000: raw/a/00000 and raw/b/00000 must both
+    be curated (docs/scheduling.md's `raw/**/*.parquet`), into distinct output shards."""
+    for sub, name in (("a", "00000"), ("a", "00001"), ("b", "00000"), ("b/c d", "00000")):
+        (tmp_path / "raw" / sub).mkdir(parents=True, exist_ok=True)
+        write_raw(tmp_path / "raw" / sub / f"{name}.parquet", [raw_row(sub + name)])
+        (tmp_path / "raw" / sub / f"{name}_stats.json").write_text("{}")
+    shards = discover_shards([str(tmp_path / "raw" / "**" / "*")])
+    assert [s.shard_id for s in shards] == ["a_00000", "a_00001", "b_00000", "b_c_d_00000"]
+    assert [s.ordinal for s in shards] == [0, 1, 2, 3]
+    # unique stems keep the ids they always had, so existing outputs stay valid
+    assert [s.shard_id for s in discover_shards([str(tmp_path / "raw" / "a" / "*.parquet")])] == ["00000", "00001"]
+
+
+def test_shard_ids_are_sanitised_and_a_remaining_clash_is_an_error():
+    ids = shard_ids(["gs://b/raw/../x/00000.parquet", "gs://b/raw/.hidden/00000.parquet", "gs://b/raw/y/00000.tar",
+                     "gs://b/raw/y/00000.parquet", "gs://b/raw/y/00000_stats.json"])
+    # the tar's sidecar parquet and the stats json are not shards; no id holds a '/' or starts with '.'
+    assert ids == {"gs://b/raw/../x/00000.parquet": "_x_00000", "gs://b/raw/.hidden/00000.parquet": "hidden_00000",
+                   "gs://b/raw/y/00000.tar": "y_00000"}
+    clash = r"r/a/b_0\.parquet and r/a_b/0\.parquet would both write output shard 'a_b_0'"
+    with pytest.raises(ValueError, match=clash):
+        shard_ids(["r/a_b/0.parquet", "r/a/b_0.parquet", "r/c/0.parquet"])
+
+
+def test_validate_counts_rows_and_names_file_and_column(tmp_path):
+    good = write_raw(tmp_path / "good.parquet", [raw_row("a"), raw_row("b")])
+    assert validate_shard(discover_shards([str(good)])[0]).num_rows == 2
+
+    missing = tmp_path / "missing.parquet"
+    pq.write_table(pa.table({"key": ["a"], "caption": ["c"]}), missing)
+    with pytest.raises(ValueError, match=r"missing\.parquet.*'jpg'"):
+        validate_shard(discover_shards([str(missing)])[0])
+
+    wrong = tmp_path / "wrong.parquet"
+    pq.write_table(pa.table({"key": ["a"], "caption": [3], "jpg": [b"x"]}), wrong)
+    with pytest.raises(ValueError, match=r"wrong\.parquet.*'caption'.*int64"):
+        validate_shard(discover_shards([str(wrong)])[0])
+
+    garbage = tmp_path / "garbage.parquet"
+    garbage.write_bytes(b"<html>not parquet</html>")
+    with pytest.raises(ValueError, match=r"garbage\.parquet: not a readable parquet file"):
+        validate_shard(discover_shards([str(garbage)])[0])
+
+
+# --- reading rows --------------------------------------------------------------------------------
+
+def test_parquet_rows_failures_keys_and_invalid_utf8(tmp_path):
+    bad_caption = pa.array([b"ok caption", b"caf\xe9 \xff au lait", None, None, b"x"], pa.binary()).view(pa.string())
+    rows = [
+        raw_row("k0"),
+        raw_row("k1"),
+        raw_row("k2", status="failed_to_download", error_message="HTTP 404"),
+        raw_row(None),
+        raw_row(""),
+    ]
+    table = pa.Table.from_pylist(rows, schema=RAW_SCHEMA).set_column(2, "caption", bad_caption)
+    pq.write_table(table, tmp_path / "s.parquet")
+    info = validate_shard(discover_shards([str(tmp_path / "s.parquet")])[0])
+    samples, errors = read_all(info)
+    assert [(s.key, s.row) for s in samples] == [("k0", 0), ("k1", 1)]
+    assert samples[1].caption == b"caf\xe9 \xff au lait"  # bytes reach the caption cleaner
+    assert [(e.row, e.stage, e.error_type) for e in errors] == [
+        (2, "download", "failed_to_download"), (3, "read", "missing_key"), (4, "read", "missing_key")]
+    assert errors[0].error_message == "HTTP 404" and errors[0].key == "k2"
+    assert len(samples) + len(errors) == info.num_rows == 5
+
+
+def _write_tar(path, samples):
+    with tarfile.open(path, "w") as tar:
+        for name, data in samples:
+            member = tarfile.TarInfo(name)
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+
+
+def test_webdataset_tar_with_sidecar_failures(tmp_path):
+    meta = lambda k: json.dumps({"key": k, "url": f"http://h/{k}", "sha256": "ab" * 32}).encode()
+    _write_tar(tmp_path / "00000.tar", [
+        ("000000000.jpg", jpeg()), ("000000000.txt", b"a red square"), ("000000000.json", meta("000000000")),
+        ("000000002.jpg", jpeg()), ("000000002.txt", b"bad \xff utf8"),
+        ("000000002.jpg", jpeg()),  # a repeated key inside the tar: a second sample, not a lost shard
+    ])
+    write_raw(tmp_path / "00000.parquet", [
+        {"key": "000000000", "status": "success"}, {"key": "000000001", "status": "failed_to_download",
+                                                   "error_message": "connection refused"},
+    ], schema=pa.schema([("key", pa.string()), ("status", pa.string()), ("error_message", pa.string())]))
+    shards = discover_shards([str(tmp_path / "*")])  # the sidecar parquet is not a shard of its own
+    assert [(s.shard_id, s.fmt, s.sidecar is not None) for s in shards] == [("00000", "tar", True)]
+    info = validate_shard(shards[0])
+    assert info.num_rows == 4
+    samples, errors = read_all(info)
+    assert [(s.key, s.row) for s in samples] == [("000000000", 0), ("000000002", 1), ("000000002", 2)]
+    assert samples[0].caption == b"a red square" and samples[0].url == "http://h/000000000"
+    assert samples[1].caption == b"bad \xff utf8"
+    assert [(e.key, e.row, e.stage, e.error_type) for e in errors] == [
+        ("000000001", 3, "download", "failed_to_download")]
+
+
+def test_tar_sample_without_image_fails_up_front(tmp_path):
+    _write_tar(tmp_path / "t.tar", [("a.jpg", jpeg()), ("b.txt", b"caption without image")])
+    with pytest.raises(ValueError, match=r"t\.tar: sample 'b' has no image member \(column 'jpg'"):
+        validate_shard(discover_shards([str(tmp_path / "t.tar")])[0])
+
+
+# --- duplicate keys (TestPipeline) and decode ---------------------------------------------------
+
+def _sample(key, shard, row):
+    return Sample(key=key, url=None, sha256=None, jpg=b"", caption="c", shard=shard, row=row)
+
+
+def test_duplicate_keys_first_by_shard_then_row_wins(tmp_path):
+    prior = write_raw(tmp_path / "prior.parquet", [raw_row("old")])
+    samples = [_sample("a", 1, 0), _sample("a", 0, 5), _sample("b", 0, 1), _sample("a", 0, 7),
+               _sample("old", 0, 2), _sample("c", 1, 1)]
+    options = PipelineOptions(["--runner=FnApiRunner"])
+    with test_pipeline.TestPipeline(options=options) as p:
+        good, dups = p | beam.Create(samples) | ResolveDuplicateKeys(prior_curated=[str(prior)])
+        assert_that(good | "K" >> beam.Map(lambda s: (s.key, s.shard, s.row)),
+                    equal_to([("a", 0, 5), ("b", 0, 1), ("c", 1, 1)]), label="winners")
+        assert_that(dups | "E" >> beam.Map(lambda e: (e.key, e.shard, e.row, e.stage, e.error_type)),
+                    equal_to([("a", 1, 0, "read", "duplicate_key"), ("a", 0, 7, "read", "duplicate_key"),
+                              ("old", 0, 2, "read", "duplicate_key")]), label="losers")
+
+
+def test_decode_sample_sets_image_caption_and_seed():
+    s = _sample("k", 0, 0)
+    s.jpg, s.caption = jpeg(size=(40, 30)), b"A  RED &amp; <b>Square</b>!!"
+    out = decode_sample(s, run_seed=7, max_pixels=10_000, min_side=8, max_aspect=20.0, max_words=30)
+    assert (out.width, out.height, out.image.mode) == (40, 30, "RGB")
+    assert out.web_caption == "a red & square"
+    assert out.seed == sample_seed(7, "k", 0)
+    with pytest.raises(StageError) as info:
+        decode_sample(s, run_seed=7, max_pixels=100, min_side=8, max_aspect=20.0, max_words=30)
+    err = dead_letter_to_error((s, (StageError, repr(info.value), [])), "decode")
+    assert err == ErrorRow("k", None, "decode", "too_large", info.value.message, 0, 0)
+    other = dead_letter_to_error((s, (KeyError, "KeyError('x')", [])), "decode")
+    assert (other.stage, other.error_type, other.error_message) == ("decode", "KeyError", "KeyError('x')")
