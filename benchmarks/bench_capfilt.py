@@ -76,9 +76,9 @@ tiny models over the synthetic world. (c) checks at curate's threshold; its filt
 are run once more, untimed, checking at (b)'s median (``c_checked_at_median_b``) (--tiny-rows; trained ones with --tiny-models DIR holding
 captioner/, itm/ and clip/). --ablations times each fast-path option on its own.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python benchmarks/bench_capfilt.py --images 16 \\
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_capfilt.py --images 16 \\
         --naive-captions 3 --naive-pairs 3 --threads 1 --tiny-models DIR --work-dir /tmp/capfilt-bench
-    OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python benchmarks/bench_capfilt.py --ablations-only \\
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_capfilt.py --ablations-only \\
         --images 1 --threads 1 --work-dir /tmp/capfilt-bench
 """
 from __future__ import annotations

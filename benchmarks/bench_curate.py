@@ -15,8 +15,8 @@ The models are loaded once, before either way runs, through the handlers' own lo
 run reuses those objects (the handlers' per-process cache), so neither way pays for loading.
 Both ways must reach the same keep decisions; the script checks that.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/bench_curate.py --rows 1000 3000
-    PYTHONPATH=. .venv/bin/python benchmarks/bench_curate.py --rows 32 --real   # real-size configs
+    .venv/bin/python benchmarks/bench_curate.py --rows 1000 3000
+    .venv/bin/python benchmarks/bench_curate.py --rows 32 --real   # real-size configs
 """
 from __future__ import annotations
 

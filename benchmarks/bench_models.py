@@ -16,7 +16,7 @@ Per image the filter and the ranker score 1 web + 10 synthetic captions:
 Both run in the same process on the same images; the naive loop also checks that it gets the
 same scores as encode-once.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/bench_models.py --images 2 --naive-pairs 11
+    .venv/bin/python benchmarks/bench_models.py --images 2 --naive-pairs 11
 """
 from __future__ import annotations
 

@@ -13,8 +13,8 @@ the published Salesforce/blip-image-captioning-base sizes, vocabulary 30524) at 
 ITC retrieval R@1 (image->text and text->image; a retrieved caption counts when its text equals
 the query's) and ITM accuracy (positive vs a random other caption, p > 0.5) are measured.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/bench_train.py throughput --steps 6
-    PYTHONPATH=. .venv/bin/python benchmarks/bench_train.py curve --steps 600 --eval-every 100
+    .venv/bin/python benchmarks/bench_train.py throughput --steps 6
+    .venv/bin/python benchmarks/bench_train.py curve --steps 600 --eval-every 100
 """
 from __future__ import annotations
 

@@ -27,9 +27,9 @@ precision at --recall, and the share of correct captions among the web captions 
 The probe is fitted here rather than with scikit-learn, which is not in the pinned stack: a
 diagnostic is not worth a dependency, and the fit is a dozen lines of torch.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/diagnose_filter.py probe --model F --world W
-    PYTHONPATH=. .venv/bin/python benchmarks/diagnose_filter.py negatives --model F --world W
-    PYTHONPATH=. .venv/bin/python benchmarks/diagnose_filter.py blind --world W
+    .venv/bin/python benchmarks/diagnose_filter.py probe --model F --world W
+    .venv/bin/python benchmarks/diagnose_filter.py negatives --model F --world W
+    .venv/bin/python benchmarks/diagnose_filter.py blind --world W
 """
 from __future__ import annotations
 
