@@ -41,8 +41,8 @@ from capfilt.model.builders import tiny  # noqa: E402
 from capfilt.pipeline.curate.graph import run_curate  # noqa: E402
 from capfilt.pipeline.curate.inference import CaptionHandler, FilterHandler, RankHandler, candidates  # noqa: E402
 from capfilt.pipeline.curate.options import CurateConfig  # noqa: E402
-from capfilt.pipeline.curate.sinks import curated_record  # noqa: E402
-from capfilt.pipeline.curate.sources import Sample  # noqa: E402
+from capfilt.pipeline.curate.curated import curated_record  # noqa: E402
+from capfilt.transforms.rows import Sample  # noqa: E402
 from capfilt.transforms.image import ImageDecodeError, decode_image  # noqa: E402
 from capfilt.transforms.schemas import CURATED_SCHEMA  # noqa: E402
 from capfilt.transforms.seeding import sample_seed  # noqa: E402

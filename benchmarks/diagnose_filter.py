@@ -47,7 +47,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from capfilt.model.evaluation.evaluate import filter_itc_matrix, load_eval_set, read_truth  # noqa: E402
+from capfilt.model.evaluation.evaluate import filter_itc_matrix, load_eval_images, read_truth  # noqa: E402
 from capfilt.model.inference.filter import load_filter  # noqa: E402
 from capfilt.model.training.losses import negative_weights  # noqa: E402
 from capfilt.model.builders.model_dirs import find_model_dirs  # noqa: E402
@@ -73,7 +73,7 @@ def vision_tokens(flt, world: Path, splits: list[str], truth: dict, batch_size: 
     images of ``splits``."""
     feats, rows = [], []
     for split in splits:
-        evalset = load_eval_set(str(world / split))
+        evalset = load_eval_images(str(world / split))
         keep = [i for i, k in enumerate(evalset.keys) if truth[k]["n_objects"] == 1]
         images = [evalset.images[i] for i in keep]
         rows += [truth[evalset.keys[i]] for i in keep]
@@ -140,7 +140,7 @@ def negatives(model: str, world: Path, batch_size: int = 32, batches: int = 200,
         raise ValueError(f"need batch_size >= 2, batches >= 1, temp > 0; got {batch_size}, {batches}, {temp}")
     flt = load_filter(_filter_dir(model), device="cpu")
     truth = _truth_by_key(world)
-    evalset = load_eval_set(str(world / "human"))
+    evalset = load_eval_images(str(world / "human"))
     n = len(evalset.keys)
     if n < batch_size:
         raise ValueError(f"{world / 'human'} has {n} rows, fewer than --batch-size {batch_size}")

@@ -27,16 +27,15 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from capfilt.model.evaluation import metrics
-from capfilt.model.training.data import expand_paths
 from capfilt.model.inference.device import inference_context
 from capfilt.model.builders.model_dirs import find_model_dirs
+from capfilt.transforms import shards as reader
 from capfilt.transforms.image import ImageDecodeError, decode_image
 from capfilt.transforms.text import clean_caption
 
@@ -49,7 +48,7 @@ TRUTH_COLUMNS = ("key", "caption", "noise_type", "true_caption", "shapes", "colo
 
 
 @dataclass
-class EvalSet:
+class EvalImages:
     """Decoded rows of raw shards: keys (N,), images (N,) RGB PIL, captions (N,) cleaned web
     or reference captions, and the rows skipped before decoding or by it (key, reason)."""
 
@@ -61,12 +60,7 @@ class EvalSet:
 
 def read_table(data: str, columns: list[str]) -> pa.Table:
     """The given columns of every parquet shard matching `data` (glob, directory or file)."""
-    files = expand_paths(data)
-    dataset = ds.dataset(files, format="parquet")
-    missing = [c for c in columns if c not in dataset.schema.names]
-    if missing:
-        raise ValueError(f"shards {data!r} lack column(s) {missing}; they have {dataset.schema.names}")
-    return dataset.to_table(columns=columns)
+    return reader.read_columns(reader.expand_paths(data), columns, where=data)
 
 
 def check_sizes(batch_size: int = 1, limit: int | None = None) -> None:
@@ -84,11 +78,11 @@ def _bar(iterable, desc: str, total: int | None, progress: bool | None, unit: st
                 leave=False)
 
 
-def load_eval_set(data: str, limit: int | None = None, progress: bool | None = False) -> EvalSet:
+def load_eval_images(data: str, limit: int | None = None, progress: bool | None = False) -> EvalImages:
     """Decode raw img2dataset shards (rows with status != success are skipped with a reason)."""
     check_sizes(limit=limit)
     table = read_table(data, ["key", "caption", "status", "jpg"])
-    out = EvalSet()
+    out = EvalImages()
     total = table.num_rows if limit is None else min(limit, table.num_rows)
     for row in _bar(table.to_pylist(), "decode", total, progress, unit="img"):
         if limit is not None and len(out.keys) >= limit:
@@ -203,7 +197,7 @@ def evaluate_retrieval(model_dir, data: str, itm_rerank: int = 0, batch_size: in
     from capfilt.model.inference.filter import load_filter
 
     check_sizes(batch_size, limit)
-    evalset = load_eval_set(data, limit, progress)
+    evalset = load_eval_images(data, limit, progress)
     kind, path = _model_path(model_dir, ("itm", "blip2", "clip"), "ITM or CLIP model for retrieval")
     if kind in ("itm", "blip2"):
         flt = load_filter(path, device=device)
@@ -254,7 +248,7 @@ def evaluate_captions(model_dir, data: str, truth=None, batch_size: int = 32, se
     from capfilt.model.inference.captioner import Captioner
 
     check_sizes(batch_size, limit)
-    evalset = load_eval_set(data, limit, progress)
+    evalset = load_eval_images(data, limit, progress)
     truth_rows = _truth_rows(read_truth(truth), evalset.keys, evalset.captions, str(data)) if truth else None
     _, path = _model_path(model_dir, ("captioner",), "captioner (BlipForConditionalGeneration) to evaluate")
     captioner = Captioner.from_pretrained(path, device=device)
@@ -297,7 +291,7 @@ def _filter_result(web_itm: np.ndarray, rows: list[dict], threshold: float, n_sk
     return result
 
 
-def _score_raw_captions(model_dir, evalset: EvalSet, batch_size: int, device: str,
+def _score_raw_captions(model_dir, evalset: EvalImages, batch_size: int, device: str,
                         progress: bool | None = False) -> tuple[np.ndarray, str]:
     """((N,) ITM p(match) of each decoded row's own caption, filter directory). An empty
     caption is never a candidate in curate, so it gets NaN (counted as flagged)."""
@@ -325,7 +319,7 @@ def evaluate_filter(model_dir, data: str, truth, threshold: float = 0.5, batch_s
     as flagged without being scored."""
     check_sizes(batch_size, limit)
     truth_table = read_truth(truth)
-    names = ds.dataset(expand_paths(data), format="parquet").schema.names
+    names = reader.shards_schema(reader.expand_paths(data)).names
     if "web_itm" in names:
         table = read_table(data, ["key", "web_itm", "web_caption"])
         if limit is not None:
@@ -337,7 +331,7 @@ def evaluate_filter(model_dir, data: str, truth, threshold: float = 0.5, batch_s
         return {"source": "web_itm column", **_filter_result(web_itm, rows, threshold, 0)}
     if model_dir is None:
         raise ValueError(f"{data!r} has no web_itm column: pass --model to score it with a filter")
-    evalset = load_eval_set(data, limit, progress)
+    evalset = load_eval_images(data, limit, progress)
     rows = _truth_rows(truth_table, evalset.keys, evalset.captions, str(data))  # checked before scoring
     web_itm, source = _score_raw_captions(model_dir, evalset, batch_size, device, progress)
     return {"source": source, **_filter_result(web_itm, rows, threshold, len(evalset.skipped))}
@@ -353,7 +347,7 @@ def evaluate_filter_clean(model_dir, data: str, threshold: float = 0.5, batch_si
     if model_dir is None:
         raise ValueError(f"scoring {data!r} for false alarms needs a filter model directory")
     check_sizes(batch_size, limit)
-    evalset = load_eval_set(data, limit, progress)
+    evalset = load_eval_images(data, limit, progress)
     itm, source = _score_raw_captions(model_dir, evalset, batch_size, device, progress)
     flagged = ~(itm >= threshold)  # NaN (empty caption) counts as flagged
     scored = itm[np.isfinite(itm)]

@@ -1,7 +1,7 @@
 """Training data: a resumable, seeded stream of (image, caption) samples over parquet shards.
 
-Reading is pyarrow's (`pyarrow.dataset`, one fragment per shard, `keep`/`status` pushed down as
-a scan filter); decoding is `transforms.image.decode_image`. What no library offers, and what
+Reading is `transforms.shards` (pyarrow; `keep`/`status` pushed down as a scan filter);
+decoding is `transforms.image.decode_image`. What no library offers, and what
 this module adds, is the ordering contract the pretraining loop needs:
 
 * **Two shard kinds.** Curated shards (`captions` + `keep`, DESIGN.md) yield only kept rows, and
@@ -25,18 +25,17 @@ over its epochs for ever, never filling a batch.
 """
 from __future__ import annotations
 
-import glob as globlib
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pyarrow.dataset as ds
-import pyarrow.parquet as pq
 from PIL import Image
 
+from capfilt.transforms import shards as reader
 from capfilt.transforms.image import ImageDecodeError, decode_image
+from capfilt.transforms.shards import expand_paths
 from capfilt.transforms.seeding import sample_seed
 from capfilt.transforms.text import clean_caption
 
@@ -45,7 +44,7 @@ _U63 = float(1 << 63)
 
 
 @dataclass
-class Sample:
+class TrainPair:
     """One training pair: a decoded RGB image and the caption drawn for it this time."""
 
     key: str
@@ -78,40 +77,6 @@ class SourceSpec:
         return cls(spec, 1.0, spec)
 
 
-def expand_paths(paths: str | list[str]) -> list[str]:
-    """Sorted parquet files from globs, directories (searched recursively; a `capfilt curate`
-    output directory: its shards/) or file names."""
-    items = [paths] if isinstance(paths, (str, Path)) else list(paths)
-    files: set[str] = set()
-    for item in items:
-        item = str(item)
-        if Path(item).is_dir():
-            if (Path(item) / "_state" / "settings.json").is_file():
-                item = str(Path(item) / "shards")  # a curate output: its curated shards, not errors/
-            files.update(str(p) for p in Path(item).rglob("*.parquet"))
-        else:
-            files.update(p for p in globlib.glob(item, recursive=True) if Path(p).is_file())
-    if not files:
-        raise ValueError(f"no parquet shards match {paths!r}")
-    return sorted(files)
-
-
-def _all_null(files: list[str], column: str) -> bool:
-    """True when the parquet statistics say every value of `column` is null in every file
-    (read from the footers: no image bytes are loaded). Files without statistics count as not."""
-    rows = nulls = 0
-    for path in files:
-        meta = pq.ParquetFile(path).metadata
-        for g in range(meta.num_row_groups):
-            group = meta.row_group(g)
-            chunk = next(group.column(i) for i in range(group.num_columns) if group.column(i).path_in_schema == column)
-            stats = chunk.statistics
-            if stats is None or not stats.has_null_count:
-                return False
-            rows, nulls = rows + group.num_rows, nulls + stats.null_count
-    return rows > 0 and nulls == rows
-
-
 class ShardSource:
     """One source: its shards read in a seeded order through a shuffle buffer, epoch after
     epoch. Emissions are ``(key, texts, jpg)``; `texts` holds the row's candidate captions."""
@@ -121,7 +86,7 @@ class ShardSource:
         self.shuffle_buffer = max(1, int(shuffle_buffer))
         self.files = expand_paths(spec.paths)
         self.name = spec.name or str(spec.paths)
-        names = set(ds.dataset(self.files[0], format="parquet").schema.names)
+        names = set(reader.shards_schema(self.files[:1]).names)
         if {"captions", "keep"} <= names:
             self.kind, text_col = "curated", "captions"
             self.filter = ds.field("keep") == True  # noqa: E712  (a pyarrow expression)
@@ -138,20 +103,18 @@ class ShardSource:
                 f"{self.files[0]}: training needs the 'key' and 'jpg' columns (a curated run "
                 f"with --no-images has no image bytes); columns are {sorted(names)}"
             )
-        if _all_null(self.files, "jpg"):
+        if reader.all_null(self.files, "jpg"):
             raise ValueError(f"{self.name}: every 'jpg' is null in {len(self.files)} shard(s) (a curate run "
                              f"with --no-images keeps references only): training needs the image bytes")
         self.columns = ["key", text_col, "jpg"]
-        self.dataset = ds.dataset(self.files, format="parquet")
         self.epoch, self.pos = 0, 0
         self.skipped_captions = 0  # raw rows whose caption cleans to nothing
         self._it = self._epoch_stream(self.epoch)
 
     def _rows(self, rng: np.random.Generator):
-        fragments = list(self.dataset.get_fragments())
-        for fi in rng.permutation(len(fragments)):
-            frag = fragments[int(fi)]
-            for batch in frag.to_batches(columns=self.columns, filter=self.filter, batch_size=1024):
+        for fi in rng.permutation(len(self.files)):
+            # each shard read with its own schema, as a dataset fragment scans by default
+            for batch in reader.parquet_batches(self.files[int(fi)], self.columns, filter=self.filter):
                 cols = batch.to_pydict()
                 for key, text, jpg in zip(*(cols[c] for c in self.columns)):
                     if jpg is None or key is None:
@@ -230,7 +193,7 @@ class StreamStats:
 
 
 class ImageTextStream:
-    """The mixture of sources, sharded over ranks, yielding decoded `Sample`s in batches."""
+    """The mixture of sources, sharded over ranks, yielding decoded `TrainPair`s in batches."""
 
     def __init__(self, sources: list[SourceSpec], *, seed: int = 0, shuffle_buffer: int = 1000,
                  rank: int = 0, world_size: int = 1, batch_size: int = 1, decode_kwargs: dict | None = None):
@@ -260,7 +223,7 @@ class ImageTextStream:
     def __iter__(self):
         return self
 
-    def __next__(self) -> Sample:
+    def __next__(self) -> TrainPair:
         while True:
             i = self.index
             source = self._pick_source(i)
@@ -281,7 +244,7 @@ class ImageTextStream:
             tally.decoded += 1
             text = texts[sample_seed(self.seed, key, epoch) % len(texts)] if len(texts) > 1 else texts[0]
             self.stats.used += 1
-            return Sample(key=key, image=image, text=text, source=source.name)
+            return TrainPair(key=key, image=image, text=text, source=source.name)
 
     def _tally(self, source: ShardSource, epoch: int) -> _EpochTally:
         """The tally of `source`'s current epoch; when a new epoch starts, the finished one is
@@ -314,7 +277,7 @@ class ImageTextStream:
         raise ValueError(f"source {source.name!r}: no image of a whole epoch decodes ({sum(skipped.values())} "
                          f"skipped: {reasons}); check the shards' jpg column")
 
-    def next_batch(self, batch_size: int | None = None) -> list[Sample]:
+    def next_batch(self, batch_size: int | None = None) -> list[TrainPair]:
         """The next `batch_size` decodable samples of this rank."""
         return [next(self) for _ in range(int(batch_size or self.batch_size))]
 

@@ -4,57 +4,32 @@ Both run element by element, ahead of the RunInference stages, because a bad ele
 a RunInference batch fails the whole batch.
 
 * **Duplicate keys.** The first occurrence by (input shard order, row index) wins; later
-  ones become error rows (stage ``read``, type ``duplicate_key``). Keys already curated into
+  ones become error rows (stage ``read``, type ``duplicate_key`` or ``key_collision``). Keys already curated into
   the same ``--out`` by an earlier run count as first, so an incremental run and a clean run
   decide alike. Only the (key, shard, row) triples are shuffled, never the images.
-* **Decode.** ``transforms.image.decode_image`` under ``with_exception_handling``: bytes that
-  are not a usable image become error rows (stage ``decode``, type = the
-  ``ImageDecodeError`` reason). The web caption is cleaned with
+* **Decode.** ``transforms.image.decode_image``: bytes that are not a usable image become
+  error rows (stage ``decode``, type = the ``ImageDecodeError`` reason). The web caption is cleaned with
   ``transforms.text.clean_caption`` in the same step, and the per-sample sampling seed
   ``sample_seed(run seed, key, 0)`` is set.
 
-``with_exception_handling`` hands the dead-letter output the exception's type and ``repr``,
-not the exception; :class:`StageError` therefore carries its fields as JSON in its ``repr``.
+Both raise ``StageError`` for a row they reject; ``pipeline.curate.errors.catch`` makes it an
+error row.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import apache_beam as beam
 from apache_beam.io.parquetio import ReadAllFromParquet
-from apache_beam.metrics import Metrics
 
-from capfilt.pipeline.curate.sources import NAMESPACE, ErrorRow, Sample
+from capfilt.pipeline.curate.errors import StageError, catch
 from capfilt.transforms.image import ImageDecodeError, decode_image
+from capfilt.transforms.rows import Sample
 from capfilt.transforms.seeding import sample_seed
 from capfilt.transforms.text import clean_caption
 
-ERRORS = "errors"
 # Error stages whose rows never reached duplicate resolution in the run that wrote them.
 _PRE_DEDUP_STAGES = ("read", "download")
-
-
-class StageError(Exception):
-    """A row-level failure with the stage and error type to record."""
-
-    def __init__(self, stage: str, error_type: str, message: str):
-        super().__init__(message)
-        self.stage, self.error_type, self.message = stage, error_type, message
-
-    def __repr__(self) -> str:
-        return json.dumps({"stage": self.stage, "error_type": self.error_type, "message": self.message})
-
-
-def dead_letter_to_error(dead_letter, default_stage: str) -> ErrorRow:
-    """A ``with_exception_handling`` dead letter ``(sample, (type, repr, traceback))`` as an
-    error row. Unexpected exceptions keep their class name as the type."""
-    sample, (exc_type, exc_repr, _tb) = dead_letter
-    stage, error_type, message = default_stage, getattr(exc_type, "__name__", str(exc_type)), exc_repr
-    if isinstance(exc_type, type) and issubclass(exc_type, StageError):
-        fields = json.loads(exc_repr)
-        stage, error_type, message = fields["stage"], fields["error_type"], fields["message"]
-    return ErrorRow(sample.key, sample.url, stage, error_type, message, sample.shard, sample.row)
 
 
 def decode_sample(sample: Sample, *, run_seed: int, max_pixels: int, min_side: int,
@@ -85,14 +60,7 @@ class DecodeImages(beam.PTransform):
         )
 
     def expand(self, samples):
-        good, bad = samples | "Decode" >> beam.Map(decode_sample, **self._kwargs).with_exception_handling()
-        errors = bad | "DecodeErrors" >> beam.Map(_count_decode_error)
-        return good, errors
-
-
-def _count_decode_error(dead_letter) -> ErrorRow:
-    Metrics.counter(NAMESPACE, "decode_errors").inc()
-    return dead_letter_to_error(dead_letter, "decode")
+        return catch(samples, "Decode", decode_sample, stage="decode", **self._kwargs)
 
 
 def _losers(item):
@@ -125,20 +93,13 @@ def _other_image(a, b) -> bool:
     return bool(a[3] and b[3] and a[3] != b[3])
 
 
-class _SplitDuplicates(beam.DoFn):
-    def __init__(self):
-        self.dups = Metrics.counter(NAMESPACE, "duplicate_keys")
-
-    def process(self, sample: Sample, losers):
-        loser = losers.get((sample.shard, sample.row))
-        if loser is None:
-            yield sample
-        else:
-            self.dups.inc()
-            error_type, reason = loser
-            yield beam.pvalue.TaggedOutput(
-                ERRORS, ErrorRow(sample.key, sample.url, "read", error_type, reason, sample.shard, sample.row)
-            )
+def _first_occurrence(sample: Sample, losers) -> Sample:
+    """The sample when it is its key's first occurrence; StageError for the others."""
+    loser = losers.get((sample.shard, sample.row))
+    if loser is not None:
+        error_type, reason = loser
+        raise StageError("read", error_type, reason)
+    return sample
 
 
 class ResolveDuplicateKeys(beam.PTransform):
@@ -176,9 +137,5 @@ class ResolveDuplicateKeys(beam.PTransform):
             | "ByKey" >> beam.GroupByKey()
             | "Losers" >> beam.FlatMap(_losers)
         )
-        good, dups = (
-            samples
-            | "SplitDuplicates" >> beam.ParDo(_SplitDuplicates(), losers=beam.pvalue.AsDict(losers))
-            .with_outputs(ERRORS, main="good")
-        )
-        return good, dups
+        return catch(samples, "SplitDuplicates", _first_occurrence, stage="read",
+                     losers=beam.pvalue.AsDict(losers))

@@ -40,15 +40,10 @@ from capfilt.pipeline.curate.decode import DecodeImages, ResolveDuplicateKeys
 from capfilt.pipeline.curate.inference import CaptionHandler, FilterHandler, InferStage, RankHandler
 from capfilt.pipeline.curate.options import is_local_runner, make_pipeline_options, num_workers, runner_name
 from capfilt.pipeline.curate.precision import resolve_precision
-from capfilt.pipeline.curate.sinks import (
-    SelectCaptions,
-    WriteShards,
-    build_stats,
-    check_identity,
-    error_rows,
-    metric_counters,
-)
-from capfilt.pipeline.curate.sources import ReadShardFn, discover_shards, file_sha256, validate_shard
+from capfilt.pipeline.curate.curated import SelectCaptions
+from capfilt.pipeline.curate.record import build_stats, check_identity, metric_counters
+from capfilt.pipeline.curate.sinks import WriteShards, error_records
+from capfilt.pipeline.curate.sources import ReadRows, discover_shards, file_sha256, validate_shard
 from capfilt.transforms.schemas import CURATED_SCHEMA, ERROR_SCHEMA
 
 LOG = logging.getLogger(__name__)
@@ -91,23 +86,23 @@ class CurateShards(beam.PTransform):
         self._progress_dir = progress_dir
 
     def expand(self, pbegin):
-        read = (
+        samples, read_errors = (
             pbegin
             | "Shards" >> beam.Create(self._shards)
             | "SpreadShards" >> beam.Reshuffle()
-            | "Read" >> beam.ParDo(ReadShardFn()).with_outputs(ReadShardFn.ERRORS, main="rows")
+            | "Read" >> ReadRows()
         )
-        samples, dup_errors = read.rows | "Dedup" >> ResolveDuplicateKeys(*self._prior)
+        samples, dup_errors = samples | "Dedup" >> ResolveDuplicateKeys(*self._prior)
         # Spread rows over workers before the heavy stages (a shard is read by one worker).
         samples = samples | "SpreadRows" >> beam.Reshuffle()
         curated, stage_errors = samples | "Curate" >> CurateRows(self._cfg)
-        errors = (read[ReadShardFn.ERRORS], dup_errors, stage_errors) | "AllErrors" >> beam.Flatten()
-        error_records = error_rows(errors)
+        errors = (read_errors, dup_errors, stage_errors) | "AllErrors" >> beam.Flatten()
+        records = error_records(errors)
         if self._progress_dir:
             curated = curated | "ProgressKept" >> beam.ParDo(progress.Tap(self._progress_dir, "curated"))
-            error_records = error_records | "ProgressErrors" >> beam.ParDo(progress.Tap(self._progress_dir, "errors"))
+            records = records | "ProgressErrors" >> beam.ParDo(progress.Tap(self._progress_dir, "errors"))
         curated | "WriteCurated" >> WriteShards({o: t[0] for o, t in self._targets.items()}, CURATED_SCHEMA)
-        return error_records | "WriteErrors" >> WriteShards({o: t[1] for o, t in self._targets.items()}, ERROR_SCHEMA)
+        return records | "WriteErrors" >> WriteShards({o: t[1] for o, t in self._targets.items()}, ERROR_SCHEMA)
 
 
 @dataclass

@@ -9,10 +9,12 @@ Each handler takes ``Sample`` s (already decoded) and returns updated copies, an
   machine instead (for models that do not fit once per worker).
 * **Batching** comes from ``batch_elements_kwargs`` (``--batch-size``, fixed, so every batch
   but a bundle's last is full).
-* **A failed batch is retried element by element** inside ``run_inference``: only the element
-  that fails again becomes an error row (an :class:`InferenceFailure` result, split off by
-  :class:`InferStage`). ``RunInference.with_exception_handling`` stays on as a safety net; a
-  batch it catches becomes one error row per element.
+* **A failed batch is retried element by element.** ``run_inference`` raises for a batch that
+  fails, so ``RunInference.with_exception_handling`` puts the batch in its dead letter; its
+  rows run again through a second RunInference with batches of one, which shares the model
+  (same ``model_identifier``). Only a row that fails alone becomes an error row, through
+  ``pipeline.curate.errors`` like every other error (stage = the model stage, type = the
+  exception's class name, message = its text).
 * **Metrics**: RunInference's own (``num_inferences``, latencies, model load time) under the
   namespace ``capfilt_<stage>``, plus our counters of retried batches and failed elements.
 
@@ -21,35 +23,26 @@ the scorers run each caption against its own image, so they do not (up to float 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import threading
-from dataclasses import dataclass
+import uuid
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunInference
 
+from capfilt.pipeline.curate.errors import NAMESPACE, StageError, error_rows, unbatch
 from capfilt.pipeline.curate.precision import checked_filter_scores, checked_rank_scores, model_bf16, resolve_precision
-from capfilt.pipeline.curate.sources import NAMESPACE, ErrorRow, Sample
+from capfilt.transforms.rows import Sample
 
 LOG = logging.getLogger(__name__)
-ERRORS = "errors"
 # The last model loaded per stage in this process. RunInference's shared handle lives as long
 # as one pipeline; a run of several pipelines (one per shard group) in the same process, as
 # with the in-process FnApiRunner, would otherwise reload every model for every group.
 _LOADED: dict[str, tuple[tuple, object]] = {}
 _LOADED_LOCK = threading.Lock()
-
-
-@dataclass(frozen=True)
-class InferenceFailure:
-    """The result of an element that failed on its own (after its batch failed)."""
-
-    sample: Sample
-    stage: str
-    error_type: str
-    message: str
 
 
 def candidates(sample: Sample) -> list[str]:
@@ -67,6 +60,7 @@ class _SampleHandler(ModelHandler):
         super().__init__()
         self._spec = spec
         self._cfg = cfg
+        self._batch_size: int | None = None  # None: --batch-size
         self._precision: str | None = None  # resolved on first use, in the worker process
 
     # -- what RunInference asks --------------------------------------------------------
@@ -89,22 +83,22 @@ class _SampleHandler(ModelHandler):
         batch = list(batch)
         try:
             return self.infer(batch, model)
-        except Exception as err:  # noqa: BLE001 - any failure is retried per element
+        except Exception as err:  # noqa: BLE001 - any failure goes to the dead letter as a StageError
             Metrics.counter(NAMESPACE, f"{self.stage}_failed_batches").inc()
-            if len(batch) == 1:
-                return [self._failure(batch[0], err)]
-            LOG.warning("%s batch of %d failed (%s: %s); retrying element by element",
-                        self.stage, len(batch), type(err).__name__, err)
-        results = []
-        for sample in batch:
-            try:
-                results.extend(self.infer([sample], model))
-            except Exception as err:  # noqa: BLE001
-                results.append(self._failure(sample, err))
-        return results
+            if len(batch) > 1:
+                LOG.warning("%s batch of %d failed (%s: %s); retrying element by element",
+                            self.stage, len(batch), type(err).__name__, err)
+            raise StageError(self.stage, type(err).__name__, str(err) or repr(err)) from err
 
     def batch_elements_kwargs(self):
-        return {"min_batch_size": self._cfg.batch_size, "max_batch_size": self._cfg.batch_size}
+        size = self._batch_size or self._cfg.batch_size
+        return {"min_batch_size": size, "max_batch_size": size}
+
+    def alone(self) -> "_SampleHandler":
+        """This handler with batches of one (the retry of a failed batch's rows)."""
+        other = copy.copy(self)
+        other._batch_size = 1
+        return other
 
     def share_model_across_processes(self) -> bool:
         return bool(self._cfg.share_model_across_processes)
@@ -117,10 +111,6 @@ class _SampleHandler(ModelHandler):
         return f"{NAMESPACE}_{self.stage}"
 
     # -- ours ------------------------------------------------------------------------------
-    def _failure(self, sample: Sample, err: Exception) -> InferenceFailure:
-        Metrics.counter(NAMESPACE, f"{self.stage}_errors").inc()
-        return InferenceFailure(sample, self.stage, type(err).__name__, str(err) or repr(err))
-
     def load(self):
         raise NotImplementedError
 
@@ -248,25 +238,8 @@ class RankHandler(_SampleHandler):
         return out
 
 
-class _SplitFailures(beam.DoFn):
-    def process(self, keyed_result):
-        _key, result = keyed_result
-        if isinstance(result, InferenceFailure):
-            s = result.sample
-            yield beam.pvalue.TaggedOutput(
-                ERRORS, ErrorRow(s.key, s.url, result.stage, result.error_type, result.message, s.shard, s.row)
-            )
-        else:
-            yield result
-
-
-def _failed_batch_rows(dead_letter, stage: str):
-    """RunInference's dead letter ``(batch of (key, Sample), (type, repr, traceback))``."""
-    batch, (exc_type, exc_repr, _tb) = dead_letter
-    name = getattr(exc_type, "__name__", str(exc_type))
-    for _key, s in batch:
-        Metrics.counter(NAMESPACE, f"{stage}_errors").inc()
-        yield ErrorRow(s.key, s.url, stage, name, exc_repr, s.shard, s.row)
+def _keyed(sample: Sample):
+    return sample.key, sample
 
 
 class InferStage(beam.PTransform):
@@ -277,12 +250,21 @@ class InferStage(beam.PTransform):
         self._handler = handler
 
     def expand(self, samples):
-        stage = self._handler.stage
-        results, dlq = (
+        # one model for both RunInference transforms (Beam shares it by this identifier)
+        model_id = f"{NAMESPACE}-{self._handler.stage}-{uuid.uuid4().hex}"
+        results, failed = (
             samples
-            | "Key" >> beam.Map(lambda s: (s.key, s))
-            | "RunInference" >> RunInference(KeyedModelHandler(self._handler)).with_exception_handling()
+            | "Key" >> beam.Map(_keyed)
+            | "RunInference" >> RunInference(KeyedModelHandler(self._handler), model_identifier=model_id)
+            .with_exception_handling()
         )
-        ok, failed = results | "SplitFailures" >> beam.ParDo(_SplitFailures()).with_outputs(ERRORS, main="ok")
-        batch_failed = dlq.failed_inferences | "FailedBatches" >> beam.FlatMap(_failed_batch_rows, stage)
-        return ok, (failed, batch_failed) | "Errors" >> beam.Flatten()
+        retried, failed_alone = (
+            failed.failed_inferences
+            | "FailedBatchRows" >> beam.FlatMap(unbatch)
+            | "KeyAgain" >> beam.MapTuple(lambda sample, _exc_info: _keyed(sample))
+            | "RunAlone" >> RunInference(KeyedModelHandler(self._handler.alone()), model_identifier=model_id)
+            .with_exception_handling()
+        )
+        ok = (results, retried) | "Results" >> beam.Flatten() | "Unkey" >> beam.Values()
+        rows = failed_alone.failed_inferences | "FailedRows" >> beam.FlatMap(unbatch)
+        return ok, error_rows(rows, "Errors", self._handler.stage)

@@ -30,7 +30,8 @@ import shutil
 
 from apache_beam.io.filesystems import FileSystems
 
-from capfilt.pipeline.curate.sinks import check_identity, check_schema, code_version, model_record, output_counts
+from capfilt.pipeline.curate.record import check_identity, code_version, model_record
+from capfilt.pipeline.curate.sinks import check_schema, output_counts
 from capfilt.pipeline.curate.sources import ShardInfo, file_sha256
 from capfilt.transforms.schemas import CURATED_SCHEMA, ERROR_SCHEMA
 

@@ -16,7 +16,6 @@ import math
 import os
 import re
 import shutil
-import tarfile
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -25,8 +24,9 @@ import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
-from capfilt.pipeline.ingest.lock import LOCK_DIR
 from capfilt.pipeline.curate.sources import file_sha256
+from capfilt.pipeline.ingest.lock import LOCK_DIR
+from capfilt.transforms import shards as reader
 
 LOG = logging.getLogger(__name__)
 
@@ -115,16 +115,11 @@ def _stats_of(out: str, layout: ShardLayout, shard_id: int) -> tuple[dict, int]:
 
 
 def _tar_images(path: str, encode_format: str) -> int:
-    """Samples with an image in a webdataset tar; tarfile.ReadError when it is cut short."""
-    size, end, keys = os.path.getsize(path), 0, set()
-    with tarfile.open(path) as tar:  # reads every header, seeks over the data
-        for member in tar:
-            end = max(end, member.offset_data + member.size)
-            if member.name.endswith("." + encode_format):
-                keys.add(member.name.rsplit(".", 1)[0])
-    if end > size:  # tarfile stops quietly at a member whose data is cut off
-        raise tarfile.ReadError(f"data ends at byte {end} of a {size}-byte file")
-    return len(keys)
+    """Samples with an image in a webdataset tar; ValueError naming it when it is cut short."""
+    try:
+        return sum(1 for sample in reader.tar_samples(path, with_data=False) if encode_format in sample)
+    except OSError as err:
+        raise ValueError(f"{path}: not a readable tar file ({err})") from None
 
 
 def check_shard(out: str, layout: ShardLayout, shard_id: int, urls: pa.Array | None = None) -> dict:
@@ -139,20 +134,14 @@ def check_shard(out: str, layout: ShardLayout, shard_id: int, urls: pa.Array | N
         raise ValueError(f"{os.path.join(out, name + '_stats.json')}: count {count}, but the URL list puts "
                          f"{len(urls)} row(s) in shard {name}")
     table_path = os.path.join(out, f"{name}.parquet")
-    try:
-        rows = pq.read_metadata(table_path).num_rows
-    except (OSError, pa.ArrowException) as err:
-        raise ValueError(f"{table_path}: not a readable parquet file ({err})") from None
+    _schema, rows = reader.parquet_schema(table_path)
     if rows != count:
         raise ValueError(f"{table_path}: {rows} rows, but {name}_stats.json records {count} (successes "
                          f"{stats['successes']} + failed_to_download {stats['failed_to_download']} + "
                          f"failed_to_resize {stats['failed_to_resize']})")
     if layout.output_format == "webdataset":
         tar_path = os.path.join(out, f"{name}.tar")
-        try:
-            images = _tar_images(tar_path, layout.encode_format)
-        except (OSError, tarfile.TarError) as err:
-            raise ValueError(f"{tar_path}: not a readable tar file ({err})") from None
+        images = _tar_images(tar_path, layout.encode_format)
         if images != int(stats["successes"]):
             raise ValueError(f"{tar_path}: {images} images, but {name}_stats.json records "
                              f"{stats['successes']} successes")
@@ -163,8 +152,8 @@ def check_shard(out: str, layout: ShardLayout, shard_id: int, urls: pa.Array | N
 
 def _check_rows(table_path: str, layout: ShardLayout, shard_id: int, urls: pa.Array) -> None:
     try:
-        table = pq.read_table(table_path, columns=["key", "url"])
-    except (OSError, pa.ArrowException) as err:
+        table = reader.read_columns([table_path], ["key", "url"])
+    except (OSError, pa.ArrowException, ValueError) as err:
         raise ValueError(f"{table_path}: cannot read its key and url columns ({err})") from None
     table = table.take(pc.sort_indices(table, sort_keys=[("key", "ascending")]))
     keys, want = table.column("key").to_pylist(), [layout.key(shard_id, i) for i in range(len(urls))]

@@ -36,16 +36,16 @@ from typing import Callable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from capfilt.pipeline.release import dedup, manifest as release_manifest
 from capfilt.pipeline.release.out_dir import check_out, stage_dir, swap_into_place
 from capfilt.pipeline.curate.sources import file_sha256
 from capfilt.pipeline.release.shards import (
-    CURATED_READ_SCHEMA, PROGRESS_EVERY_S, REMOVED_SCHEMA, EvalSet, ShardWriter, check_input_schema, load_eval_set,
-    scan_rows,
+    CURATED_READ_SCHEMA, PROGRESS_EVERY_S, REMOVED_SCHEMA, DecontaminationSet, ShardWriter, check_input_schema,
+    load_decontamination_set, scan_rows,
 )
+from capfilt.transforms import shards as reader
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +257,7 @@ def _dedup_step(rows, live: np.ndarray, out: RowDecisions, cfg: ReleaseConfig) -
     return plan.to_dict()
 
 
-def _decontaminate_step(rows, live: np.ndarray, out: RowDecisions, cfg: ReleaseConfig, eval_set: EvalSet) -> dict:
+def _decontaminate_step(rows, live: np.ndarray, out: RowDecisions, cfg: ReleaseConfig, eval_set: DecontaminationSet) -> dict:
     plan = dedup.plan_index(len(eval_set.keys), cfg.index, seed=cfg.seed)
     near = dedup.nearest_eval(rows.embeddings(live), eval_set.embeddings, plan)
     match, sim = near.match.copy(), near.similarity.copy()
@@ -270,7 +270,7 @@ def _decontaminate_step(rows, live: np.ndarray, out: RowDecisions, cfg: ReleaseC
     return plan.to_dict()
 
 
-def decide(rows, cfg: ReleaseConfig, eval_set: EvalSet | None) -> tuple[RowDecisions, dict]:
+def decide(rows, cfg: ReleaseConfig, eval_set: DecontaminationSet | None) -> tuple[RowDecisions, dict]:
     """Apply keep → decontamination → dedup (exact, near, key) to the scanned rows.
 
     Decontamination comes before dedup: a row that is removed as contaminated must not take
@@ -318,8 +318,7 @@ def write_outputs(files: list[Path], sources: list[str], dec: RowDecisions, stag
     t0 = last = time.time()
     try:
         for path, source in zip(files, sources):
-            dataset = ds.dataset(str(path), format="parquet", schema=CURATED_READ_SCHEMA)
-            for batch in dataset.to_batches(batch_size=1024):
+            for batch in reader.parquet_batches(path, schema=CURATED_READ_SCHEMA):
                 rows = np.arange(start, start + batch.num_rows)
                 start += batch.num_rows
                 if time.time() - last >= PROGRESS_EVERY_S:
@@ -355,7 +354,7 @@ def build_release(cfg: ReleaseConfig, embedder: Embedder | None = None) -> dict:
     try:
         if embedder is None:
             embedder = release_manifest.clip_embedder(cfg.clip)
-        eval_set = load_eval_set(cfg.decontaminate, embedder, cfg.batch_size) if cfg.decontaminate else None
+        eval_set = load_decontamination_set(cfg.decontaminate, embedder, cfg.batch_size) if cfg.decontaminate else None
         rows = scan_rows(files, embedder, cfg.batch_size)
         dec, plans = decide(rows, cfg, eval_set)
         outputs = write_outputs(files, sources, dec, stage, cfg)

@@ -3,7 +3,7 @@
 The manifest is what a scheduled job compares against to decide whether a release is stale
 (``jobs/run_job.py``), so it holds no timestamps: the same inputs and settings give the same
 manifest, byte for byte. Model hashes and the code version come from the same functions the
-curate run record uses (``pipeline.sinks``), so a model has one hash in both manifests.
+curate run record uses (``pipeline.curate.record``), so a model has one hash in both manifests.
 """
 from __future__ import annotations
 
@@ -11,10 +11,9 @@ import json
 import logging
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
-from capfilt.pipeline.curate.sinks import code_version, model_record
+from capfilt.pipeline.curate.record import code_version, model_record
 from capfilt.pipeline.curate.sources import file_sha256
+from capfilt.transforms import shards as reader
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +121,7 @@ def count_steps(dec, reasons, outputs: dict) -> dict:
 def _file_entry(base: Path, name: str, rows: int | None = None) -> dict:
     path = base / name
     if rows is None:
-        rows = pq.ParquetFile(path).metadata.num_rows
+        rows = reader.row_count([path])
     return {"name": name, "sha256": file_sha256(str(path)), "rows": rows}
 
 
@@ -130,7 +129,7 @@ def build_manifest(cfg, files, sources, hashes, lineage, eval_set, plans, counts
     """``hashes``: the SHA-256 of each input shard, checked against its curate record before the build."""
     inputs = []
     for entry in lineage:
-        shards = [{"name": f"shards/{p.name}", "sha256": h, "rows": pq.ParquetFile(p).metadata.num_rows}
+        shards = [{"name": f"shards/{p.name}", "sha256": h, "rows": reader.row_count([p])}
                   for p, s, h in zip(files, sources, hashes) if s.startswith(f"{entry['dir']}/shards/")]
         inputs.append({"dir": entry["dir"], "shards": shards, "curate": entry["curate"], "curate_stats": entry["stats"]})
     eval_info = None

@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 from matplotlib.figure import Figure
 
+from capfilt.transforms import shards as reader
 from capfilt.transforms.image import ImageDecodeError, decode_image
 from capfilt.transforms.schemas import CURATED_SCHEMA
 
@@ -53,10 +54,7 @@ def _shards(root: Path) -> list[str]:
 
 
 def _read(files: list[str], columns: list[str]) -> pa.Table:
-    schema = pa.schema([CURATED_SCHEMA.field(c) for c in columns if c in CURATED_SCHEMA.names])
-    if not files:
-        return schema.empty_table()
-    return ds.dataset(files, format="parquet", schema=schema).to_table(columns=schema.names)
+    return reader.read_columns(files, columns, schema=CURATED_SCHEMA)
 
 
 def load(root: Path) -> ReportData:
@@ -90,7 +88,7 @@ def load(root: Path) -> ReportData:
     errors = {}
     err_files = [str(p) for p in sorted((root / "errors").glob("*.parquet"))]
     if err_files:
-        et = ds.dataset(err_files, format="parquet").to_table(columns=["stage", "error_type"])
+        et = reader.read_columns(err_files, ["stage", "error_type"])
         for stage, etype in zip(et.column("stage").to_pylist(), et.column("error_type").to_pylist()):
             errors[f"{stage}: {etype}"] = errors.get(f"{stage}: {etype}", 0) + 1
     return ReportData("curate", root, pa.concat_tables(parts), stats, errors)
@@ -202,7 +200,7 @@ def fetch_images(data: ReportData, rows: list[int]) -> dict[int, bytes]:
     for f, by_key in wanted.items():
         if not Path(f).is_file():
             continue  # an input of a release that has moved: show the row without its image
-        t = ds.dataset(f, format="parquet").to_table(columns=["key", "jpg"], filter=ds.field("key").isin(list(by_key)))
+        t = reader.read_columns([f], ["key", "jpg"], filter=ds.field("key").isin(list(by_key)))
         for key, jpg in zip(t.column("key").to_pylist(), t.column("jpg").to_pylist()):
             if key in by_key and jpg is not None:
                 out.setdefault(by_key[key], jpg)

@@ -2,7 +2,7 @@
 
 * ``scan_rows``: pass 1 over the curated shards — keys, keep flags, the ranking scores of the
   selected captions, the SHA-256 of the image bytes and the image embedding of every kept row.
-* ``load_eval_set``: the same for the evaluation images named by ``--decontaminate``.
+* ``load_decontamination_set``: the same for the evaluation images named by ``--decontaminate``.
 * ``ShardWriter``: released rows resharded to ``shards/part-XXXXX.parquet`` and, optionally,
   webdataset tars in the layout LAVIS's LAION loader reads (see docs/release.md): one sample
   per image, ``NNNNNNNNN.jpg`` with the bytes and ``NNNNNNNNN.json`` whose ``caption`` is the
@@ -14,7 +14,6 @@ from __future__ import annotations
 import glob as globlib
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +21,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from capfilt.transforms import shards as reader
 from capfilt.transforms.image import ImageDecodeError, decode_image, image_sha256
 from capfilt.transforms.schemas import CURATED_SCHEMA, check_columns
 
@@ -48,10 +47,7 @@ PROGRESS_EVERY_S = 5.0
 
 def check_input_schema(path: Path) -> None:
     """Fail before any work when a curated shard lacks a required column or has a bad type."""
-    try:
-        schema = pq.read_schema(path)
-    except (OSError, pa.ArrowInvalid) as err:
-        raise ValueError(f"{path}: not a readable parquet file ({err})") from err
+    schema, _rows = reader.parquet_schema(str(path))
     check_columns(schema, REQUIRED_COLUMNS, CURATED_SCHEMA, where=str(path))
 
 
@@ -151,13 +147,11 @@ class ScannedRows:
 
 def scan_rows(files: list[Path], embedder, batch_size: int) -> ScannedRows:
     """Pass 1 over curated shards: metadata of every row, hash + embedding of kept rows."""
-    total = sum(pq.ParquetFile(p).metadata.num_rows for p in files)
-    emb = _Embedder(embedder, batch_size, "release", total)
+    emb = _Embedder(embedder, batch_size, "release", reader.row_count(files))
     keys, keep, drop, sha, bad, rank = [], [], [], [], [], []
     for path in files:
-        dataset = ds.dataset(str(path), format="parquet", schema=CURATED_READ_SCHEMA)
         first = len(keys)
-        for batch in dataset.to_batches(batch_size=1024):
+        for batch in reader.parquet_batches(path, schema=CURATED_READ_SCHEMA):
             jpgs = batch.column("jpg")
             meta = batch.drop_columns(["jpg"]).to_pylist()
             for i, row in enumerate(meta):
@@ -179,7 +173,7 @@ def scan_rows(files: list[Path], embedder, batch_size: int) -> ScannedRows:
 
 
 @dataclass
-class EvalSet:
+class DecontaminationSet:
     """Evaluation images to decontaminate against.
 
     keys: M eval keys; embeddings: (M, D); file_of: (M,) index into files;
@@ -194,10 +188,10 @@ class EvalSet:
     unreadable: int
 
 
-def load_eval_set(pattern: str, embedder, batch_size: int) -> EvalSet:
+def load_decontamination_set(pattern: str, embedder, batch_size: int) -> DecontaminationSet:
     """Embed the images of the evaluation shards matching ``pattern``: raw or curated parquet,
     or img2dataset webdataset tars (a COCO / Flickr test split downloaded like the web data)."""
-    files = sorted(f for f in globlib.glob(pattern, recursive=True) if not _tar_sidecar(f))
+    files = sorted(f for f in globlib.glob(pattern, recursive=True) if not reader.is_tar_sidecar(f))
     if not files:
         raise ValueError(f"--decontaminate {pattern!r} matches no file")
     for f in files:
@@ -205,7 +199,7 @@ def load_eval_set(pattern: str, embedder, batch_size: int) -> EvalSet:
             check_columns(pq.read_schema(f), ("key", "jpg"), pa.schema([("key", pa.string()), ("jpg", pa.binary())]), f)
         elif not f.endswith(".tar"):
             raise ValueError(f"--decontaminate: {f} is neither a parquet shard nor a webdataset tar")
-    total = sum(pq.ParquetFile(f).metadata.num_rows for f in files if f.endswith(".parquet"))
+    total = reader.row_count(f for f in files if f.endswith(".parquet"))
     emb = _Embedder(embedder, batch_size, "eval set", total or None)
     keys, file_of, by_hash, unreadable, row = [], [], {}, 0, 0
     for fi, f in enumerate(files):
@@ -220,26 +214,20 @@ def load_eval_set(pattern: str, embedder, batch_size: int) -> EvalSet:
     pos, vectors = emb.result(row)
     if unreadable:
         log.warning("eval set: %d rows skipped (failed downloads or undecodable images)", unreadable)
-    return EvalSet(files, keys, vectors[pos] if row else vectors, np.array(file_of, np.int64), by_hash, unreadable)
-
-
-def _tar_sidecar(path: str) -> bool:
-    """img2dataset's parquet beside a tar (its failed downloads): read as part of the tar, not alone."""
-    return path.endswith(".parquet") and os.path.isfile(path[: -len(".parquet")] + ".tar")
+    return DecontaminationSet(files, keys, vectors[pos] if row else vectors, np.array(file_of, np.int64), by_hash,
+                              unreadable)
 
 
 def _eval_rows(path: str):
     """(key, image bytes, downloaded) per row of one evaluation shard."""
     if path.endswith(".tar"):
-        from capfilt.pipeline.curate.sources import tar_rows
-
-        for rec in tar_rows(path):
+        for rec in reader.tar_rows(path):
             key = rec["key"].decode("utf-8", errors="replace") if isinstance(rec["key"], bytes) else str(rec["key"])
             yield key, rec["jpg"], True
         return
-    pf = pq.ParquetFile(path)
-    cols = ["key", "jpg"] + (["status"] if "status" in pf.schema_arrow.names else [])
-    for batch in pf.iter_batches(columns=cols, batch_size=1024):
+    schema, _rows = reader.parquet_schema(path)
+    cols = ["key", "jpg"] + (["status"] if "status" in schema.names else [])
+    for batch in reader.parquet_batches(path, cols):
         for rec in batch.to_pylist():
             yield str(rec["key"]), rec["jpg"], rec.get("status", "success") == "success"
 

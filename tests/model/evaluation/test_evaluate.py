@@ -265,7 +265,7 @@ def _run_evaluate(argv, capsys):
 def test_itc_matrix_matches_the_filter_scores(kind, tiny_models, synth_world):
     from capfilt.model.inference.filter import load_filter
 
-    evalset = evaluation.load_eval_set(str(synth_world / "test"), limit=6)
+    evalset = evaluation.load_eval_images(str(synth_world / "test"), limit=6)
     flt = load_filter(str(tiny_models[kind]), device="cpu")
     sim = evaluation.filter_itc_matrix(flt, evalset.images, evalset.captions, batch_size=4)
     assert sim.shape == (6, 6)
@@ -334,7 +334,7 @@ def test_evaluate_filter_without_truth_counts_false_alarms_on_clean_pairs(tiny_m
 
     result = _run_evaluate(["--task", "filter", "--model", str(tiny_models["itm"]), "--threshold", "0.5",
                             "--data", str(synth_world / "test")], capsys)
-    evalset = evaluation.load_eval_set(str(synth_world / "test"))
+    evalset = evaluation.load_eval_images(str(synth_world / "test"))
     scores = load_filter(str(tiny_models["itm"]), device="cpu").score(
         evalset.images, [[c] for c in evalset.captions])
     itm = np.array([float(s.itm[0]) for s in scores])  # every test caption is its image's own
@@ -449,7 +449,7 @@ def test_evaluate_rejects_sizes_below_one_naming_the_option(synth_world):
                   "--batch-size", "0"])
     # the library functions (the bootstrap calls them directly) say the same
     with pytest.raises(ValueError, match="limit must be >= 1 .*got 0"):
-        evaluation.load_eval_set(data, limit=0)
+        evaluation.load_eval_images(data, limit=0)
     with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
         evaluation.evaluate_filter_clean(synth_world, data, batch_size=0)
 

@@ -188,7 +188,7 @@ def test_an_epoch_with_some_decodable_images_is_not_an_error(tmp_path):
 
 
 def test_a_curate_output_directory_reads_its_shards_not_its_errors(tmp_path):
-    from capfilt.model.training.data import expand_paths
+    from capfilt.transforms.shards import expand_paths
     from capfilt.transforms.schemas import ERROR_SCHEMA
 
     out = tmp_path / "curated"

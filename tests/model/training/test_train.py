@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from capfilt.jobs.cli import main
-from capfilt.model.training.data import ImageTextStream, Sample, SourceSpec
+from capfilt.model.training.data import ImageTextStream, SourceSpec, TrainPair
 from capfilt.model.training.blip import BlipTrainConfig
 from capfilt.model.training.loop import TrainConfig, Trainer
 
@@ -156,7 +156,7 @@ def test_blip_exports_load_and_score_like_the_training_model(tmp_path, synth_wor
     model = build("blip", tmp_path, tiny_tokenizer)
     run(model, synth_world / "human", tmp_path, steps=3, batch_size=4, lr=1e-3)
     images, texts = _pairs(synth_world / "test")
-    batch = model.collate([Sample(str(k), i, t, "test") for k, (i, t) in enumerate(zip(images, texts))])
+    batch = model.collate([TrainPair(str(k), i, t, "test") for k, (i, t) in enumerate(zip(images, texts))])
     itm, itc = model.score_pairs(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
     scores = load_filter(str(tmp_path / "itm"), device="cpu").score(images, [[t] for t in texts])
     assert np.allclose([s.itm[0] for s in scores], itm.numpy(), atol=1e-5)
@@ -212,7 +212,7 @@ def test_clip_export_loads_in_the_ranker(tmp_path, synth_world, tiny_tokenizer):
     run(model, synth_world / "human", tmp_path, steps=3, batch_size=4, lr=1e-3, bf16=True)
     model.eval()
     images, texts = _pairs(synth_world / "test", 3)
-    batch = model.collate([Sample(str(k), i, t, "test") for k, (i, t) in enumerate(zip(images, texts))])
+    batch = model.collate([TrainPair(str(k), i, t, "test") for k, (i, t) in enumerate(zip(images, texts))])
     img, txt = model.encode(batch["pixel_values"], batch["text"])
     ranker = ClipRanker.load(str(tmp_path / "clip"), device="cpu")
     assert np.allclose(ranker.encode_images(images), img.numpy(), atol=1e-5)

@@ -17,7 +17,7 @@ from PIL import Image
 from capfilt.jobs.cli import main
 from capfilt.pipeline.curate.inference import CaptionHandler, InferStage
 from capfilt.pipeline.curate.options import CurateConfig
-from capfilt.pipeline.curate.sources import Sample
+from capfilt.transforms.rows import Sample
 from capfilt.transforms.image import encode_jpeg
 from capfilt.transforms.schemas import CURATED_SCHEMA, ERROR_SCHEMA, RAW_SCHEMA
 

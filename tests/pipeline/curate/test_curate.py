@@ -275,7 +275,7 @@ def test_testpipeline_graph_matches_clean_run(clean_run, inputs, tiny_models, di
     from capfilt.pipeline.curate.graph import CurateRows
     from capfilt.pipeline.curate.decode import ResolveDuplicateKeys
     from capfilt.pipeline.curate.options import make_pipeline_options
-    from capfilt.pipeline.curate.sources import ReadShardFn, discover_shards, validate_shard
+    from capfilt.pipeline.curate.sources import ReadRows, discover_shards, validate_shard
 
     import argparse
 
@@ -287,12 +287,12 @@ def test_testpipeline_graph_matches_clean_run(clean_run, inputs, tiny_models, di
     rows, _ = load_rows(clean_run["out"])
     expected = [(k, r["keep"], tuple(r["captions"]), r["drop_reason"]) for k, r in rows.items()]
     with test_pipeline.TestPipeline(options=make_pipeline_options([])) as p:
-        read = p | beam.Create(shards) | beam.ParDo(ReadShardFn()).with_outputs("errors", main="rows")
-        samples, dups = read.rows | ResolveDuplicateKeys()
+        samples, read_errors = p | beam.Create(shards) | ReadRows()
+        samples, dups = samples | ResolveDuplicateKeys()
         curated, errors = samples | CurateRows(cfg)
         assert_that(curated | beam.Map(lambda t: (t[2]["key"], t[2]["keep"], tuple(t[2]["captions"]),
                                                   t[2]["drop_reason"])), equal_to(expected), label="curated")
-        assert_that((errors, dups, read.errors) | beam.Flatten(), equal_to([]), label="errors")
+        assert_that((errors, dups, read_errors) | beam.Flatten(), equal_to([]), label="errors")
 
 
 # --- incremental runs -----------------------------------------------------------------------

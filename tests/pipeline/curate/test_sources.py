@@ -13,8 +13,10 @@ from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
-from capfilt.pipeline.curate.decode import ResolveDuplicateKeys, StageError, dead_letter_to_error, decode_sample
-from capfilt.pipeline.curate.sources import ErrorRow, ReadShardFn, Sample, discover_shards, shard_ids, validate_shard
+from capfilt.pipeline.curate.decode import ResolveDuplicateKeys, decode_sample
+from capfilt.pipeline.curate.errors import StageError, dead_letter_to_error
+from capfilt.pipeline.curate.sources import ReadShardFn, discover_shards, shard_ids, to_sample, validate_shard
+from capfilt.transforms.rows import ErrorRow, Sample
 from capfilt.transforms.image import encode_jpeg
 from capfilt.transforms.schemas import RAW_SCHEMA
 from capfilt.transforms.seeding import sample_seed
@@ -38,13 +40,13 @@ def write_raw(path, rows, schema=RAW_SCHEMA):
 
 
 def read_all(info):
-    """Run ReadShardFn.process directly: (samples, error rows)."""
+    """ReadShardFn.process, then to_sample as ReadRows runs it: (samples, error rows)."""
     samples, errors = [], []
-    for out in ReadShardFn().process(info):
-        if isinstance(out, beam.pvalue.TaggedOutput):
-            errors.append(out.value)
-        else:
-            samples.append(out)
+    for raw in ReadShardFn().process(info):
+        try:
+            samples.append(to_sample(raw))
+        except StageError as err:
+            errors.append(dead_letter_to_error((raw, (StageError, repr(err), [])), "read"))
     return samples, errors
 
 

@@ -22,14 +22,14 @@ import time
 import uuid
 from pathlib import Path
 
-import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from capfilt.jobs.cli import main
 from capfilt.pipeline.ingest.download import list_columns, parse_img2dataset_options
-from capfilt.pipeline.curate.sources import ReadShardFn, discover_shards, validate_shard
+from capfilt.pipeline.curate.errors import StageError, dead_letter_to_error
+from capfilt.pipeline.curate.sources import ReadShardFn, discover_shards, to_sample, validate_shard
 
 N_IMAGES = 5
 
@@ -101,9 +101,12 @@ IMG2DATASET = ["--processes_count", "1", "--thread_count", "4", "--timeout", "5"
 def read_everything(pattern):
     samples, errors = [], []
     for info in (validate_shard(s) for s in discover_shards([pattern])):
-        for out in ReadShardFn().process(info):
-            (errors if isinstance(out, beam.pvalue.TaggedOutput) else samples).append(out)
-    return samples, [e.value for e in errors]
+        for raw in ReadShardFn().process(info):
+            try:
+                samples.append(to_sample(raw))
+            except StageError as err:
+                errors.append(dead_letter_to_error((raw, (StageError, repr(err), [])), "read"))
+    return samples, errors
 
 
 def check_result(server, samples, errors):

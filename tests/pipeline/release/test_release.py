@@ -14,8 +14,8 @@ from PIL import Image
 from capfilt.jobs.cli import main
 from capfilt.pipeline.release import manifest as release_manifest
 from capfilt.pipeline.release.build import REASONS, ReleaseConfig, build_release, decide
-from capfilt.pipeline.release.shards import EvalSet
-from capfilt.pipeline.curate.sinks import model_record
+from capfilt.pipeline.release.shards import DecontaminationSet
+from capfilt.pipeline.curate.record import model_record
 from release_data import (
     image_bytes, near_copy, pixel_embedder, record_outputs, row, scanned_rows, write_curated, write_raw,
 )
@@ -442,7 +442,7 @@ def test_decontamination_comes_before_dedup():
     a, b, c, t = ang(3), ang(9), ang(10), ang(0)
     rows = scanned_rows(["A", "B", "C"], ["ha", "hb", "hc"], np.stack([a, b, c]),
                         [[0.9, 0.9], [0.5, 0.5], [0.4, 0.4]])
-    ev = EvalSet(files=["test.parquet"], keys=["T"], embeddings=t[None], file_of=np.array([0]), by_hash={},
+    ev = DecontaminationSet(files=["test.parquet"], keys=["T"], embeddings=t[None], file_of=np.array([0]), by_hash={},
                  unreadable=0)
     dec, plans = decide(rows, ReleaseConfig(inputs=["x"], out="/nonexistent/rel", dedup_threshold=0.99), ev)
     assert outcome(rows, dec) == [("A/ha", "contaminated", "T"), ("B/hb", "released", None),
@@ -490,7 +490,7 @@ def test_an_eval_set_of_webdataset_tars_is_read_like_its_parquet_form(tmp_path):
     import io
     import tarfile
 
-    from capfilt.pipeline.release.shards import load_eval_set
+    from capfilt.pipeline.release.shards import load_decontamination_set
 
     images = {f"00000000{i}": image_bytes(i) for i in range(3)}
     (tmp_path / "tars").mkdir()
@@ -502,12 +502,12 @@ def test_an_eval_set_of_webdataset_tars_is_read_like_its_parquet_form(tmp_path):
                 tar.addfile(member, io.BytesIO(payload))
     write_raw(tmp_path / "tars" / "00000.parquet", [("000000009", None)], status="failed_to_download")
     write_raw(tmp_path / "eval.parquet", list(images.items()))
-    from_tar = load_eval_set(str(tmp_path / "tars" / "*"), pixel_embedder, 2)
-    from_parquet = load_eval_set(str(tmp_path / "eval.parquet"), pixel_embedder, 2)
+    from_tar = load_decontamination_set(str(tmp_path / "tars" / "*"), pixel_embedder, 2)
+    from_parquet = load_decontamination_set(str(tmp_path / "eval.parquet"), pixel_embedder, 2)
     assert from_tar.keys == from_parquet.keys == list(images)
     assert from_tar.files == [str(tmp_path / "tars" / "00000.tar")]  # the sidecar is not a shard
     assert from_tar.by_hash == from_parquet.by_hash and len(from_tar.by_hash) == 3
     assert np.array_equal(from_tar.embeddings, from_parquet.embeddings)
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(ValueError, match="notes.txt is neither a parquet shard nor a webdataset tar"):
-        load_eval_set(str(tmp_path / "notes.txt"), pixel_embedder, 2)
+        load_decontamination_set(str(tmp_path / "notes.txt"), pixel_embedder, 2)

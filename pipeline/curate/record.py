@@ -1,0 +1,91 @@
+"""The run record's pieces: Beam Metrics of a finished pipeline, the counts identity, a model's
+content hash, the code version, and stats.json built from the done markers."""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from collections import Counter
+
+from apache_beam.metrics.metric import MetricsFilter
+
+from capfilt.pipeline.curate.errors import NAMESPACE
+from capfilt.pipeline.curate.sources import file_sha256
+
+
+def metric_counters(result) -> dict[str, int]:
+    """Committed ``capfilt`` counters of a finished pipeline, summed over steps."""
+    totals: Counter = Counter()
+    for counter in result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]:
+        totals[counter.key.metric.name] += int(counter.committed or 0)
+    return dict(totals)
+
+
+def check_identity(counts: dict, where: str) -> None:
+    """Fail loudly unless input_rows == kept + dropped + errors."""
+    lhs = counts["input_rows"]
+    rhs = counts["kept"] + counts["dropped"] + counts["errors"]
+    if lhs != rhs:
+        raise RuntimeError(
+            f"accounting mismatch in {where}: input_rows {lhs} != kept {counts['kept']} + dropped "
+            f"{counts['dropped']} + errors {counts['errors']} = {rhs}"
+        )
+
+
+def model_record(spec: str | None) -> dict | None:
+    """A model's id and a content hash: sha256 over a local directory's files (relative path
+    + bytes) or a local weights file; None for a hub id or an open_clip pretrained tag."""
+    if spec is None:
+        return None
+    path = spec.split(":", 1)[1] if ":" in spec and not os.path.exists(spec) else spec
+    if os.path.isdir(path):
+        digest = hashlib.sha256()
+        for root, _dirs, files in sorted(os.walk(path)):
+            for name in sorted(files):
+                full = os.path.join(root, name)
+                digest.update(os.path.relpath(full, path).encode("utf-8") + b"\0")
+                digest.update(file_sha256(full).encode("ascii"))
+        return {"id": spec, "sha256": digest.hexdigest(), "kind": "directory"}
+    if os.path.isfile(path):
+        return {"id": spec, "sha256": file_sha256(path), "kind": "file"}
+    return {"id": spec, "sha256": None, "kind": "hub"}
+
+
+def code_version() -> str:
+    """``git describe`` of the source tree when it is a checkout, else the package version."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(
+            ["git", "-C", here, "describe", "--always", "--dirty", "--tags"],
+            capture_output=True, text=True, timeout=10, check=True,
+        )
+        return f"git:{out.stdout.strip()}"
+    except (OSError, subprocess.SubprocessError):
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return f"capfilt=={version('capfilt')}"
+        except PackageNotFoundError:
+            return "unknown"
+
+
+def build_stats(markers: list[dict], run: dict) -> dict:
+    """stats.json: totals over every completed shard (from the files) plus this run's part
+    (from Beam Metrics). Raises when either side breaks the identity."""
+    totals = {"input_rows": 0, "kept": 0, "dropped": 0, "errors": 0}
+    reasons: Counter = Counter()
+    kinds: Counter = Counter()
+    for m in markers:
+        for k in totals:
+            totals[k] += m["counts"][k]
+        reasons.update(m["counts"]["drop_reasons"])
+        kinds.update(m["counts"]["error_types"])
+    check_identity(totals, "the curated output (files)")
+    stats = dict(totals)
+    stats.update(
+        drop_reasons=dict(sorted(reasons.items())),
+        error_types=dict(sorted(kinds.items())),
+        shards=len(markers),
+        this_run=run,
+    )
+    return stats

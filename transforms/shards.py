@@ -1,0 +1,251 @@
+"""The one shard reader: raw img2dataset shards and curated shards, parquet or webdataset tar.
+
+Curate, release, evaluation, training and the ingest checks all read shards through here:
+
+* listing: :func:`expand_paths` (globs, directories, a curate ``--out``), :func:`tar_sidecar`;
+* parquet: :func:`parquet_schema` (footer only), :func:`row_count`, :func:`parquet_batches`
+  (record batches with column selection, an optional schema to read against and a pushed-down
+  filter), :func:`read_columns` (a table of several shards), :func:`raw_rows` (curate's row
+  dicts, text as bytes), :func:`all_null` (from the footers' statistics);
+* tars: :func:`tar_samples` groups a webdataset tar into samples, :func:`tar_rows` turns them
+  into raw-shard rows, :func:`sidecar_failures` reads the failed downloads img2dataset writes
+  in the parquet beside each tar.
+
+Parquet is read with pyarrow, tars with ``tarfile``. Tars are grouped by hand rather than with
+``webdataset``'s grouper, which raises on a repeated member name and would lose the shard; the
+tar is read as a stream (mode ``r|``), so a member cut short raises instead of ending the shard
+quietly. Functions that curate calls on remote inputs take ``opener`` (path -> binary file),
+which the Beam layer sets to ``FileSystems.open``; everything here is plain pyarrow/tarfile.
+"""
+from __future__ import annotations
+
+import glob as globlib
+import json
+import posixpath
+import tarfile
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterator
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+Opener = Callable[[str], BinaryIO]
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+# Columns of a raw shard that curate reads (the others are img2dataset's bookkeeping).
+RAW_ROW_COLUMNS = ("key", "url", "caption", "status", "error_message", "sha256", "jpg")
+RAW_READ_BATCH = 256  # raw parquet rows per pyarrow batch: bounds memory on image-heavy shards
+READ_BATCH = 1024
+
+
+def local_open(path: str) -> BinaryIO:
+    return open(path, "rb")
+
+
+# --- listing ---------------------------------------------------------------------------------
+
+
+def expand_paths(paths: str | list[str]) -> list[str]:
+    """Sorted parquet files from globs, directories (searched recursively; a `capfilt curate`
+    output directory: its shards/) or file names. ValueError when nothing matches."""
+    items = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    files: set[str] = set()
+    for item in items:
+        item = str(item)
+        if Path(item).is_dir():
+            if (Path(item) / "_state" / "settings.json").is_file():
+                item = str(Path(item) / "shards")  # a curate output: its curated shards, not errors/
+            files.update(str(p) for p in Path(item).rglob("*.parquet"))
+        else:
+            files.update(p for p in globlib.glob(item, recursive=True) if Path(p).is_file())
+    if not files:
+        raise ValueError(f"no parquet shards match {paths!r}")
+    return sorted(files)
+
+
+def tar_sidecar(path: str, exists: Callable[[str], bool] = lambda p: Path(p).is_file()) -> str | None:
+    """The parquet img2dataset writes beside ``<stem>.tar`` (its failed downloads), if any."""
+    stem, ext = posixpath.splitext(path)
+    return stem + ".parquet" if ext == ".tar" and exists(stem + ".parquet") else None
+
+
+def is_tar_sidecar(path: str) -> bool:
+    """Whether ``path`` is the parquet beside a local tar: read as part of the tar, not alone."""
+    return path.endswith(".parquet") and Path(path[: -len(".parquet")] + ".tar").is_file()
+
+
+# --- parquet ---------------------------------------------------------------------------------
+
+
+def parquet_schema(path: str, opener: Opener = local_open) -> tuple[pa.Schema, int]:
+    """(schema, row count) from the footer; ValueError naming the file when it is no parquet."""
+    try:
+        with opener(path) as f:
+            pf = pq.ParquetFile(f)
+            return pf.schema_arrow, pf.metadata.num_rows
+    except (pa.ArrowException, OSError) as err:
+        raise ValueError(f"{path}: not a readable parquet file ({err})") from err
+
+
+def row_count(paths) -> int:
+    """Rows of the parquet files ``paths``, from their footers."""
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
+
+
+def parquet_batches(path, columns=None, *, schema: pa.Schema | None = None, filter=None,
+                    batch_size: int = READ_BATCH) -> Iterator[pa.RecordBatch]:
+    """Record batches of one parquet file in row order. ``schema``: read against it (absent
+    columns are null, types are cast); ``filter``: a ``pyarrow.dataset`` expression."""
+    dataset = ds.dataset(str(path), format="parquet", schema=schema)
+    return dataset.to_batches(columns=columns, filter=filter, batch_size=batch_size)
+
+
+def shards_schema(paths) -> pa.Schema:
+    """The schema pyarrow reads the parquet files ``paths`` with (the first file's)."""
+    return ds.dataset(list(map(str, paths)), format="parquet").schema
+
+
+def read_columns(paths, columns: list[str], *, schema: pa.Schema | None = None, filter=None,
+                 where=None) -> pa.Table:
+    """The given columns of every file in ``paths``, in order (``filter``: a ``pyarrow.dataset``
+    expression). Without ``schema`` a missing column is a ValueError naming ``where`` (default:
+    the files); with it, a missing column reads as nulls."""
+    paths = list(map(str, paths))
+    if schema is not None:
+        schema = pa.schema([schema.field(c) for c in columns if c in schema.names])
+        if not paths:
+            return schema.empty_table()
+        return ds.dataset(paths, format="parquet", schema=schema).to_table(columns=schema.names, filter=filter)
+    dataset = ds.dataset(paths, format="parquet")
+    missing = [c for c in columns if c not in dataset.schema.names]
+    if missing:
+        raise ValueError(f"shards {paths if where is None else where!r} lack column(s) {missing}; "
+                         f"they have {dataset.schema.names}")
+    return dataset.to_table(columns=columns, filter=filter)
+
+
+def all_null(files: list[str], column: str) -> bool:
+    """True when the parquet statistics say every value of `column` is null in every file
+    (read from the footers: no image bytes are loaded). Files without statistics count as not."""
+    rows = nulls = 0
+    for path in files:
+        meta = pq.ParquetFile(path).metadata
+        for g in range(meta.num_row_groups):
+            group = meta.row_group(g)
+            chunk = next(group.column(i) for i in range(group.num_columns) if group.column(i).path_in_schema == column)
+            stats = chunk.statistics
+            if stats is None or not stats.has_null_count:
+                return False
+            rows, nulls = rows + group.num_rows, nulls + stats.null_count
+    return rows > 0 and nulls == rows
+
+
+def _as_bytes_columns(batch: pa.RecordBatch, names) -> dict[str, list]:
+    """Python lists of the wanted columns; absent columns are all None. Text columns are read
+    as bytes so that invalid UTF-8 reaches the caption cleaner instead of failing the read."""
+    out = {}
+    for name in names:
+        idx = batch.schema.get_field_index(name)
+        if idx < 0:
+            out[name] = [None] * batch.num_rows
+            continue
+        col = batch.column(idx)
+        if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+            col = col.cast(pa.binary() if pa.types.is_string(col.type) else pa.large_binary())
+        out[name] = col.to_pylist()
+    return out
+
+
+def raw_rows(path: str, opener: Opener = local_open) -> Iterator[dict]:
+    """One dict of RAW_ROW_COLUMNS per row of a raw parquet shard; text and images as bytes."""
+    with opener(path) as f:
+        pf = pq.ParquetFile(f)
+        for batch in pf.iter_batches(batch_size=RAW_READ_BATCH):
+            cols = _as_bytes_columns(batch, RAW_ROW_COLUMNS)
+            for i in range(batch.num_rows):
+                yield {n: cols[n][i] for n in RAW_ROW_COLUMNS}
+
+
+def sidecar_failures(path: str, opener: Opener = local_open) -> Iterator[dict]:
+    """The rows of a tar's sidecar parquet that are failed downloads (status != success)."""
+    for row in raw_rows(path, opener):
+        if row["status"] is not None and row["status"] != b"success":
+            yield row
+
+
+def named_read_errors(path: str, rows):
+    """``rows``, with a failure part-way through the file (a corrupt data page, a truncated
+    file: only the footer was checked up front) re-raised as a ValueError naming the file;
+    pyarrow's own message names neither the file nor the row."""
+    count = 0
+    try:
+        for raw in rows:
+            yield raw
+            count += 1
+    except (pa.ArrowException, OSError, EOFError) as err:
+        raise ValueError(f"{path}: cannot read the shard after {count} rows "
+                         f"({type(err).__name__}: {err})") from err
+
+
+# --- webdataset tars -------------------------------------------------------------------------
+
+
+def tar_samples(path: str, with_data: bool = True, opener: Opener = local_open) -> Iterator[dict]:
+    """Group a webdataset tar into samples ``{"__key__": key, suffix: bytes, ...}``: consecutive
+    members sharing a key (the basename up to its first dot). A member suffix seen twice starts
+    a new sample, so a repeated key becomes a second sample (a duplicate-key error downstream),
+    not a lost shard. ``with_data=False`` leaves the values empty (counting). ValueError naming
+    the file when it is no tar or is cut short, or a sample has no image member."""
+    current: dict | None = None
+    try:
+        with opener(path) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                base = posixpath.basename(member.name)
+                if base.startswith(".") or "." not in base:
+                    continue
+                key, suffix = base.split(".", 1)
+                key = posixpath.join(posixpath.dirname(member.name), key)
+                data = tar.extractfile(member).read() if with_data else b""
+                if current is None or current["__key__"] != key or suffix.lower() in current:
+                    if current is not None:
+                        yield _check_sample(path, current)
+                    current = {"__key__": key}
+                current[suffix.lower()] = data
+    except tarfile.TarError as err:
+        raise ValueError(f"{path}: not a readable tar file ({err})") from err
+    if current is not None:
+        yield _check_sample(path, current)
+
+
+def _check_sample(path: str, sample: dict) -> dict:
+    if not any(ext in sample for ext in IMAGE_EXTS):
+        raise ValueError(
+            f"{path}: sample {sample['__key__']!r} has no image member (column 'jpg'; "
+            f"has {sorted(k for k in sample if k != '__key__')})"
+        )
+    return sample
+
+
+def tar_rows(path: str, opener: Opener = local_open) -> Iterator[dict]:
+    """The samples of an img2dataset webdataset tar as raw-shard rows (RAW_ROW_COLUMNS, bytes
+    values; the key, url and sha256 from the sample's json, the caption from its txt)."""
+    for sample in tar_samples(path, opener=opener):
+        meta = {}
+        if "json" in sample:
+            try:
+                meta = json.loads(sample["json"].decode("utf-8", errors="replace"))
+            except ValueError:
+                meta = {}
+        image = next(sample[ext] for ext in IMAGE_EXTS if ext in sample)
+        key = meta.get("key") or sample["__key__"]
+        yield {
+            "key": key.encode("utf-8") if isinstance(key, str) else key,
+            "url": (meta.get("url") or "").encode("utf-8") or None,
+            "caption": sample.get("txt", (meta.get("caption") or "").encode("utf-8")),
+            "status": b"success",
+            "error_message": None,
+            "sha256": (meta.get("sha256") or "").encode("utf-8") or None,
+            "jpg": image,
+        }
