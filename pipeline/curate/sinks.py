@@ -25,7 +25,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 
 from capfilt.pipeline.curate.select import select_captions
-from capfilt.pipeline.curate.sources import NAMESPACE, ErrorRow, Sample, file_sha256
+from capfilt.pipeline.curate.sources import NAMESPACE, ErrorRow, Sample
 from capfilt.transforms.schemas import CURATED_SCHEMA, ERROR_SCHEMA
 
 
@@ -188,22 +188,12 @@ def check_identity(counts: dict, where: str) -> None:
 
 
 def model_record(spec: str | None) -> dict | None:
-    """A model's id and a content hash: sha256 over a local directory's files (relative path
-    + bytes) or a local weights file; None for a hub id or an open_clip pretrained tag."""
+    """A model's id and content hash (``model.specs.identity``); None when there is no model."""
+    from capfilt.model.specs import identity
+
     if spec is None:
         return None
-    path = spec.split(":", 1)[1] if ":" in spec and not os.path.exists(spec) else spec
-    if os.path.isdir(path):
-        digest = hashlib.sha256()
-        for root, _dirs, files in sorted(os.walk(path)):
-            for name in sorted(files):
-                full = os.path.join(root, name)
-                digest.update(os.path.relpath(full, path).encode("utf-8") + b"\0")
-                digest.update(file_sha256(full).encode("ascii"))
-        return {"id": spec, "sha256": digest.hexdigest(), "kind": "directory"}
-    if os.path.isfile(path):
-        return {"id": spec, "sha256": file_sha256(path), "kind": "file"}
-    return {"id": spec, "sha256": None, "kind": "hub"}
+    return identity(spec)
 
 
 def code_version() -> str:
