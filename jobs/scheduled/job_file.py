@@ -79,7 +79,7 @@ def _path(base: Path, value, where: str) -> str:
 
 
 def _model(base: Path, value, where: str) -> str:
-    """A local model path made relative to the job file, else a hub id / open_clip spec as
+    """A local model path made absolute against the job file, else a hub id / open_clip spec as
     written. A spec written as a path that is not there is a config error (``model.specs``
     says which specs are paths, relative to the job file's directory)."""
     from capfilt.model.specs import ModelSpec
