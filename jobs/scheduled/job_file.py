@@ -79,36 +79,20 @@ def _path(base: Path, value, where: str) -> str:
 
 
 def _model(base: Path, value, where: str) -> str:
-    """A local model path relative to the job file, else a hub id / open_clip NAME:PRETRAINED.
-    A missing path is a config error when the spec is written like a path (see _looks_local);
-    otherwise it is passed on as a hub id."""
+    """A local model path made absolute against the job file, else a hub id / open_clip spec as
+    written. A spec written as a path that is not there is a config error (``model.specs``
+    says which specs are paths, relative to the job file's directory)."""
+    from capfilt.model.specs import ModelSpec
+
     if not isinstance(value, str) or not value:
         raise JobError(EXIT_CONFIG, f"{where}: expected a model id or directory, got {value!r}")
-    prefix, rest = ("local-dir:", value[10:]) if value.startswith("local-dir:") else ("", value)
-    path = Path(rest).expanduser()
-    path = path if path.is_absolute() else base / path
-    if path.exists():
-        return prefix + str(path)
-    if prefix or _looks_local(base, rest):
-        raise JobError(EXIT_CONFIG, f"{where}: model path {value!r} does not exist (looked for {path}; "
-                                    f"relative paths are relative to the job file)")
-    return value
-
-
-def _looks_local(base: Path, spec: str) -> bool:
-    """Whether a spec that names no existing file is meant as a path rather than a hub id.
-
-    Hub ids are ``name`` or ``org/name`` (at most one '/'), and open_clip specs hold a ':'
-    (``ViT-L-14:openai``, ``hf-hub:org/name``). A spec starting with '.', '/' or '~', or holding
-    a backslash (the Windows separator) or two '/', cannot be one of those; one whose first
-    part is a directory beside the job file (``models/captionr`` when ``models/`` exists) is
-    taken as a misspelt path: an org of that name beside the job file is far less likely.
-    """
-    if ":" in spec:
-        return False
-    if spec.startswith((".", "/", "~")) or "\\" in spec or spec.count("/") > 1:
-        return True
-    return "/" in spec and (base / spec.split("/")[0]).is_dir()
+    spec = ModelSpec.parse(value, base=base)
+    if not spec.local:
+        return value
+    if spec.path.exists():
+        return str(spec)
+    raise JobError(EXIT_CONFIG, f"{where}: model path {value!r} does not exist (looked for {spec.path}; "
+                                f"relative paths are relative to the job file)")
 
 
 def load_job(path: Path) -> Job:

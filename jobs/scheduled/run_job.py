@@ -88,8 +88,10 @@ def _sha256(path: Path, cache: dict) -> str:
 
 def _model_stamp(spec: str) -> list:
     """Cheap change detector for a model: its files' names, sizes and mtimes (hub ids: the id)."""
-    path = Path(spec[10:] if spec.startswith("local-dir:") else spec)
-    if not path.exists():
+    from capfilt.model.specs import ModelSpec
+
+    path = ModelSpec.parse(spec).path
+    if path is None or not path.exists():
         return [spec]
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     return [spec] + [[str(p.relative_to(path) if path.is_dir() else p.name), p.stat().st_size, p.stat().st_mtime_ns]

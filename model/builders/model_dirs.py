@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from capfilt.model.specs import CLIP_CONFIG, ModelSpec
+
 ARCHITECTURES = {"BlipForConditionalGeneration": "captioner", "BlipForImageTextRetrieval": "itm",
                  "Blip2ForImageTextRetrieval": "blip2"}
 
@@ -13,14 +15,15 @@ ARCHITECTURES = {"BlipForConditionalGeneration": "captioner", "BlipForImageTextR
 def find_model_dirs(init) -> dict[str, str]:
     """Model directories under `init`: {"captioner", "itm", "blip2", "clip"} -> path, from
     DIR itself or DIR/{captioner,itm,clip} (read from each config's `architectures`)."""
-    root = Path(str(init))
+    spec = ModelSpec.parse(init)
+    root = spec.path or Path(spec.text)  # a hub id names no directory: nothing is found there
     found: dict[str, str] = {}
     for d in (root, root / "captioner", root / "itm", root / "clip"):
         if (d / "config.json").is_file():
             arch = (json.loads((d / "config.json").read_text()).get("architectures") or [""])[0]
             if arch in ARCHITECTURES:
                 found.setdefault(ARCHITECTURES[arch], str(d))
-        if (d / "open_clip_config.json").is_file():
+        if (d / CLIP_CONFIG).is_file():
             found.setdefault("clip", str(d))
     tower = next((d / "tower.json" for d in (root, root / "qformer") if (d / "tower.json").is_file()), None)
     if not found and tower is not None:
@@ -31,5 +34,5 @@ def find_model_dirs(init) -> dict[str, str]:
                          f"(timm:<a ViT>, hf:DIR) to get a loadable DIR/itm")
     if not found:
         raise ValueError(f"--init {init}: no model directory found (looked for config.json with a BLIP "
-                         f"architecture, or open_clip_config.json, in {root} and its captioner/, itm/, clip/)")
+                         f"architecture, or {CLIP_CONFIG}, in {root} and its captioner/, itm/, clip/)")
     return found

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from capfilt.model.specs import CLIP_CONFIG, clip_spec
+
 KINDS = ("captioner", "itm", "blip2-itm", "clip")
 CONFIG_FILES = {
     "captioner": "tiny_captioner.json",
@@ -46,7 +48,6 @@ BLIP_EXTRA_TOKENS = ("[DEC]", "[ENC]")  # appended after the vocabulary, as in B
 # BLIP's image normalisation (the OpenAI CLIP statistics), kept for the tiny processors too.
 BLIP_IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 BLIP_IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
-CLIP_DIR_PREFIX = "local-dir:"
 
 
 def load_config(kind: str, overrides: dict | None = None) -> dict:
@@ -312,16 +313,8 @@ def _init_clip(config: dict, out: Path, seed: int) -> Path:
     model.eval()
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out / "open_clip_model.safetensors"))
-    save_config_for_hf(model, out / "open_clip_config.json", model_config=config["model_cfg"])
+    save_config_for_hf(model, out / CLIP_CONFIG, model_config=config["model_cfg"])
     return out
-
-
-def clip_spec(model_dir) -> str:
-    """The open_clip model name for a directory written by `init_model("clip", ...)`."""
-    path = Path(model_dir)
-    if not (path / "open_clip_config.json").is_file():
-        raise ValueError(f"{path}: not an open_clip model directory (no open_clip_config.json)")
-    return CLIP_DIR_PREFIX + str(path)
 
 
 def load_clip(model_dir):

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -35,6 +34,7 @@ from tqdm.auto import tqdm
 from capfilt.model.evaluation import metrics
 from capfilt.model.inference.device import inference_context
 from capfilt.model.builders.model_dirs import find_model_dirs
+from capfilt.model.specs import ModelSpec
 from capfilt.transforms import shards as reader
 from capfilt.transforms.image import ImageDecodeError, decode_image
 from capfilt.transforms.text import clean_caption
@@ -141,7 +141,8 @@ def _model_path(model_dir, kinds: tuple[str, ...], what: str) -> tuple[str | Non
     hub id or an open_clip spec, which the library loader resolves. ValueError naming what the
     directory holds when it has none of `kinds` (a BLIP-2 output has no captioner, a
     Q-Former-only export nothing loadable)."""
-    if not Path(str(model_dir)).is_dir():
+    spec = ModelSpec.parse(model_dir)
+    if not (spec.local and spec.path.is_dir()):
         return None, str(model_dir)
     found = find_model_dirs(model_dir)
     kind = next((k for k in kinds if k in found), None)

@@ -33,9 +33,10 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from capfilt.model.inference.device import check_images, inference_context, load_hf_model, resolve_device, use_bf16
+from capfilt.model.inference.device import check_images, inference_context, resolve_device, use_bf16
 from capfilt.model.inference.fastpath import FastPath, enable_blip_fast_path, fast_attention, grouped_cross_attention, resolve_fast
 from capfilt.model.inference.sampling import SeededNucleusSampler, row_seeds
+from capfilt.model.loading import load_hf_model
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ class Captioner:
     def from_pretrained(cls, name_or_dir, device: str = "auto", bf16: bool | str = False,
                         fast: bool | FastPath = True) -> "Captioner":
         """Load from a hub id or a ``save_pretrained`` directory (model + BlipProcessor).
-        ``bf16``: True, False or "auto" (see ``model.device.use_bf16``)."""
+        ``bf16``: True, False or "auto" (see ``model.inference.device.use_bf16``)."""
         from transformers import BlipForConditionalGeneration, BlipProcessor
 
         resolved = resolve_device(device)

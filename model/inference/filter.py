@@ -31,8 +31,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from capfilt.model.inference.device import check_images, inference_context, load_config, load_hf_model, resolve_device, use_bf16
+from capfilt.model.inference.device import check_images, inference_context, resolve_device, use_bf16
 from capfilt.model.inference.fastpath import FastPath, enable_blip_fast_path, fast_attention, grouped_cross_attention, resolve_fast
+from capfilt.model.loading import load_config, load_hf_model
 
 
 @dataclass

@@ -5,13 +5,9 @@ The model comes from ``open_clip.create_model_and_transforms`` and the tokenizer
 batch in one text batch, and takes each caption's cosine with its own image (open_clip's
 ``forward`` would score every image against every text). ``top_k`` is the selection helper.
 
-Accepted specs:
-
-* a directory holding ``open_clip_config.json`` and weights (``capfilt models init --kind clip``,
-  or ``open_clip.push_to_hf_hub`` layout) -> loaded as ``local-dir:DIR``;
-* ``hf-hub:org/repo`` or ``local-dir:DIR`` -> passed to open_clip as they are;
-* ``NAME:PRETRAINED`` -> a built-in architecture plus a pretrained tag or weights file
-  (``ViT-L-14:openai``).
+A spec is a CLIP directory (``capfilt models init --kind clip``, or ``open_clip.push_to_hf_hub``
+layout), ``hf-hub:org/repo``, or ``NAME:PRETRAINED`` (``ViT-L-14:openai``, or a weights file
+for PRETRAINED): ``model.specs.open_clip_args`` reads it into open_clip's arguments.
 
 Weights must load (``require_pretrained``): a spec without weights is an error, not a silently
 random model. open_clip reads them with safetensors or ``torch.load(weights_only=True)``.
@@ -25,7 +21,7 @@ open_clip's ``encode_text`` up to float rounding. Text towers that are not causa
 elsewhere (``CustomTextCLIP``, ``pool_type`` other than argmax/eos) keep ``encode_text``.
 open_clip's attention is ``nn.MultiheadAttention``, which already uses torch's SDPA.
 
-bf16 (when on, see ``model.device.use_bf16``; ``score(..., bf16=False)`` turns it off for one
+bf16 (when on, see ``model.inference.device.use_bf16``; ``score(..., bf16=False)`` turns it off for one
 call) covers both towers. On CPU it runs from bf16 *copies* of the image tower and of the text
 transformer, made on first use (0.6 + 0.25 GB for ViT-L-14), not through autocast: under CPU
 autocast ``nn.MultiheadAttention`` leaves its fused path, and its packed in-projection of the
@@ -43,45 +39,15 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from capfilt.model.inference.device import check_images, inference_context, is_local_spec, resolve_device, use_bf16
+from capfilt.model.inference.device import check_images, inference_context, resolve_device, use_bf16
 from capfilt.model.inference.fastpath import FastPath, resolve_fast
+from capfilt.model.specs import open_clip_args
 
-_SCHEMES = ("hf-hub:", "local-dir:")
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
-
-
-def _check_clip_dir(path: Path) -> Path:
-    if not path.is_dir():
-        raise ValueError(f"CLIP model directory {path} does not exist")
-    if not (path / "open_clip_config.json").is_file():
-        raise ValueError(f"CLIP model directory {path} has no open_clip_config.json")
-    if not any(p.suffix in _WEIGHT_SUFFIXES for p in path.iterdir() if p.is_file()):
-        raise ValueError(f"CLIP model directory {path} has no weights file ({', '.join(_WEIGHT_SUFFIXES)})")
-    return path
-
-
-def parse_spec(spec: str) -> tuple[str, str | None]:
-    """(open_clip model name, pretrained tag/file or None) for a ranker spec."""
-    spec = str(spec)
-    if spec.startswith("local-dir:"):
-        return "local-dir:" + str(_check_clip_dir(Path(spec[len("local-dir:"):]).expanduser())), None
-    if spec.startswith("hf-hub:"):
-        return spec, None
-    if is_local_spec(spec):
-        return "local-dir:" + str(_check_clip_dir(Path(spec).expanduser())), None
-    name, sep, pretrained = spec.partition(":")
-    if not sep or not name or not pretrained:
-        raise ValueError(
-            f"CLIP spec {spec!r} is not a model directory, 'hf-hub:org/repo' or 'NAME:PRETRAINED' "
-            f"(e.g. 'ViT-L-14:openai')"
-        )
-    return name, pretrained
 
 
 class ClipRanker:
@@ -105,7 +71,7 @@ class ClipRanker:
     def load(cls, spec: str, device: str = "auto", bf16: bool | str = False, **options) -> "ClipRanker":
         import open_clip
 
-        name, pretrained = parse_spec(spec)
+        name, pretrained = open_clip_args(spec)
         resolved = resolve_device(device)
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(

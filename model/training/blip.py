@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from capfilt.model.training import losses as L
-from capfilt.model.inference.device import check_model_dir, is_local_spec
+from capfilt.model.specs import check_model_dir, is_local_spec
 from capfilt.model.builders.model_dirs import find_model_dirs
 from capfilt.transforms.seeding import sample_seed
 

@@ -33,7 +33,7 @@ from torch import nn
 
 from capfilt.model.training import losses as L
 from capfilt.model.training.blip import BlipTrainModel, collate_blip
-from capfilt.model.inference.device import check_model_dir
+from capfilt.model.specs import OPEN_CLIP, TIMM, check_model_dir, parse_vision_init
 from capfilt.model.builders.model_dirs import find_model_dirs
 
 log = logging.getLogger(__name__)
@@ -246,11 +246,11 @@ def build_blip2(cfg: Blip2TrainConfig, work_dir, init=None, seed: int = 0, token
     from transformers import Blip2ForImageTextRetrieval, BlipProcessor
 
     from capfilt.model.builders.tiny import init_model
-    from capfilt.model.training.vision_init import PenultimateTower, VisionSpec, init_vision_tower
+    from capfilt.model.training.vision_init import PenultimateTower, init_vision_tower
 
     tower = None
-    spec = VisionSpec.parse(vision_init) if vision_init else None
-    if spec and (spec.kind == "open_clip" or spec.kind == "timm" and not _timm_maps(spec)):
+    spec = parse_vision_init(vision_init) if vision_init else None
+    if spec and (spec.kind == OPEN_CLIP or spec.kind == TIMM and not _timm_maps(spec)):
         image_size = int((overrides or {}).get("vision_config", {}).get("image_size", 224))
         tower = PenultimateTower.from_spec(vision_init, image_size)
         # Blip2Config takes the Q-Former's cross-attention width from its vision config; the HF

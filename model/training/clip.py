@@ -19,9 +19,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from capfilt.model.specs import CLIP_CONFIG, clip_spec
 from capfilt.model.training import losses as L
 
-CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
 
 
@@ -37,15 +37,13 @@ class ClipTrainModel(nn.Module):
         """Load a directory holding open_clip_config.json (or DIR/clip/) through open_clip."""
         import open_clip
 
-        path = Path(model_dir)
-        if not (path / CONFIG_FILE).is_file() and (path / "clip" / CONFIG_FILE).is_file():
+        path = Path(model_dir).expanduser()
+        if not (path / CLIP_CONFIG).is_file() and (path / "clip" / CLIP_CONFIG).is_file():
             path = path / "clip"
-        if not (path / CONFIG_FILE).is_file():
-            raise ValueError(f"{model_dir}: not an open_clip directory (no {CONFIG_FILE})")
-        spec = "local-dir:" + str(path)
+        spec = clip_spec(path)  # a ValueError naming the directory unless it holds a CLIP model
         # the eval transform: no random crops, so a step depends only on the data and the weights
         model, _, preprocess = open_clip.create_model_and_transforms(spec)
-        config = json.loads((path / CONFIG_FILE).read_text())
+        config = json.loads((path / CLIP_CONFIG).read_text())
         return cls(model, preprocess, open_clip.get_tokenizer(spec), config)
 
     def collate(self, samples) -> dict:
@@ -70,7 +68,7 @@ class ClipTrainModel(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
         save_file(state, str(path / WEIGHTS_FILE))
-        (path / CONFIG_FILE).write_text(json.dumps(self.config, indent=2))
+        (path / CLIP_CONFIG).write_text(json.dumps(self.config, indent=2))
         return [path]
 
     @torch.no_grad()
@@ -87,6 +85,6 @@ def build_clip(work_dir, init=None, seed: int = 0, overrides: dict | None = None
         from capfilt.model.builders.tiny import init_model
 
         init = Path(work_dir) / "init" / "clip"
-        if not (init / CONFIG_FILE).is_file():
+        if not (init / CLIP_CONFIG).is_file():
             init_model("clip", init, seed=seed, overrides=overrides)
     return ClipTrainModel.from_dir(init)

@@ -11,39 +11,22 @@ mapping (transformers converts only BLIP's own checkpoints), hence this module.
 Specs (`--vision-init`): ``timm:NAME[:FILE]`` (FILE: a local .safetensors/.pth state dict, read
 by timm's loader with ``weights_only=True``; without FILE timm fetches NAME's pretrained tag),
 ``open_clip:NAME:PRETRAINED`` (BLIP-2's frozen tower only), ``hf:DIR`` (the vision tower of a
-saved BLIP / BLIP-2 directory).
+saved BLIP / BLIP-2 directory), read by ``model.specs.parse_vision_init``.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from capfilt.model.specs import LOCAL, OPEN_CLIP, TIMM, ModelSpec, parse_vision_init
+
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class VisionSpec:
-    kind: str  # timm | open_clip | hf
-    name: str
-    file: str | None = None
-
-    @classmethod
-    def parse(cls, spec: str) -> "VisionSpec":
-        kind, _, rest = spec.partition(":")
-        if kind not in ("timm", "open_clip", "hf") or not rest:
-            raise ValueError(f"--vision-init {spec!r}: expected timm:NAME[:FILE], "
-                             "open_clip:NAME:PRETRAINED or hf:DIR")
-        if kind == "hf":
-            return cls(kind, rest)
-        name, _, file = rest.partition(":")
-        return cls(kind, name, file or None)
-
-
-def create_timm(spec: VisionSpec, vision_config, extra_layers: int = 0) -> nn.Module:
+def create_timm(spec: ModelSpec, vision_config, extra_layers: int = 0) -> nn.Module:
     """The timm model NAME built in the shape of `vision_config` (plus `extra_layers` blocks that
     the caller drops, e.g. 1 for BLIP-2's penultimate features), with FILE's or NAME's
     pretrained weights. A shape mismatch fails naming the spec."""
@@ -55,17 +38,17 @@ def create_timm(spec: VisionSpec, vision_config, extra_layers: int = 0) -> nn.Mo
         num_heads=vision_config.num_attention_heads,
         mlp_ratio=vision_config.intermediate_size / vision_config.hidden_size, num_classes=0,
     )
-    overlay = {"file": spec.file} if spec.file else None
+    overlay = {"file": spec.weights} if spec.weights else None
     try:
         return timm.create_model(spec.name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     except TypeError as err:  # a convnet's constructor has no img_size / patch_size / depth
         raise ValueError(f"--vision-init timm:{spec.name}: not a vision transformer that can take the "
                          f"model's vision shape ({err}); BLIP's tower is a ViT") from err
     except (RuntimeError, ValueError, OSError) as err:
-        missing = spec.file and not Path(spec.file).expanduser().is_file()
+        missing = spec.weights and not Path(spec.weights).expanduser().is_file()
         first = " ".join(str(err).split())[:300]  # timm lists every mismatched tensor
-        raise ValueError(f"--vision-init timm:{spec.name}{':' + spec.file if spec.file else ''}: "
-                         + (f"weights file {spec.file} does not exist" if missing else
+        raise ValueError(f"--vision-init timm:{spec.name}{':' + spec.weights if spec.weights else ''}: "
+                         + (f"weights file {spec.weights} does not exist" if missing else
                             f"its weights do not fit the model's vision shape {kwargs} ({first} ...)"
                             + _shape_hint(spec.name, extra_layers))) from err
 
@@ -163,11 +146,11 @@ def _copy(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
 def init_vision_tower(spec: str, vision_model: nn.Module, penultimate: bool = False) -> None:
     """Load `spec` into `vision_model` in place (BLIP's trainable tower, or BLIP-2's tower when it
     maps). With `penultimate`, the source's last block is dropped and the final norm reset."""
-    vs = VisionSpec.parse(spec)
-    if vs.kind == "timm":
+    vs = parse_vision_init(spec)
+    if vs.kind == TIMM:
         src = create_timm(vs, vision_model.config, extra_layers=1 if penultimate else 0)
         copy_timm_vit(src, vision_model, copy_final_norm=not penultimate)
-    elif vs.kind == "hf":
+    elif vs.kind == LOCAL:
         src = load_hf_vision(vs.name)
         have, want = len(src.encoder.layers), len(vision_model.encoder.layers) + (1 if penultimate else 0)
         if penultimate and have != want:
@@ -225,26 +208,26 @@ class PenultimateTower(nn.Module):
     @classmethod
     def from_spec(cls, spec: str, image_size: int) -> "PenultimateTower":
         """Load `spec` (open_clip:NAME:PRETRAINED or timm:NAME[:FILE]) at `image_size`."""
-        vs = VisionSpec.parse(spec)
-        if vs.kind == "open_clip":
+        vs = parse_vision_init(spec)
+        if vs.kind == OPEN_CLIP:
             import open_clip
 
-            if not vs.file:  # open_clip would build random weights: a frozen random tower teaches nothing
+            if not vs.weights:  # open_clip would build random weights: a frozen random tower teaches nothing
                 raise ValueError(f"--vision-init {spec}: give the weights, open_clip:{vs.name}:PRETRAINED "
                                  "(a pretrained tag or a local file)")
             try:
-                model = open_clip.create_model(vs.name, pretrained=vs.file, require_pretrained=True,
+                model = open_clip.create_model(vs.name, pretrained=vs.weights, require_pretrained=True,
                                                weights_only=True)
             except Exception as err:  # open_clip, safetensors and the hub raise many error types
                 raise ValueError(f"--vision-init {spec}: cannot load it ({' '.join(str(err).split())[:300]})") from err
             return cls(model.visual, "open_clip", spec)
-        if vs.kind != "timm":
+        if vs.kind != TIMM:
             raise ValueError(f"PenultimateTower needs a timm or open_clip spec, got {spec!r}")
         import timm
 
-        overlay = {"file": vs.file} if vs.file else None
-        if vs.file and not Path(vs.file).expanduser().is_file():
-            raise ValueError(f"--vision-init {spec}: weights file {vs.file} does not exist")
+        overlay = {"file": vs.weights} if vs.weights else None
+        if vs.weights and not Path(vs.weights).expanduser().is_file():
+            raise ValueError(f"--vision-init {spec}: weights file {vs.weights} does not exist")
         try:
             trunk = timm.create_model(vs.name, pretrained=True, pretrained_cfg_overlay=overlay,
                                       num_classes=0, img_size=image_size)

@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import os
 
+
 def check_models(cfg) -> None:
     """--device and every model must be usable before --out is touched (a failed
     ``--overwrite`` would otherwise have deleted the old output for nothing): ValueError naming
     the option. Hub ids are resolved too (their config through ``AutoConfig``, which fails at
     once offline); the weights themselves are read by the workers."""
-    from capfilt.model.inference.device import check_model_dir, is_local_spec, load_config, resolve_device
+    from capfilt.model.inference.device import resolve_device
+    from capfilt.model.loading import load_config
+    from capfilt.model.specs import ModelSpec, check_model_dir
 
     def check_blip(spec) -> None:  # a local directory's files, then its config (a hub id's too)
-        if is_local_spec(spec):
-            check_model_dir(spec)
+        parsed = ModelSpec.parse(spec)
+        if parsed.local:
+            check_model_dir(parsed.path)
         load_config(spec)
 
     _named("--device", cfg.device, resolve_device)
@@ -43,15 +47,16 @@ def _check_clip(spec: str) -> None:
     import open_clip
     from huggingface_hub import constants, hf_hub_download
 
-    from capfilt.model.inference.ranker import parse_spec
+    from capfilt.model.specs import CLIP_CONFIG, OPEN_CLIP_HUB, parse_clip
 
-    name, pretrained = parse_spec(spec)
-    if name.startswith("local-dir:"):
+    parsed = parse_clip(spec)  # a local directory is checked here
+    if parsed.local:
         return
+    name, pretrained = parsed.name, parsed.weights
     try:
-        if name.startswith("hf-hub:"):
+        if parsed.kind == OPEN_CLIP_HUB:
             if constants.HF_HUB_OFFLINE:
-                hf_hub_download(name[len("hf-hub:"):], "open_clip_config.json")
+                hf_hub_download(name, CLIP_CONFIG)
             return
         if name not in open_clip.list_models():
             raise ValueError(f"open_clip has no architecture {name!r}")

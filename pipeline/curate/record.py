@@ -2,7 +2,6 @@
 content hash, the code version, and stats.json built from the done markers."""
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 from collections import Counter
@@ -10,7 +9,7 @@ from collections import Counter
 from apache_beam.metrics.metric import MetricsFilter
 
 from capfilt.pipeline.curate.errors import NAMESPACE
-from capfilt.pipeline.curate.sources import file_sha256
+from capfilt.model.specs import identity
 
 
 def metric_counters(result) -> dict[str, int]:
@@ -33,22 +32,10 @@ def check_identity(counts: dict, where: str) -> None:
 
 
 def model_record(spec: str | None) -> dict | None:
-    """A model's id and a content hash: sha256 over a local directory's files (relative path
-    + bytes) or a local weights file; None for a hub id or an open_clip pretrained tag."""
+    """A model's id and content hash (``capfilt.model.specs.identity``); None when there is no model."""
     if spec is None:
         return None
-    path = spec.split(":", 1)[1] if ":" in spec and not os.path.exists(spec) else spec
-    if os.path.isdir(path):
-        digest = hashlib.sha256()
-        for root, _dirs, files in sorted(os.walk(path)):
-            for name in sorted(files):
-                full = os.path.join(root, name)
-                digest.update(os.path.relpath(full, path).encode("utf-8") + b"\0")
-                digest.update(file_sha256(full).encode("ascii"))
-        return {"id": spec, "sha256": digest.hexdigest(), "kind": "directory"}
-    if os.path.isfile(path):
-        return {"id": spec, "sha256": file_sha256(path), "kind": "file"}
-    return {"id": spec, "sha256": None, "kind": "hub"}
+    return identity(spec)
 
 
 def code_version() -> str:

@@ -313,7 +313,7 @@ def test_locked_job_exit_5(job, capsys):
 
 def test_end_to_end_with_real_curate(tmp_path, tiny_models, capsys):
     """ingest is not needed (raw shards); curate and release are the real commands."""
-    from capfilt.model.builders.tiny import clip_spec
+    from capfilt.model.specs import clip_spec
 
     assert main(["synth", "--out", str(tmp_path / "world"), "--n", "8", "--human", "2", "--test", "4",
                  "--rows-per-shard", "4", "--seed", "3"]) == 0
@@ -358,7 +358,7 @@ def test_end_to_end_with_real_curate(tmp_path, tiny_models, capsys):
 def test_repeated_shard_names_with_real_curate(tmp_path, tiny_models, capsys):
     """Two img2dataset downloads, both numbered 00000, the second arriving after the first was
     curated: the real curate renames the outputs (a_00000, b_00000) and every row is counted once."""
-    from capfilt.model.builders.tiny import clip_spec
+    from capfilt.model.specs import clip_spec
 
     assert main(["synth", "--out", str(tmp_path / "world"), "--n", "8", "--human", "2", "--test", "4",
                  "--rows-per-shard", "4", "--seed", "3"]) == 0

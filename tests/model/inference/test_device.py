@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+from capfilt.model import specs
 from capfilt.model.inference import device as dev
 
 
@@ -75,31 +76,31 @@ def _model_dir(tmp_path, files):
 
 def test_check_model_dir_names_what_is_missing(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
-        dev.check_model_dir(tmp_path / "absent")
+        specs.check_model_dir(tmp_path / "absent")
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="is a file"):
-        dev.check_model_dir(tmp_path / "file")
+        specs.check_model_dir(tmp_path / "file")
     empty = _model_dir(tmp_path, {})
     with pytest.raises(ValueError, match=f"{empty} has no config.json"):
-        dev.check_model_dir(empty)
+        specs.check_model_dir(empty)
     (empty / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
-        dev.check_model_dir(empty)
+        specs.check_model_dir(empty)
     (empty / "config.json").write_text(json.dumps({"model_type": "blip"}))
     with pytest.raises(ValueError, match="has no weights"):
-        dev.check_model_dir(empty)
+        specs.check_model_dir(empty)
     (empty / "model.safetensors").write_bytes(b"")
-    assert dev.check_model_dir(empty, need_processor=False) == empty
+    assert specs.check_model_dir(empty, need_processor=False) == empty
     with pytest.raises(ValueError, match="no image processor"):
-        dev.check_model_dir(empty)
+        specs.check_model_dir(empty)
     (empty / "preprocessor_config.json").write_text("{}")
     with pytest.raises(ValueError, match="no tokenizer"):
-        dev.check_model_dir(empty)
+        specs.check_model_dir(empty)
     (empty / "tokenizer.json").write_text("{}")
-    assert dev.check_model_dir(empty) == empty
+    assert specs.check_model_dir(empty) == empty
 
 
 def test_local_spec_detection(tmp_path):
-    assert dev.is_local_spec(tmp_path)
-    assert dev.is_local_spec("./models/x") and dev.is_local_spec("/abs/x") and dev.is_local_spec("~/x")
-    assert not dev.is_local_spec("Salesforce/blip-itm-large-coco")
+    assert specs.is_local_spec(tmp_path)
+    assert specs.is_local_spec("./models/x") and specs.is_local_spec("/abs/x") and specs.is_local_spec("~/x")
+    assert not specs.is_local_spec("Salesforce/blip-itm-large-coco")

@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from capfilt.model import loading
 from capfilt.model.inference import captioner as captioner_mod
 from capfilt.model.inference import device as dev
 from capfilt.model.inference import filter as filter_mod
@@ -221,7 +222,7 @@ def test_loaders_pick_cuda_and_bf16_on_a_gpu_machine(monkeypatch, tiny_models, b
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: bf16_hw)
     asked = []
-    real_load = dev.load_hf_model
+    real_load = loading.load_hf_model
 
     def load_on_cpu(model_cls, processor_cls, name, device):
         asked.append(device)

@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from capfilt.model.builders import tiny
-from capfilt.model.inference.ranker import ClipRanker, parse_spec
+from capfilt.model.inference.ranker import ClipRanker
+from capfilt.model.specs import open_clip_args as parse_spec
 
 REPO = Path(__file__).resolve().parents[3]
 CAPTIONS = [["a red circle", "a blue square on the right", "junk dsc123 jpg"], ["green star"], []]

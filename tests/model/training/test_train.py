@@ -297,7 +297,8 @@ def test_towers_the_qformer_cannot_read_are_named(tmp_path):
     from safetensors.torch import save_file
     from transformers import BlipVisionConfig
 
-    from capfilt.model.training.vision_init import PenultimateTower, VisionSpec, create_timm
+    from capfilt.model.specs import ModelSpec as VisionSpec
+    from capfilt.model.training.vision_init import PenultimateTower, create_timm
 
     resnet = timm.create_model("resnet10t", pretrained=False, num_classes=0)
     save_file({k: v.contiguous() for k, v in resnet.state_dict().items()}, str(tmp_path / "r.safetensors"))

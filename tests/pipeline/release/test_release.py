@@ -215,7 +215,7 @@ def test_cli_bad_input_exit_code(tmp_path, capsys):
 
 def test_cli_release_with_tiny_clip(world, tiny_models):
     """The full command: CLIP embeddings from the curate manifest's model (a tiny open_clip)."""
-    from capfilt.model.builders.tiny import clip_spec
+    from capfilt.model.specs import clip_spec
 
     spec = clip_spec(tiny_models["clip"])
     write_curated(world / "cur_c", [[row("a", image_bytes(1)), row("b", image_bytes(1), clip=0.1),

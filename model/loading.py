@@ -1,0 +1,61 @@
+"""transformers models from a spec (``model.specs``): a local directory or a hub id.
+
+Both go through ``from_pretrained``, never with remote code. A local directory is checked first
+(``specs.check_model_dir``), so a missing or broken one fails with a ValueError that names the
+path and what is wrong, not with the hub's "not a valid model identifier"; every loader error
+becomes a ValueError naming the spec. open_clip models are loaded by their users with
+``open_clip.create_model_and_transforms`` on ``specs.open_clip_args``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from capfilt.model.specs import ModelSpec, check_model_dir
+
+
+def _target(name_or_dir: str | Path, need_processor: bool) -> str:
+    """What ``from_pretrained`` is given: a checked local directory, else the spec as written."""
+    spec = ModelSpec.parse(name_or_dir)
+    if spec.local:
+        return str(check_model_dir(spec.path, need_processor=need_processor))
+    return spec.text
+
+
+def load_config(name_or_dir: str | Path):
+    """``AutoConfig`` of a directory or hub id, with a ValueError naming it on failure."""
+    from transformers import AutoConfig
+
+    spec = _target(name_or_dir, need_processor=False)
+    try:
+        return AutoConfig.from_pretrained(spec, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"cannot read the model config of {name_or_dir!r}: {exc}") from exc
+
+
+def load_hf_model(model_cls, processor_cls, name_or_dir: str | Path, device: torch.device) -> tuple[Any, Any]:
+    """Load ``model_cls`` + ``processor_cls`` from a directory or hub id, in eval mode on ``device``.
+
+    Weights come through transformers (safetensors, or torch.load with weights_only=True);
+    missing or shape-mismatched weights make the directory count as corrupt.
+    """
+    spec = _target(name_or_dir, need_processor=True)
+    try:
+        model, info = model_cls.from_pretrained(spec, trust_remote_code=False, output_loading_info=True)
+        processor = processor_cls.from_pretrained(spec, trust_remote_code=False)
+    except Exception as exc:  # safetensors, json, hub and torch each raise their own error types
+        raise ValueError(f"cannot load {model_cls.__name__} from {name_or_dir!r}: {exc}") from exc
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = sorted(str(m) for m in (info.get("mismatched_keys") or []))
+    if missing or mismatched:
+        problems = []
+        if missing:
+            problems.append(f"missing weights {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+        if mismatched:
+            problems.append(f"shape-mismatched weights {mismatched[:10]}")
+        raise ValueError(
+            f"{name_or_dir!r} is not a complete {model_cls.__name__} checkpoint: {'; '.join(problems)}"
+        )
+    return model.to(device).eval(), processor
