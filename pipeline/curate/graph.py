@@ -48,7 +48,8 @@ from capfilt.pipeline.curate.sinks import (
     error_rows,
     metric_counters,
 )
-from capfilt.pipeline.curate.sources import ReadShardFn, discover_shards, file_sha256, validate_shard
+from capfilt.pipeline.curate.sources import ReadShardFn, discover_shards, validate_shard
+from capfilt.pipeline.files import file_sha256
 from capfilt.transforms.schemas import CURATED_SCHEMA, ERROR_SCHEMA
 
 LOG = logging.getLogger(__name__)

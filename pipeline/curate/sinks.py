@@ -12,7 +12,6 @@
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 from collections import Counter
@@ -25,7 +24,8 @@ from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 
 from capfilt.pipeline.curate.select import select_captions
-from capfilt.pipeline.curate.sources import NAMESPACE, ErrorRow, Sample, file_sha256
+from capfilt.pipeline.curate.sources import NAMESPACE, ErrorRow, Sample
+from capfilt.transforms.files.hashing import bytes_sha256, dir_sha256, file_sha256
 from capfilt.transforms.schemas import CURATED_SCHEMA, ERROR_SCHEMA
 
 
@@ -43,7 +43,7 @@ def curated_record(sample: Sample, cfg) -> dict:
     return {
         "key": sample.key,
         "url": sample.url,
-        "sha256": sample.sha256 or hashlib.sha256(sample.jpg).hexdigest(),
+        "sha256": sample.sha256 or bytes_sha256(sample.jpg),
         "jpg": None if cfg.no_images else sample.jpg,
         "width": sample.width,
         "height": sample.height,
@@ -194,13 +194,7 @@ def model_record(spec: str | None) -> dict | None:
         return None
     path = spec.split(":", 1)[1] if ":" in spec and not os.path.exists(spec) else spec
     if os.path.isdir(path):
-        digest = hashlib.sha256()
-        for root, _dirs, files in sorted(os.walk(path)):
-            for name in sorted(files):
-                full = os.path.join(root, name)
-                digest.update(os.path.relpath(full, path).encode("utf-8") + b"\0")
-                digest.update(file_sha256(full).encode("ascii"))
-        return {"id": spec, "sha256": digest.hexdigest(), "kind": "directory"}
+        return {"id": spec, "sha256": dir_sha256(path), "kind": "directory"}
     if os.path.isfile(path):
         return {"id": spec, "sha256": file_sha256(path), "kind": "file"}
     return {"id": spec, "sha256": None, "kind": "hub"}

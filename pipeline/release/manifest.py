@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from capfilt.pipeline.curate.sinks import code_version, model_record
-from capfilt.pipeline.curate.sources import file_sha256
+from capfilt.pipeline.files import file_sha256
 
 log = logging.getLogger(__name__)
 
