@@ -26,6 +26,7 @@ setup(
         "safetensors",
         "apache-beam>=2.60",
         "pyarrow>=17",
+        "filelock>=4",
         "numpy>=1.26",
         "pillow",
         "img2dataset>=1.45",

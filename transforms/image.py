@@ -21,7 +21,6 @@ which is why this module exists; the decoding itself is all Pillow's.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import struct
 import zlib
@@ -220,8 +219,3 @@ def encode_jpeg(img: Image.Image, quality: int = 95) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=int(quality))
     return buf.getvalue()
-
-
-def image_sha256(data: bytes) -> str:
-    """Hex SHA-256 of the encoded bytes (the ``sha256`` column, as img2dataset computes it)."""
-    return hashlib.sha256(bytes(data)).hexdigest()

@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import tempfile
 import time
 import uuid
 from pathlib import Path
+
+from capfilt.transforms.files import atomic
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +80,10 @@ class Stages:
 
 
 def write_json(path: Path, data: dict) -> None:
-    """Write to a temporary name, then rename: a kill never leaves half a file (stage markers,
-    configs and evaluation results)."""
+    """The bootstrap's records (stage markers, configs and evaluation results), indented, keys
+    in insertion order, written whole (``transforms.files.atomic``): a kill never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        json.dump(data, f, indent=2)
-    Path(f.name).replace(path)
+    atomic.write_json(path, data, indent=2)
 
 
 def _read_marker(marker: Path) -> dict | None:

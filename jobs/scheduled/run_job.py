@@ -32,17 +32,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import glob as globlib
-import hashlib
 import json
 import logging
-import os
 import shutil
 import sys
 from pathlib import Path
 
 from capfilt.jobs.scheduled.job_file import EXIT_CONFIG, Job, JobError, load_job, release_config
+from capfilt.transforms.files import atomic, locks
+from capfilt.transforms.files.hashing import file_sha256, json_sha256
 
 HELP = "Run a scheduled ingest-curate-release job from YAML (incremental)"
 EXIT_OK, EXIT_STEP, EXIT_ACCOUNTING, EXIT_BUSY = 0, 3, 4, 5
@@ -78,12 +77,9 @@ def _sha256(path: Path, cache: dict) -> str:
     hit = cache.get(str(path))
     if hit and hit["size"] == st.st_size and hit["mtime_ns"] == st.st_mtime_ns:
         return hit["sha256"]
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    cache[str(path)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": h.hexdigest()}
-    return h.hexdigest()
+    digest = file_sha256(path)
+    cache[str(path)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+    return digest
 
 
 def _model_stamp(spec: str) -> list:
@@ -96,10 +92,6 @@ def _model_stamp(spec: str) -> list:
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     return [spec] + [[str(p.relative_to(path) if path.is_dir() else p.name), p.stat().st_size, p.stat().st_mtime_ns]
                      for p in files]
-
-
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
 # -- steps ----------------------------------------------------------------------------------
@@ -195,7 +187,7 @@ def _downloads(job: Job, state) -> dict[str, str]:
 
 
 def curate_step(job: Job, state, dry: bool) -> list[str]:
-    signature = _digest([job.curate_argv, job.beam_argv] + [_model_stamp(m) for m in job.models.values()])
+    signature = json_sha256([job.curate_argv, job.beam_argv] + [_model_stamp(m) for m in job.models.values()])
     ran, record = [], state.setdefault("curate", {})
     downloads = _downloads(job, state)
     for name, pattern, out in curate_units(job):
@@ -303,25 +295,14 @@ def _applies(step, job: Job) -> bool:
 @contextlib.contextmanager
 def _locked(root: Path):
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / LOCK_FILE, "a") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise JobError(EXIT_BUSY, f"another run-job holds {root / LOCK_FILE}") from None
+    with locks.hold(root / LOCK_FILE, busy=lambda: JobError(EXIT_BUSY, f"another run-job holds {root / LOCK_FILE}")):
         yield
 
 
 def _save_state(path: Path, state: dict) -> None:
     """Write the state atomically: a run killed while writing leaves the previous file whole."""
-    text = json.dumps(state, indent=2, sort_keys=True) + "\n"
-    if path.is_file() and path.read_text() == text:
-        return  # unchanged: a run with nothing to do writes no file
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())  # the rename must not land before the data (power loss)
-    os.replace(tmp, path)
+    # unchanged: a run with nothing to do writes no file
+    atomic.write_json(path, state, indent=2, sort_keys=True, end="\n", only_if_changed=True)
 
 
 def _checkpoint(job: Job, state: dict) -> None:

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from capfilt.model.training.data import ImageTextStream, SourceSpec
 from capfilt.model.inference.device import use_bf16
+from capfilt.transforms.files import atomic
 from capfilt.transforms.seeding import sample_seed
 
 log = logging.getLogger(__name__)
@@ -213,7 +214,7 @@ class Trainer:
             self.module.eval()
             summary["exported"] = [str(p) for p in self.module.export(self.out)]
         if self.is_main:
-            (self.out / f"{cfg.run_name}_summary.json").write_text(json.dumps(summary, indent=2))
+            atomic.write_json(self.out / f"{cfg.run_name}_summary.json", summary, indent=2)
         self._barrier()
         return summary
 
@@ -296,9 +297,7 @@ class Trainer:
                        tmp / "train_state.pt")
             shutil.rmtree(path, ignore_errors=True)
             tmp.rename(path)
-            tmp = self.ckpt_root / "latest.tmp"  # renamed into place: a kill never leaves it empty
-            tmp.write_text(path.name)
-            tmp.replace(self.ckpt_root / "latest")
+            atomic.write_text(self.ckpt_root / "latest", path.name)  # a kill never leaves it empty
             done = self._checkpoint_dirs()
             for old in done[: max(0, len(done) - self.cfg.keep_checkpoints)]:
                 shutil.rmtree(old)

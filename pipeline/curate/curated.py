@@ -2,13 +2,13 @@
 selection rule of ``pipeline.curate.select`` applied and counted as kept or dropped."""
 from __future__ import annotations
 
-import hashlib
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from capfilt.pipeline.curate.errors import NAMESPACE, catch
 from capfilt.pipeline.curate.select import select_captions
+from capfilt.transforms.files.hashing import bytes_sha256
 from capfilt.transforms.rows import Sample
 
 
@@ -26,7 +26,7 @@ def curated_record(sample: Sample, cfg) -> dict:
     return {
         "key": sample.key,
         "url": sample.url,
-        "sha256": sample.sha256 or hashlib.sha256(sample.jpg).hexdigest(),
+        "sha256": sample.sha256 or bytes_sha256(sample.jpg),
         "jpg": None if cfg.no_images else sample.jpg,
         "width": sample.width,
         "height": sample.height,

@@ -43,7 +43,8 @@ from capfilt.pipeline.curate.precision import resolve_precision
 from capfilt.pipeline.curate.curated import SelectCaptions
 from capfilt.pipeline.curate.record import build_stats, check_identity, metric_counters
 from capfilt.pipeline.curate.sinks import WriteShards, error_records
-from capfilt.pipeline.curate.sources import ReadRows, discover_shards, file_sha256, validate_shard
+from capfilt.pipeline.curate.sources import ReadRows, discover_shards, validate_shard
+from capfilt.pipeline.files import file_sha256
 from capfilt.transforms.schemas import CURATED_SCHEMA, ERROR_SCHEMA
 
 LOG = logging.getLogger(__name__)

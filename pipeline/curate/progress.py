@@ -18,6 +18,8 @@ from collections import Counter
 
 import apache_beam as beam
 
+from capfilt.transforms.files import atomic
+
 _LOCK = threading.Lock()
 _COUNTS: dict[str, Counter] = {}  # progress dir -> this process's counts
 _DIRTY: set[str] = set()  # dirs whose counts changed since they were last written
@@ -26,12 +28,8 @@ _flusher: threading.Thread | None = None
 
 
 def _write(progress_dir: str) -> None:
-    path = os.path.join(progress_dir, f"{os.getpid()}.json")
-    tmp = f"{path}.tmp"
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(dict(_COUNTS[progress_dir]), f)
-        os.replace(tmp, path)
+        atomic.write_json(os.path.join(progress_dir, f"{os.getpid()}.json"), dict(_COUNTS[progress_dir]))
     except OSError:
         pass  # the run finished and removed the directory: nothing left to report
 

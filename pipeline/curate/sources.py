@@ -16,7 +16,6 @@ so ``gs://`` and other remote inputs work as local ones do. A row that cannot be
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import posixpath
 import re
@@ -136,14 +135,6 @@ def validate_shard(info: ShardInfo) -> ShardInfo:
         check_columns(schema, ("key", "status"), RAW_SCHEMA, where=info.sidecar)
         rows += sum(1 for _ in reader.sidecar_failures(info.sidecar, _open))
     return _replace(info, num_rows=rows)
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with FileSystems.open(path, compression_type="uncompressed") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _replace(info: ShardInfo, **kw) -> ShardInfo:

@@ -32,7 +32,9 @@ from apache_beam.io.filesystems import FileSystems
 
 from capfilt.pipeline.curate.record import check_identity, code_version, model_record
 from capfilt.pipeline.curate.sinks import check_schema, output_counts
-from capfilt.pipeline.curate.sources import ShardInfo, file_sha256
+from capfilt.pipeline.curate.sources import ShardInfo
+from capfilt.pipeline.files import BEAM, file_sha256
+from capfilt.transforms.files import atomic, locks
 from capfilt.transforms.schemas import CURATED_SCHEMA, ERROR_SCHEMA
 
 LOG = logging.getLogger(__name__)
@@ -54,16 +56,12 @@ def output_name(shard_id: str) -> str:
 
 
 def read_json(path: str):
-    with FileSystems.open(path, compression_type="uncompressed") as f:
-        return json.loads(f.read().decode("utf-8"))
+    return atomic.read_json(path, BEAM)
 
 
 def write_json(path: str, obj) -> None:
-    """Write to a temporary name, then rename: readers never see half a file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with FileSystems.create(tmp, compression_type="uncompressed") as f:
-        f.write((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
-    FileSystems.rename([tmp], [path])
+    """Written whole or not at all (``transforms.files.atomic``), on any file system Beam knows."""
+    atomic.write_json(path, obj, BEAM, indent=2, sort_keys=True, end="\n")
 
 
 def staged_counts(shard: ShardInfo, curated: str, errors: str) -> dict:
@@ -122,23 +120,21 @@ class OutStore:
         if not self.local:
             yield
             return
-        import fcntl
-
         if os.path.exists(self.out) and not os.path.isdir(self.out):
             raise ValueError(f"--out {self.out} exists and is not a directory")
         created = not os.path.exists(self.out)
         try:
             os.makedirs(self.out, exist_ok=True)
-            handle = open(os.path.join(self.out, LOCK_NAME), "w")
+            lock = locks.acquire(os.path.join(self.out, LOCK_NAME))
+        except locks.Busy as err:
+            raise RuntimeError(f"{self.out}: another curate run is working in this directory") from err
         except OSError as err:
             raise ValueError(f"--out {self.out}: cannot create the output directory ({err})") from err
         try:
-            with handle:
-                try:
-                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError as err:
-                    raise RuntimeError(f"{self.out}: another curate run is working in this directory") from err
+            try:
                 yield
+            finally:
+                lock.release()
         except BaseException:
             if created and not self._holds_files():
                 shutil.rmtree(self.out, ignore_errors=True)
@@ -303,11 +299,11 @@ class OutStore:
             for path in self._list(_join(folder, "*")):
                 name = posixpath.basename(path)
                 kept = keep_markers if folder == self.state_dir else keep
-                stray = ".tmp-" in name or name not in kept
+                stray = atomic.is_temp(name) or name not in kept
                 if stray:
                     FileSystems.delete([path])
         for record in ("stats.json", "manifest.json"):  # the run record's temp files (write_json)
-            for path in self._list(_join(self.out, f"{record}.tmp-*")):
+            for path in self._list(_join(self.out, f"{record}{atomic.TEMP_INFIX}*")):
                 FileSystems.delete([path])
 
     # -- one shard ------------------------------------------------------------------------

@@ -24,9 +24,10 @@ import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
-from capfilt.pipeline.curate.sources import file_sha256
 from capfilt.pipeline.ingest.lock import LOCK_DIR
+from capfilt.pipeline.files import file_sha256
 from capfilt.transforms import shards as reader
+from capfilt.transforms.files import atomic
 
 LOG = logging.getLogger(__name__)
 
@@ -270,7 +271,5 @@ def prepare_out(out: str, mode: str, layout: ShardLayout, settings: dict, urls: 
             raise ValueError(f"{out} holds a download made with other settings ({what}): use another --out, "
                              f"or --incremental_mode overwrite to replace it")
     dropped = drop_unfinished_shards(out, layout, urls)
-    with open(record + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(settings, f, indent=1, sort_keys=True)
-    os.replace(record + ".tmp", record)
+    atomic.write_json(record, settings, indent=1, sort_keys=True)
     return 0, dropped

@@ -4,12 +4,12 @@ img2dataset starts its pool and logger with the ``spawn`` method, so no file des
 ``flock``) reaches them, and it offers no hook in them for a parent-death signal. So
 ``download`` runs in a process of ours that leads a new process group, which img2dataset's
 processes join, and that process kills the group when capfilt is gone (:func:`run_download`).
-:class:`OutLock` records the group beside a ``flock`` in ``OUT/.capfilt-ingest/lock``: a second
-ingest, or one started while a killed ingest's processes still live, is refused naming them.
+:class:`OutLock` records the group in ``OUT/.capfilt-ingest/lock``, the file it holds the lock on
+(``transforms.files.locks``): a second ingest, or one started while a killed ingest's processes
+still live, is refused naming them.
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import multiprocessing
 import multiprocessing.connection
@@ -21,7 +21,7 @@ import threading
 import time
 import traceback
 
-
+from capfilt.transforms.files import atomic, locks
 
 
 # --- one ingest per --out ----------------------------------------------------------------------
@@ -69,7 +69,7 @@ def group_members(pgid: int) -> list[int]:
 
 
 class OutLock:
-    """One ingest at a time in ``out``: ``OUT/.capfilt-ingest/lock``, ``flock``-ed by the capfilt
+    """One ingest at a time in ``out``: ``OUT/.capfilt-ingest/lock``, locked by the capfilt
     process and holding JSON ``{"pid", "pgid", "boot_id"}``: capfilt's pid and the process group
     that runs img2dataset (:func:`run_download`).
 
@@ -80,22 +80,19 @@ class OutLock:
     def __init__(self, out: str):
         self.out = out
         self.path = os.path.join(out, LOCK_DIR, "lock")
-        self.fd: int | None = None
+        self.lock = None  # the held transforms.files.locks lock
         self.pgid: int | None = None
 
     def __enter__(self) -> OutLock:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _read_record(fd).get("pid", "?")
-            os.close(fd)
+            self.lock = locks.acquire(self.path)
+        except locks.Busy:
+            holder = _read_record(self.path).get("pid", "?")
             raise ValueError(f"another capfilt ingest (pid {holder}) is still running in {self.out}: "
                              f"wait for it or kill it") from None
-        self.fd = fd
         try:
-            self._refuse_live_group(_read_record(fd))
+            self._refuse_live_group(_read_record(self.path))
             self._write(None)
         except BaseException:
             self._close()
@@ -121,8 +118,12 @@ class OutLock:
 
     def _write(self, pgid: int | None) -> None:
         data = json.dumps({"pid": os.getpid(), "pgid": pgid, "boot_id": _boot_id()}).encode()
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, data, 0)
+        fd = os.open(self.path, os.O_WRONLY)  # in place: the lock is on this file
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, data, 0)
+        finally:
+            os.close(fd)
 
     def __exit__(self, *exc) -> None:
         if self.pgid is not None and not group_members(self.pgid):
@@ -130,16 +131,13 @@ class OutLock:
         self._close()
 
     def _close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # releases the flock
-            self.fd = None
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
 
-def _read_record(fd: int) -> dict:
-    try:
-        record = json.loads(os.pread(fd, 1 << 16, 0) or b"{}")
-    except ValueError:  # a run killed while writing it
-        return {}
+def _read_record(path: str) -> dict:
+    record = atomic.read_json(path, default={})  # {} also for a run killed while writing it
     return record if isinstance(record, dict) else {}
 
 

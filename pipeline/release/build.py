@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 
 from capfilt.pipeline.release import dedup, manifest as release_manifest
 from capfilt.pipeline.release.out_dir import check_out, stage_dir, swap_into_place
-from capfilt.pipeline.curate.sources import file_sha256
+from capfilt.pipeline.files import file_sha256
 from capfilt.pipeline.release.shards import (
     CURATED_READ_SCHEMA, PROGRESS_EVERY_S, REMOVED_SCHEMA, DecontaminationSet, ShardWriter, check_input_schema,
     load_decontamination_set, scan_rows,

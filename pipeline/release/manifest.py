@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 
 from capfilt.pipeline.curate.record import code_version, model_record
-from capfilt.pipeline.curate.sources import file_sha256
+from capfilt.pipeline.files import file_sha256
 from capfilt.transforms import shards as reader
 
 log = logging.getLogger(__name__)

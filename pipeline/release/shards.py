@@ -24,7 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from capfilt.transforms import shards as reader
-from capfilt.transforms.image import ImageDecodeError, decode_image, image_sha256
+from capfilt.transforms.files.hashing import bytes_sha256
+from capfilt.transforms.image import ImageDecodeError, decode_image
 from capfilt.transforms.schemas import CURATED_SCHEMA, check_columns
 
 log = logging.getLogger(__name__)
@@ -163,7 +164,7 @@ def scan_rows(files: list[Path], embedder, batch_size: int) -> ScannedRows:
                 keep.append(kept)
                 drop.append(row.get("drop_reason"))
                 data = jpgs[i].as_py() if kept else None
-                sha.append(image_sha256(data) if data else "")
+                sha.append(bytes_sha256(data) if data else "")
                 bad.append(emb.add(n, data) if kept else None)
                 rank.append(selected_scores(row) if kept else (np.nan, np.nan))
     emb_pos, vectors = emb.result(len(keys))
@@ -209,7 +210,7 @@ def load_decontamination_set(pattern: str, embedder, batch_size: int) -> Deconta
                 continue
             keys.append(key)
             file_of.append(fi)
-            by_hash.setdefault(image_sha256(jpg), row)
+            by_hash.setdefault(bytes_sha256(jpg), row)
             row += 1
     pos, vectors = emb.result(row)
     if unreadable:

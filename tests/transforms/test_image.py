@@ -16,8 +16,8 @@ from capfilt.transforms.image import (
     ImageDecodeError,
     decode_image,
     encode_jpeg,
-    image_sha256,
 )
+from capfilt.transforms.files.hashing import bytes_sha256 as image_sha256
 
 
 def _encode(img: Image.Image, fmt: str, **kw) -> bytes:

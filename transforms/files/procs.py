@@ -1,5 +1,5 @@
-"""Whether a process is alive: how a staging leftover named after its writer's pid is told
-from a run still at work (`transforms.synth_world`, `model.out_dirs`)."""
+"""Whether a process is alive: how a leftover named after its writer's pid is told from a run
+still at work (`transforms.files.staging`, `transforms.files.atomic`)."""
 from __future__ import annotations
 
 import os

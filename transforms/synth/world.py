@@ -13,17 +13,13 @@ time-dependent is written, so the same settings give the same bytes.
 The world appears whole or not at all: it is written into `.NAME.partial-PID-XXXXXXXX` beside
 `out` (a marker file inside says whose it is) and renamed into place at the end, so a failed,
 interrupted or kill -9'd run leaves `out` as it was and the same command can simply be re-run;
-the next run deletes a staging leftover whose process is gone. This is our own small staging
-code rather than `model.out_dirs.staged_dir` because transforms may not import model, and
-because synth must tell its own leftovers (marker + dead pid) from a user's files after a kill.
+the next run deletes a staging leftover whose process is gone, and puts back a previous world
+that a kill inside the swap left parked (`transforms.files.staging`).
 """
 from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,8 +27,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from capfilt.transforms.image import encode_jpeg, image_sha256
-from capfilt.transforms.files.procs import pid_alive
+from capfilt.transforms.files.hashing import bytes_sha256
+from capfilt.transforms.files.staging import Staging
+from capfilt.transforms.image import encode_jpeg
 from capfilt.transforms.schemas import RAW_SCHEMA
 from capfilt.transforms.seeding import sample_seed
 from capfilt.transforms.synth.scenes import (
@@ -160,7 +157,7 @@ def _raw_row(row: dict, size: int) -> dict:
         "key": row["key"], "url": f"{URL_PREFIX}/{row['split']}/{row['key']}.jpg",
         "caption": row["caption"], "status": "success", "error_message": None,
         "width": size, "height": size, "original_width": size, "original_height": size,
-        "exif": "{}", "sha256": image_sha256(jpg), "jpg": jpg,
+        "exif": "{}", "sha256": bytes_sha256(jpg), "jpg": jpg,
     }
 
 
@@ -201,50 +198,12 @@ def check_out(out: Path, overwrite: bool) -> None:
                          "overwrite (--overwrite) to replace it")
 
 
-def clean_leftovers(out: Path) -> list[Path]:
-    """Delete the staging directories of killed synth runs for `out`: named
-    `.NAME.partial-PID-XXXXXXXX`, holding STAGE_MARKER, PID gone. A previous world parked in
-    one (a kill inside the swap) goes back to `out` first. Return what was deleted."""
-    pattern = re.compile(rf"\.{re.escape(out.name)}\.partial-(\d+)-[0-9a-f]{{8}}")
-    removed = []
-    for side in sorted(out.parent.iterdir()) if out.parent.is_dir() else ():
-        match = pattern.fullmatch(side.name)  # not a glob: out.name may hold [ or *
-        if not (match and int(match[1]) > 0 and side.is_dir() and not side.is_symlink()
-                and (side / STAGE_MARKER).is_file() and not pid_alive(int(match[1]))):
-            continue  # not synth's, or its run is still going
-        if (side / "old").is_dir() and not (out.exists() or out.is_symlink()):
-            (side / "old").rename(out)
-        shutil.rmtree(side)
-        removed.append(side)
-    return removed
-
-
-def _make_stage(out: Path) -> Path:
-    """A new staging directory beside `out` (same filesystem, so the final rename is atomic)."""
-    stage = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        stage.mkdir()
-        (stage / STAGE_MARKER).write_text("staging directory of `capfilt synth`; safe to delete\n")
-    except OSError as err:
-        raise ValueError(f"cannot write the world to --out {out}: creating {stage} failed "
-                         f"({err.strerror or err})") from err
-    return stage
-
-
-def _swap_into_place(stage: Path, out: Path, overwrite: bool) -> None:
-    """Rename `stage/world` to `out`. A previous world is parked inside the stage first, so
-    everything a kill could leave behind is in one marked directory."""
-    check_out(out, overwrite)  # again: another run may have written `out` meanwhile
-    parked = stage / "old"
-    if out.exists() and any(out.iterdir()):
-        out.rename(parked)
-    try:
-        (stage / "world").replace(out)  # rename(2) also replaces an empty directory atomically
-    except BaseException:
-        if parked.exists():
-            parked.rename(out)  # the previous world goes back
-        raise
+def _staging(out: Path) -> Staging:
+    """The staged write of world `out`: `.NAME.partial-PID-XXXXXXXX/world`, the previous world
+    parked in the same marked directory during the swap. Its leftovers are deleted only when
+    they hold STAGE_MARKER and PID is gone; a parked previous world goes back to `out` first."""
+    return Staging(out, marker=STAGE_MARKER, note="staging directory of `capfilt synth`; safe to delete\n",
+                   inner="world")
 
 
 def _write_shards(out: Path, plans: dict, cfg: SynthConfig, progress) -> dict:
@@ -283,7 +242,8 @@ def write_world(out_dir, cfg: SynthConfig, overwrite: bool = False, progress=Non
     # absolute: `.` and `..` have no name to put beside them; a symlink's target is replaced
     # and the link stays valid
     out = Path(out_dir).resolve() if Path(out_dir).is_symlink() else Path(os.path.abspath(out_dir))
-    clean_leftovers(out)
+    staging = _staging(out)
+    staging.clean_leftovers()
     check_out(out, overwrite)  # fail before anything is rendered
     counts = cfg.counts()
     plans = {split: _plan_split(split, counts[split], cfg) for split in SPLITS}
@@ -291,10 +251,11 @@ def write_world(out_dir, cfg: SynthConfig, overwrite: bool = False, progress=Non
     for split in ("human", "test"):
         for row in plans[split]:
             row["caption"] = row["true_caption"]
-    stage = _make_stage(out)
+    stage = staging.create(f"cannot write the world to --out {out}")
     try:
-        summary = _write_shards(stage / "world", plans, cfg, progress)
-        _swap_into_place(stage, out, overwrite)
+        summary = _write_shards(stage, plans, cfg, progress)
+        check_out(out, overwrite)  # again: another run may have written `out` meanwhile
+        staging.swap()
     finally:
-        shutil.rmtree(stage, ignore_errors=True)  # the parked previous world too, on success
+        staging.discard()
     return summary
