@@ -20,7 +20,7 @@ The ways:
     --naive-pairs (image, caption) pairs -- and its time per image is extrapolated:
     mean generate call x num_captions + mean filter pair x (num_captions + 1) + mean CLIP pair
     x (num_captions + 1). The subset's outputs are checked against (b).
-(b) our model stack in fp32 as curate runs it before issue 8: ``Captioner.caption``,
+(b) our model stack in fp32: ``Captioner.caption``,
     ``BlipFilter.score``, ``ClipRanker.score`` on batches of --batch-size images, with
     ``FastPath.off()`` (transformers' and open_clip's modules as they are) and bf16 off.
 (c_fp32) the fast path in fp32: the same calls with ``FastPath()``.

@@ -62,7 +62,7 @@ def tiny_models(work: Path) -> dict[str, str]:
 
 
 def real_models(work: Path) -> dict[str, str]:
-    """Published configs with random weights, built by bench_models (helper of issue 3)."""
+    """Published configs with random weights, built by bench_models."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     import bench_models
 

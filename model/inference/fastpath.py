@@ -1,4 +1,4 @@
-"""Inference speed-ups of the model adapters (issue 8), chosen per call.
+"""Inference speed-ups of the model adapters, chosen per call.
 
 ``FastPath`` says which of them the adapters use. ``FastPath()`` is the
 default, ``FastPath.off()`` the plain stack that calls transformers' modules unchanged.

@@ -12,9 +12,8 @@ Layout of ``--out``::
     stats.json  manifest.json      the run record
     .lock                          held while a run works here (local directories)
 
-A done marker counts only while its two output files exist with the recorded size (sha256
-for markers written before sizes were recorded): a deleted or truncated output makes its
-shard pending again instead of silently missing from the totals.
+A done marker counts only while its two output files exist with the recorded size: a deleted
+or truncated output makes its shard pending again instead of silently missing from the totals.
 
 Paths go through Beam's ``FileSystems`` so the layout works on any filesystem Beam knows;
 the lock only where the directory is local.
@@ -232,11 +231,8 @@ class OutStore:
             found = FileSystems.match([path])[0].metadata_list
             if not found:
                 return f"{path} is missing"
-            if "size" in record:
-                if found[0].size_in_bytes != record["size"]:
-                    return f"{path} has {found[0].size_in_bytes} bytes, its done marker says {record['size']}"
-            elif file_sha256(path) != record["sha256"]:
-                return f"{path} does not match the sha256 in its done marker"
+            if found[0].size_in_bytes != record["size"]:
+                return f"{path} has {found[0].size_in_bytes} bytes, its done marker says {record['size']}"
         return None
 
     def intact(self, markers: dict) -> dict:
@@ -368,7 +364,7 @@ def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             out.extend(_diff(a, b, f"{prefix}{key}."))
-        elif key not in old:  # written by an older capfilt: what it used is unknown
+        elif key not in old:  # a setting the writing run did not record: what it used is unknown
             out.append(f"{prefix}{key}: not recorded by the run that wrote it, now {b!r}")
         elif a != b:
             out.append(f"{prefix}{key}: was {a!r}, now {b!r}")

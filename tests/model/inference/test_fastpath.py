@@ -1,4 +1,4 @@
-"""The inference fast path (model/fastpath.py FastPath, issue 8) against the plain fp32 stack, on
+"""The inference fast path (model/inference/fastpath.py FastPath) against the plain fp32 stack, on
 tiny models and the synthetic world: same keep decisions, same selected captions, same scores up
 to float rounding; and the run-time choice of cuda / bf16 with torch.cuda mocked."""
 import numpy as np

@@ -1,5 +1,5 @@
 """Bad input through the whole curate pipeline: every kind becomes a clear error row or a clear
-up-front error, and no row is lost (issue 4, item 4)."""
+up-front error, and no row is lost."""
 import contextlib
 import io
 import json
