@@ -1,7 +1,5 @@
 """The one shard reader (transforms/shards.py): listing, parquet and webdataset tars."""
-import io
 import json
-import tarfile
 
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -9,15 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from capfilt.transforms import shards
-
-
-def write_tar(path, members):
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
+from shard_data import write_tar
 
 
 def meta(key, **extra):
