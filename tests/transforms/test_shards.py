@@ -38,7 +38,8 @@ def test_tar_sidecar_is_found_beside_its_tar_only(tmp_path):
     (tmp_path / "00001.parquet").write_bytes(b"")
     assert shards.tar_sidecar(str(tmp_path / "00000.tar")) == str(tmp_path / "00000.parquet")
     assert shards.tar_sidecar(str(tmp_path / "00001.parquet")) is None
-    assert shards.tar_sidecar("gs://b/00000.tar", exists=lambda p: p == "gs://b/00000.parquet") == "gs://b/00000.parquet"
+    remote = "gs://b/00000.parquet"
+    assert shards.tar_sidecar("gs://b/00000.tar", exists=lambda p: p == remote) == remote
     assert shards.is_tar_sidecar(str(tmp_path / "00000.parquet"))
     assert not shards.is_tar_sidecar(str(tmp_path / "00001.parquet"))
 

@@ -1,5 +1,5 @@
 """Raw shard discovery, up-front schema checks, row reading (parquet and webdataset tars),
-duplicate-key resolution and the decode step (pipeline/sources.py, pipeline/decode.py)."""
+duplicate-key resolution and the decode step (pipeline/curate/sources.py, decode.py)."""
 import json
 
 import apache_beam as beam
