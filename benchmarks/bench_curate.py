@@ -5,7 +5,7 @@ Per size (rows of the synthetic web split, 1000 rows per shard) both ways do the
 
 * **loop**: read each shard with pyarrow; per batch of ``--batch-size`` rows decode and validate
   (``transforms.image.decode_image``), clean captions, caption, filter, rank (the model objects'
-  own calls), apply ``pipeline.sinks.curated_record`` (the selection rule) and write one parquet
+  own calls), apply ``pipeline.curate.curated.curated_record`` (the selection rule) and write one parquet
   file per shard. Its model time (the three model calls) is timed separately.
 * **beam**: ``pipeline.curate.run_curate`` into an empty directory: discovery, schema checks,
   input hashing, the graph (read, dedup, decode, three RunInference stages, select, sorted

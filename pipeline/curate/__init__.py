@@ -1,1 +1,2 @@
-"""The curate Beam pipeline: read shards (sources), decode, run the models (inference), select, write (sinks), run state."""
+"""The curate Beam pipeline: read shards (sources), decode, run the models (inference), select
+(curated), write (sinks); errors, the run record (record) and the output directory's state."""

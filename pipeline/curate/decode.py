@@ -4,13 +4,14 @@ Both run element by element, ahead of the RunInference stages, because a bad ele
 a RunInference batch fails the whole batch.
 
 * **Duplicate keys.** The first occurrence by (input shard order, row index) wins; later
-  ones become error rows (stage ``read``, type ``duplicate_key`` or ``key_collision``). Keys already curated into
-  the same ``--out`` by an earlier run count as first, so an incremental run and a clean run
-  decide alike. Only the (key, shard, row) triples are shuffled, never the images.
+  ones become error rows (stage ``read``, type ``duplicate_key`` or ``key_collision``). Keys
+  already curated into the same ``--out`` by an earlier run count as first, so an incremental
+  run and a clean run decide alike. Only the (key, shard, row) triples are shuffled, never
+  the images.
 * **Decode.** ``transforms.image.decode_image``: bytes that are not a usable image become
-  error rows (stage ``decode``, type = the ``ImageDecodeError`` reason). The web caption is cleaned with
-  ``transforms.text.clean_caption`` in the same step, and the per-sample sampling seed
-  ``sample_seed(run seed, key, 0)`` is set.
+  error rows (stage ``decode``, type = the ``ImageDecodeError`` reason). The web caption is
+  cleaned with ``transforms.text.clean_caption`` in the same step, and the per-sample
+  sampling seed ``sample_seed(run seed, key, 0)`` is set.
 
 Both raise ``StageError`` for a row they reject; ``pipeline.curate.errors.catch`` makes it an
 error row.

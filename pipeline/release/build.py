@@ -257,7 +257,8 @@ def _dedup_step(rows, live: np.ndarray, out: RowDecisions, cfg: ReleaseConfig) -
     return plan.to_dict()
 
 
-def _decontaminate_step(rows, live: np.ndarray, out: RowDecisions, cfg: ReleaseConfig, eval_set: DecontaminationSet) -> dict:
+def _decontaminate_step(rows, live: np.ndarray, out: RowDecisions, cfg: ReleaseConfig,
+                        eval_set: DecontaminationSet) -> dict:
     plan = dedup.plan_index(len(eval_set.keys), cfg.index, seed=cfg.seed)
     near = dedup.nearest_eval(rows.embeddings(live), eval_set.embeddings, plan)
     match, sim = near.match.copy(), near.similarity.copy()

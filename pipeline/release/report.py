@@ -65,7 +65,7 @@ def load(root: Path) -> ReportData:
         released = _read(_shards(root), COLUMNS)
         released = released.append_column("status", pa.array(["kept"] * released.num_rows, pa.string()))
         released = released.append_column("source", pa.array(["release"] * released.num_rows, pa.string()))
-        removed = ds.dataset(str(root / "removed.parquet"), format="parquet").to_table()
+        removed = reader.read_columns([root / "removed.parquet"], COLUMNS + ["reason", "detail", "source"])
         status = [r if r != "not_kept" else f"not_kept: {d}" for r, d in
                   zip(removed.column("reason").to_pylist(), removed.column("detail").to_pylist())]
         source = removed.column("source")

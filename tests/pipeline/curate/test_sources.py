@@ -1,8 +1,6 @@
 """Raw shard discovery, up-front schema checks, row reading (parquet and webdataset tars),
-duplicate-key resolution and the decode step (pipeline/sources.py, pipeline/decode.py)."""
-import io
+duplicate-key resolution and the decode step (pipeline/curate/sources.py, decode.py)."""
 import json
-import tarfile
 
 import apache_beam as beam
 import pyarrow as pa
@@ -15,11 +13,12 @@ from PIL import Image
 
 from capfilt.pipeline.curate.decode import ResolveDuplicateKeys, decode_sample
 from capfilt.pipeline.curate.errors import StageError, dead_letter_to_error
-from capfilt.pipeline.curate.sources import ReadShardFn, discover_shards, shard_ids, to_sample, validate_shard
+from capfilt.pipeline.curate.sources import discover_shards, shard_ids, validate_shard
 from capfilt.transforms.rows import ErrorRow, Sample
 from capfilt.transforms.image import encode_jpeg
 from capfilt.transforms.schemas import RAW_SCHEMA
 from capfilt.transforms.seeding import sample_seed
+from shard_data import read_shard, write_tar
 
 
 def jpeg(colour=(200, 30, 30), size=(32, 24)) -> bytes:
@@ -37,17 +36,6 @@ def raw_row(key, caption="a red square", jpg=None, status="success", **extra):
 def write_raw(path, rows, schema=RAW_SCHEMA):
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
     return path
-
-
-def read_all(info):
-    """ReadShardFn.process, then to_sample as ReadRows runs it: (samples, error rows)."""
-    samples, errors = [], []
-    for raw in ReadShardFn().process(info):
-        try:
-            samples.append(to_sample(raw))
-        except StageError as err:
-            errors.append(dead_letter_to_error((raw, (StageError, repr(err), [])), "read"))
-    return samples, errors
 
 
 # --- discovery and up-front checks -------------------------------------------------------------
@@ -129,7 +117,7 @@ def test_parquet_rows_failures_keys_and_invalid_utf8(tmp_path):
     table = pa.Table.from_pylist(rows, schema=RAW_SCHEMA).set_column(2, "caption", bad_caption)
     pq.write_table(table, tmp_path / "s.parquet")
     info = validate_shard(discover_shards([str(tmp_path / "s.parquet")])[0])
-    samples, errors = read_all(info)
+    samples, errors = read_shard(info)
     assert [(s.key, s.row) for s in samples] == [("k0", 0), ("k1", 1)]
     assert samples[1].caption == b"caf\xe9 \xff au lait"  # bytes reach the caption cleaner
     assert [(e.row, e.stage, e.error_type) for e in errors] == [
@@ -138,17 +126,9 @@ def test_parquet_rows_failures_keys_and_invalid_utf8(tmp_path):
     assert len(samples) + len(errors) == info.num_rows == 5
 
 
-def _write_tar(path, samples):
-    with tarfile.open(path, "w") as tar:
-        for name, data in samples:
-            member = tarfile.TarInfo(name)
-            member.size = len(data)
-            tar.addfile(member, io.BytesIO(data))
-
-
 def test_webdataset_tar_with_sidecar_failures(tmp_path):
     meta = lambda k: json.dumps({"key": k, "url": f"http://h/{k}", "sha256": "ab" * 32}).encode()
-    _write_tar(tmp_path / "00000.tar", [
+    write_tar(tmp_path / "00000.tar", [
         ("000000000.jpg", jpeg()), ("000000000.txt", b"a red square"), ("000000000.json", meta("000000000")),
         ("000000002.jpg", jpeg()), ("000000002.txt", b"bad \xff utf8"),
         ("000000002.jpg", jpeg()),  # a repeated key inside the tar: a second sample, not a lost shard
@@ -161,7 +141,7 @@ def test_webdataset_tar_with_sidecar_failures(tmp_path):
     assert [(s.shard_id, s.fmt, s.sidecar is not None) for s in shards] == [("00000", "tar", True)]
     info = validate_shard(shards[0])
     assert info.num_rows == 4
-    samples, errors = read_all(info)
+    samples, errors = read_shard(info)
     assert [(s.key, s.row) for s in samples] == [("000000000", 0), ("000000002", 1), ("000000002", 2)]
     assert samples[0].caption == b"a red square" and samples[0].url == "http://h/000000000"
     assert samples[1].caption == b"bad \xff utf8"
@@ -170,7 +150,7 @@ def test_webdataset_tar_with_sidecar_failures(tmp_path):
 
 
 def test_tar_sample_without_image_fails_up_front(tmp_path):
-    _write_tar(tmp_path / "t.tar", [("a.jpg", jpeg()), ("b.txt", b"caption without image")])
+    write_tar(tmp_path / "t.tar", [("a.jpg", jpeg()), ("b.txt", b"caption without image")])
     with pytest.raises(ValueError, match=r"t\.tar: sample 'b' has no image member \(column 'jpg'"):
         validate_shard(discover_shards([str(tmp_path / "t.tar")])[0])
 

@@ -28,8 +28,8 @@ import pytest
 
 from capfilt.jobs.cli import main
 from capfilt.pipeline.ingest.download import list_columns, parse_img2dataset_options
-from capfilt.pipeline.curate.errors import StageError, dead_letter_to_error
-from capfilt.pipeline.curate.sources import ReadShardFn, discover_shards, to_sample, validate_shard
+from capfilt.pipeline.curate.sources import discover_shards, validate_shard
+from shard_data import read_shard
 
 N_IMAGES = 5
 
@@ -101,11 +101,9 @@ IMG2DATASET = ["--processes_count", "1", "--thread_count", "4", "--timeout", "5"
 def read_everything(pattern):
     samples, errors = [], []
     for info in (validate_shard(s) for s in discover_shards([pattern])):
-        for raw in ReadShardFn().process(info):
-            try:
-                samples.append(to_sample(raw))
-            except StageError as err:
-                errors.append(dead_letter_to_error((raw, (StageError, repr(err), [])), "read"))
+        shard_samples, shard_errors = read_shard(info)
+        samples += shard_samples
+        errors += shard_errors
     return samples, errors
 
 
