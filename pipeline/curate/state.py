@@ -12,8 +12,9 @@ Layout of ``--out``::
     stats.json  manifest.json      the run record
     .lock                          held while a run works here (local directories)
 
-A done marker counts only while its two output files exist with the recorded size: a deleted
-or truncated output makes its shard pending again instead of silently missing from the totals.
+A done marker counts only while its two output files exist with the recorded size (or, for a
+marker that records no size, the recorded sha256): a deleted or truncated output makes its
+shard pending again instead of silently missing from the totals.
 
 Paths go through Beam's ``FileSystems`` so the layout works on any filesystem Beam knows;
 the lock only where the directory is local.
@@ -231,8 +232,11 @@ class OutStore:
             found = FileSystems.match([path])[0].metadata_list
             if not found:
                 return f"{path} is missing"
-            if found[0].size_in_bytes != record["size"]:
-                return f"{path} has {found[0].size_in_bytes} bytes, its done marker says {record['size']}"
+            if "size" in record:
+                if found[0].size_in_bytes != record["size"]:
+                    return f"{path} has {found[0].size_in_bytes} bytes, its done marker says {record['size']}"
+            elif file_sha256(path) != record["sha256"]:
+                return f"{path} does not match the sha256 in its done marker"
         return None
 
     def intact(self, markers: dict) -> dict:
