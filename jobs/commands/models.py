@@ -17,7 +17,6 @@ from pathlib import Path
 
 from capfilt.jobs.cli import HelpFormatter
 
-HELP = "Build tiny random-initialised model directories and the WordPiece tokenizer"
 DESCRIPTION = (
     "Build the project's own tiny models (no hub download): `init` writes a random-initialised "
     "BLIP captioner, BLIP ITM, BLIP-2 Q-Former ITM or open_clip CLIP directory from the JSON "
