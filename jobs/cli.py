@@ -36,7 +36,7 @@ COMMANDS = {
                  "Finetune a captioner or filter on a clean split"),
     "evaluate": ("capfilt.jobs.commands.evaluate",
                  "Evaluate a model (retrieval, captioning, filtering) or a curate run against the truth"),
-    "bootstrap": ("capfilt.jobs.bootstrap.rounds",
+    "bootstrap": ("capfilt.jobs.commands.bootstrap",
                   "Run CapFilt bootstrap rounds (and BLIP's ablations) from a YAML config"),
     "demo": ("capfilt.jobs.commands.demo",
              "Run the CapFilt bootstrap demo (synthetic world, round 0 + round 1 ablations) and print the report"),
@@ -50,9 +50,11 @@ COMMANDS = {
                 "Convert an original BLIP checkpoint to the transformers layout"),
 }
 # Commands whose main() returns the exit code of an error (printing its line), for the callers
-# that read codes in-process (schedulers, their tests). The others raise the error to main()'s
-# caller; main_entry maps it the same way.
-RETURNS_CODE = {"ingest", "curate", "release", "run-job", "report", "convert"}
+# that read codes in-process (schedulers, scripts), with the errors it does so for; `convert`
+# only for a refused input (a failure while writing keeps its traceback). The other commands
+# raise every error to main()'s caller; main_entry maps them all, the same way.
+RETURNS_CODE = {"ingest": Exception, "curate": Exception, "release": Exception, "run-job": Exception,
+                "report": Exception, "convert": ValueError}
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -157,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args._run(args) or 0)
     try:
         return int(args._run(args) or 0)
-    except Exception as exc:  # noqa: BLE001 - every error becomes its exit code here
+    except RETURNS_CODE[args.command] as exc:
         return _report(args.command, exc)
 
 

@@ -52,7 +52,7 @@ def config_text() -> str:
 
 
 def run(args) -> int:
-    from capfilt.jobs.bootstrap.rounds import BootstrapRun, bootstrap
+    from capfilt.jobs.commands.bootstrap import BootstrapRun, bootstrap
 
     opts = options.from_args(DemoOptions, args)
     if opts.print_config:

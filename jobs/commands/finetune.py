@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from capfilt.jobs.commands.pretrain import (
     add_training_arguments, build_on_rank0_first, itm_negative_options, itm_options, loop_config, momentum_kwargs,
-    momentum_options, prepare_out, refuse_options, report, sources, train,
+    momentum_options, prepare_run_dir, refuse_options, report, sources, train,
 )
 from capfilt.model.inference.captioner import CaptionConfig
 
@@ -73,7 +73,7 @@ def run(args) -> int:
     check_options(args, dirs)
     run_name = f"finetune-{args.task}"
     cfg, data = loop_config(args, run_name), sources(args)
-    model = build_on_rank0_first(lambda: build_model(args), lambda: prepare_out(args, run_name, exports(args)))
+    model = build_on_rank0_first(lambda: build_model(args), lambda: prepare_run_dir(args, run_name, exports(args)))
     return report(train(model, data, cfg))
 
 

@@ -153,7 +153,7 @@ def check_arch_options(args) -> None:
                        "and ITG without a prompt")
 
 
-def prepare_out(args, run_name: str, exports: tuple[str, ...] | None = None) -> None:
+def prepare_run_dir(args, run_name: str, exports: tuple[str, ...] | None = None) -> None:
     """Refuse an --out that already holds this run unless --resume (continue it) or --overwrite
     (delete it first): a fresh run there would mix the old model, checkpoints and log with the
     new ones. `exports` None: everything in --out is the run's (pretrain; its init/ is the
@@ -281,7 +281,7 @@ def run(args) -> int:
     cfg, data = loop_config(args, "pretrain"), sources(args)
 
     def prepare():
-        prepare_out(args, "pretrain")
+        prepare_run_dir(args, "pretrain")
         check_init_record(args)
 
     def build():
