@@ -2,8 +2,10 @@
 
 A config is a plain YAML mapping (see `jobs/configs/demo.yaml` for every key, commented). It is
 read into dataclasses so that a typo is an error naming the key, not a silently ignored
-option. Stage options the dataclasses do not name (a learning-rate warmup, a Beam runner flag)
-go in an ``options`` mapping and are passed to the stage's CLI as ``--key value``.
+option. Stage options the sections do not name (a learning-rate warmup, a Beam runner flag)
+go in an ``options`` mapping: keys are the stage command's options (the fields of its config
+classes, :func:`stage_classes`), checked against those classes when the config is read; curate's
+other keys are Beam options, passed as ``--key value``.
 """
 from __future__ import annotations
 
@@ -13,10 +15,12 @@ from pathlib import Path
 
 import yaml
 
+from capfilt.pipeline.curate.options import CurateConfig
+
 ABLATIONS = ("none", "filter", "captioner", "capfilt")
-# BLIP Table 1 rows as `capfilt curate` switches: filter only keeps web captions that pass ITM;
+# BLIP Table 1 rows as CurateConfig switches: filter only keeps web captions that pass ITM;
 # captioner only adds synthetic captions and ranks everything by CLIP without the ITM filter.
-CURATE_FLAGS = {"filter": ["--no-synthetic"], "captioner": ["--no-filter"], "capfilt": []}
+CURATE_ABLATIONS = {"filter": {"no_synthetic": True}, "captioner": {"no_filter": True}, "capfilt": {}}
 
 
 @dataclass
@@ -43,8 +47,8 @@ class DataConfig:
 
 
 @dataclass
-class TrainConfig:
-    """Options of one `capfilt pretrain` / `capfilt finetune` call."""
+class TrainingStage:
+    """A pretrain or finetune stage: its budget, and further options of the command."""
 
     steps: int = 200
     batch_size: int = 32
@@ -53,13 +57,14 @@ class TrainConfig:
 
 
 @dataclass
-class CurateConfig:
-    """`capfilt curate` options (BLIP's CapFilt settings by default, BLIP-2's 10 captions)."""
+class CurateStage:
+    """The curate stage (BLIP's CapFilt settings by default, BLIP-2's 10 captions; the
+    options it does not set are CurateConfig's defaults)."""
 
-    num_captions: int = 10
-    top_p: float = 0.9
-    itm_threshold: float = 0.5
-    keep_top: int = 2
+    num_captions: int = CurateConfig.num_captions
+    top_p: float = CurateConfig.top_p
+    itm_threshold: float = CurateConfig.itm_threshold
+    keep_top: int = CurateConfig.keep_top
     batch_size: int = 16
     options: dict = field(default_factory=dict)
 
@@ -87,16 +92,16 @@ class BootstrapConfig:
     world: WorldConfig | None = field(default_factory=WorldConfig)
     data: DataConfig | None = None
     human_weight: float = 1.0  # mixture weight of the human split against web/curated (weight 1)
-    pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(steps=600, lr=3e-4))
+    pretrain: TrainingStage = field(default_factory=lambda: TrainingStage(steps=600, lr=3e-4))
     # Round 0's pretraining when it should differ from `pretrain` (None: the same). The demo keeps
     # them equal, so rounds compare at equal budgets; the CI config trains round 0 longer, since
     # its finetuned filter decides the curated data, and the later models only briefly.
-    round0_pretrain: TrainConfig | None = None
-    finetune_caption: TrainConfig = field(default_factory=lambda: TrainConfig(steps=150, lr=1e-4))
-    finetune_retrieval: TrainConfig = field(default_factory=lambda: TrainConfig(steps=150, lr=1e-4))
-    clip: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300, lr=5e-4))
+    round0_pretrain: TrainingStage | None = None
+    finetune_caption: TrainingStage = field(default_factory=lambda: TrainingStage(steps=150, lr=1e-4))
+    finetune_retrieval: TrainingStage = field(default_factory=lambda: TrainingStage(steps=150, lr=1e-4))
+    clip: TrainingStage = field(default_factory=lambda: TrainingStage(steps=300, lr=5e-4))
     clip_data: list[str] = field(default_factory=lambda: ["human"])  # splits the ranker trains on
-    curate: CurateConfig = field(default_factory=CurateConfig)
+    curate: CurateStage = field(default_factory=CurateStage)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> None:
@@ -148,17 +153,17 @@ def _build(cls, value, where: str):
 _NESTED = {
     (BootstrapConfig, "world"): WorldConfig,
     (BootstrapConfig, "data"): DataConfig,
-    (BootstrapConfig, "pretrain"): TrainConfig,
-    (BootstrapConfig, "round0_pretrain"): TrainConfig,
-    (BootstrapConfig, "finetune_caption"): TrainConfig,
-    (BootstrapConfig, "finetune_retrieval"): TrainConfig,
-    (BootstrapConfig, "clip"): TrainConfig,
-    (BootstrapConfig, "curate"): CurateConfig,
+    (BootstrapConfig, "pretrain"): TrainingStage,
+    (BootstrapConfig, "round0_pretrain"): TrainingStage,
+    (BootstrapConfig, "finetune_caption"): TrainingStage,
+    (BootstrapConfig, "finetune_retrieval"): TrainingStage,
+    (BootstrapConfig, "clip"): TrainingStage,
+    (BootstrapConfig, "curate"): CurateStage,
     (BootstrapConfig, "evaluate"): EvalConfig,
 }
 
 
-def load_config(path) -> BootstrapConfig:
+def load_bootstrap_config(path) -> BootstrapConfig:
     """Read and validate a YAML config; relative data paths are taken from the config's folder."""
     path = Path(path)
     try:
@@ -204,41 +209,59 @@ def _check_types(config, where: str = "") -> None:
             raise ValueError(f"{name} must be {annotation}, got {value!r}")
 
 
-def _check_stage_options(config: BootstrapConfig) -> None:
-    """Parse each stage's ``options`` with that stage's own command-line parser now, so that a
-    misspelt option fails before the first stage runs instead of after an hour of them."""
-    from capfilt.jobs.cli import parse_options
+def stage_classes(command: str) -> tuple:
+    """The config classes whose fields a stage's ``options`` may set."""
+    from capfilt.jobs.commands.pretrain import Objectives, PretrainModel, TrainingData
+    from capfilt.model.training.loop import TrainConfig
 
-    x = "x"  # placeholder values for the options every stage gets from the bootstrap itself
-    stages = {
-        "pretrain": ["pretrain", "--arch", "blip", "--data", x, "--out", x],
-        "round0_pretrain": ["pretrain", "--arch", "blip", "--data", x, "--out", x],
-        "finetune_caption": ["finetune", "--task", "caption", "--init", x, "--data", x, "--out", x],
-        "finetune_retrieval": ["finetune", "--task", "retrieval", "--init", x, "--data", x, "--out", x],
-        "clip": ["pretrain", "--arch", "clip", "--data", x, "--out", x],
-        "curate": ["curate", "--input", x, "--out", x, "--clip", x],
-    }
+    if command == "curate":
+        from capfilt.pipeline.curate.options import CurateConfig
+
+        return (CurateConfig,)
+    if command == "finetune":
+        from capfilt.jobs.commands.finetune import FinetuneModel
+
+        return (TrainConfig, Objectives, FinetuneModel, TrainingData)
+    return (TrainConfig, Objectives, PretrainModel, TrainingData)
+
+
+STAGE_COMMANDS = {"pretrain": "pretrain", "round0_pretrain": "pretrain", "finetune_caption": "finetune",
+                  "finetune_retrieval": "finetune", "clip": "pretrain", "curate": "curate"}
+
+
+def stage_options(name: str, section) -> tuple[dict, dict]:
+    """(the values of section `name`'s ``options`` by field name, the rest: curate's Beam
+    options), checked the way the stage's command checks them."""
+    from capfilt.jobs import options
+
+    command = STAGE_COMMANDS[name]
+    try:
+        values, unknown = options.check_mapping(section.options, *stage_classes(command))
+    except ValueError as exc:  # a bad value, in argparse's words
+        raise ValueError(f"{name}.options: {exc}") from None
+    if unknown and command == "curate":  # the rest must be Beam pipeline options
+        from capfilt.pipeline.curate.options import make_pipeline_options
+
+        try:
+            make_pipeline_options(cli_options(unknown))
+        except ValueError as exc:
+            raise ValueError(f"{name}.options: {exc}") from None
+    elif unknown:
+        raise ValueError(f"{name}.options: unknown option(s) {options.flags(unknown)} for `capfilt {command}`")
+    return values, unknown
+
+
+def _check_stage_options(config: BootstrapConfig) -> None:
+    """Check each stage's ``options`` now, so that a misspelt option fails before the first
+    stage runs instead of after an hour of them."""
     if config.model_config is not None:  # a misspelt key would build the default model silently
         from capfilt.model.builders.tiny import load_config as tiny_config
 
         tiny_config("itm", config.model_config)
-    for name, argv in stages.items():
+    for name in STAGE_COMMANDS:
         section = getattr(config, name)
-        if section is None or not section.options:
-            continue
-        try:
-            _, extra = parse_options(argv[0], [*argv[1:], *cli_options(section.options)])
-        except ValueError as exc:  # a bad value or a missing argument, in argparse's words
-            raise ValueError(f"{name}.options: {exc}") from None
-        if extra and name == "curate":  # the rest must be Beam pipeline options
-            from capfilt.pipeline.curate.options import make_pipeline_options
-
-            try:
-                make_pipeline_options(extra)
-            except ValueError as exc:
-                raise ValueError(f"{name}.options: {exc}") from None
-        elif extra:
-            raise ValueError(f"{name}.options: unknown option(s) {extra} for `capfilt {argv[0]}`")
+        if section is not None and section.options:
+            stage_options(name, section)
 
 
 def as_dict(config: BootstrapConfig) -> dict:
@@ -246,7 +269,8 @@ def as_dict(config: BootstrapConfig) -> dict:
 
 
 def cli_options(options: dict) -> list[str]:
-    """``{"warmup": 20, "momentum": True}`` -> ``["--warmup", "20", "--momentum"]``."""
+    """``{"warmup": 20, "momentum": True}`` -> ``["--warmup", "20", "--momentum"]`` (curate's
+    Beam options, which are another tool's syntax)."""
     argv = []
     for key, value in options.items():
         flag = "--" + str(key).replace("_", "-")

@@ -1,5 +1,7 @@
 """`capfilt bootstrap` — BLIP's CapFilt bootstrap rounds, with the Table 1 ablations, from a YAML config.
 
+The command, `capfilt bootstrap` (jobs/commands/bootstrap.py), runs a ``Bootstrap``:
+
     capfilt bootstrap --config jobs/configs/demo.yaml --out runs/demo [--rounds 2]
 
 Round 0 (ablation ``none``, no bootstrap): a synthetic world (or the config's data), a model
@@ -11,11 +13,12 @@ scratch on the curated set plus the human split, then evaluated. Round 1 runs ea
 config (``filter``: --no-synthetic, ``captioner``: --no-filter, ``capfilt``); later rounds run
 ``capfilt`` only, starting from the previous round's capfilt model.
 
-Every stage goes through `jobs.cli.main([...])`, the same commands a user runs. A stage that
-finished records its command in ``OUT/stages/<name>.json``; a re-run skips it when the command is
+Every stage calls the ``run`` of the command a user would run, with config objects
+(``options.Call``), no command line. A stage that finished records the command line those
+configs stand for in ``OUT/stages/<name>.json``; a re-run skips it when the command is
 unchanged and its outputs exist, re-runs it (from scratch) when the command changed, and resumes
 an interrupted training stage from its last checkpoint. The report is `OUT/report.json` and
-`OUT/report.md` (see `jobs/bootstrap_report.py`).
+`OUT/report.md` (see `jobs/bootstrap/report.py`).
 
 Independent stages run side by side with ``jobs`` > 1 (``--jobs``, the config's ``jobs``): the
 ablations of a round (each a chain curate -> pretrain -> evaluate, the bulk of a bootstrap's
@@ -28,7 +31,6 @@ stages, so this uses the standard library's process pool directly.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -36,53 +38,28 @@ import threading
 import time
 from pathlib import Path
 
+from capfilt.jobs import options
 from capfilt.jobs.bootstrap.stages import Stages, write_json
-
-HELP = "Run CapFilt bootstrap rounds (and BLIP's ablations) from a YAML config"
-DESCRIPTION = (
-    "Run BLIP's CapFilt bootstrap from a YAML config. Round 0 (ablation 'none'): synthetic world "
-    "(or the config's data), pretrain on web + human, evaluate on test. Round r >= 1: finetune the "
-    "previous model into a captioner and a filter on the human split, curate the web split with them "
-    "and a CLIP ranker, pretrain a NEW model on curated + human, evaluate. Round 1 runs each ablation "
-    "of BLIP's Table 1 (filter only, captioner only, capfilt); later rounds continue from the capfilt "
-    "model. Writes OUT/report.json and OUT/report.md; a re-run skips finished stages."
-)
+from capfilt.jobs.options import Call
 
 log = logging.getLogger(__name__)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, type=Path,
-                        help="YAML config (sizes, models, thresholds, seeds, steps); see jobs/configs/demo.yaml")
-    parser.add_argument("--out", required=True, type=Path, help="output directory (re-runs skip finished stages)")
-    parser.add_argument("--rounds", type=int, default=None,
-                        help="bootstrap rounds after round 0 (default: the config's `rounds`)")
-    parser.add_argument("--ablations", default=None,
-                        help="comma list overriding the config's ablations (none,filter,captioner,capfilt)")
-    parser.add_argument("--force", action="store_true", help="re-run every stage, even finished ones")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads for training and evaluation (default: the config's `threads`, "
-                        "else torch's default); 1 is fastest on a machine shared with other jobs")
-    parser.add_argument("--jobs", type=int, default=None,
-                        help="independent stages (a round's ablations, its two finetunes, round 0 beside "
-                        "the CLIP ranker) run in this many processes at once (default: the config's "
-                        "`jobs`, else 1); keep jobs x threads <= the CPU cores")
+def _cli(call) -> None:
+    """Run one stage's command (an ``options.Call``) in this process."""
+    from capfilt.jobs.cli import error_line, exit_code
 
-
-def _cli(argv: list[str]) -> None:
-    from capfilt.jobs.cli import main
-
-    code = main([str(a) for a in argv])
-    if code != 0:
-        raise RuntimeError(f"`capfilt {' '.join(map(str, argv))}` exited with code {code}")
+    try:
+        call.run()
+    except Exception as exc:  # noqa: BLE001 - the stage failed: say which command, with its message
+        raise RuntimeError(f"`capfilt {' '.join(call)}` exited with code {exit_code(exc)} "
+                           f"({error_line(call.command, exc)})") from exc
 
 
 class Bootstrap:
     """One bootstrap run: the stages of every round and ablation, then the report."""
 
     def __init__(self, config, out: Path, force: bool = False, threads: int | None = None, jobs: int = 1):
-        from capfilt.jobs.bootstrap.config import cli_options
-
         if jobs < 1:
             raise ValueError(f"jobs must be >= 1, got {jobs}")
         self.config = config
@@ -90,7 +67,6 @@ class Bootstrap:
         self.jobs = jobs
         self.out = out
         self.stages = Stages(out, force)
-        self.opts = cli_options
         if config.data is not None:
             self.web, self.human, self.test, self.truth = (
                 config.data.web, config.data.human, config.data.test, Path(config.data.truth))
@@ -103,57 +79,78 @@ class Bootstrap:
     # --- stages --------------------------------------------------------------------------------
 
     def world(self) -> None:
-        w, world = self.config.world, self.out / "world"
-        argv = ["synth", "--out", world, "--n", w.n, "--noise", w.noise, "--seed", self.config.seed,
-                "--image-size", w.image_size, "--rows-per-shard", w.rows_per_shard, "--no-progress"]
-        argv += (["--human", w.human] if w.human is not None else []) + (["--test", w.test] if w.test is not None else [])
-        argv += ["--noise-mix", w.noise_mix] if w.noise_mix else []
-        argv = [str(a) for a in argv]
-        self.stages.run("world", argv, [self.truth], lambda resume: _cli(argv), out_dir=world)
+        from capfilt.jobs.commands.synth import SynthOutput
+        from capfilt.transforms.synth.world import SynthConfig, parse_noise_mix
 
-    def _train(self, name: str, command: list, train, out_dir: Path, outputs: list[Path], deps=()) -> float:
-        argv = [*command, "--out", out_dir, "--steps", train.steps, "--batch-size", train.batch_size,
-                "--lr", train.lr, "--seed", self.config.seed, *self.opts(train.options)]
-        argv = [str(a) for a in argv]
-        return self.stages.run(name, argv, outputs, lambda resume: _cli(argv + (["--resume"] if resume else [])),
+        w, world = self.config.world, self.out / "world"
+        mix = {"noise_mix": parse_noise_mix(w.noise_mix)} if w.noise_mix else {}
+        cfg = SynthConfig(n=w.n, noise=w.noise, seed=self.config.seed, image_size=w.image_size, human=w.human,
+                          test=w.test, rows_per_shard=w.rows_per_shard, **mix)
+        call = Call("synth", (SynthOutput(out=world, no_progress=True), cfg))
+        self.stages.run("world", call.argv(), [self.truth], lambda resume: _cli(call), out_dir=world)
+
+    def _train(self, name: str, model, data, train, out_dir: Path, outputs: list[Path], deps=()) -> float:
+        """A pretrain (`model` a PretrainModel) or finetune (a FinetuneModel) stage on `data`
+        (TrainingData), with the budget and ``options`` of section `train`; the options win."""
+        from capfilt.jobs.bootstrap.config import stage_classes
+        from capfilt.jobs.commands.finetune import FinetuneModel
+        from capfilt.jobs.commands.pretrain import Objectives
+        from capfilt.model.training.loop import TrainConfig
+
+        command = "finetune" if isinstance(model, FinetuneModel) else "pretrain"
+        values, _ = options.check_mapping(train.options, *stage_classes(command))
+        loop = options.pick(TrainConfig, values, out_dir=str(out_dir), steps=train.steps,
+                            batch_size=train.batch_size, lr=train.lr, seed=self.config.seed)
+        call = Call(command, (options.pick(type(model), values, **vars(model)),
+                              options.pick(type(data), values, **vars(data)), loop,
+                              options.pick(Objectives, values)))
+        return self.stages.run(name, call.argv(), outputs,
+                               lambda resume: _cli(call.with_(resume=True) if resume else call),
                                out_dir=out_dir, resumable=True, deps=(*self.world_deps, *deps))
 
     def pretrain(self, name: str, data: str | None, deps=()) -> tuple[Path, float]:
         """A new BLIP model from scratch on `data` plus the human split (the human split alone
         when `data` is None); `deps` names the stage that wrote `data`."""
+        from capfilt.jobs.commands.pretrain import PretrainModel, TrainingData
+
         out_dir = self.out / name / "model"
-        command = ["pretrain", "--arch", "blip"]
-        command += ["--data", data, "--mix", f"{self.human}:{self.config.human_weight}"] if data else ["--data", self.human]
+        sources = (TrainingData(data=data, mix=[f"{self.human}:{self.config.human_weight}"]) if data
+                   else TrainingData(data=self.human))
+        model_config = None
         if self.config.model_config:
-            path = self.out / "model_config.json"
-            write_json(path, self.config.model_config)
-            command += ["--model-config", path]
+            model_config = self.out / "model_config.json"
+            write_json(model_config, self.config.model_config)
+        model = PretrainModel(arch="blip", model_config=str(model_config) if model_config else None)
         train = self.config.pretrain
         if name.startswith("round0/") and self.config.round0_pretrain is not None:
             train = self.config.round0_pretrain
-        seconds = self._train(f"{name}/pretrain", command, train, out_dir,
+        seconds = self._train(f"{name}/pretrain", model, sources, train, out_dir,
                               [out_dir / "captioner" / "config.json", out_dir / "itm" / "config.json"], deps)
         return out_dir, seconds
 
     def clip(self) -> Path:
+        from capfilt.jobs.commands.pretrain import PretrainModel, TrainingData
+
         splits = {"human": self.human, "web": self.web}
         data = [splits[s] for s in self.config.clip_data]
-        command = ["pretrain", "--arch", "clip", "--data", data[0]]
-        command += ["--mix", *(f"{d}:1" for d in data[1:])] if len(data) > 1 else []
+        sources = TrainingData(data=data[0], mix=[f"{d}:1" for d in data[1:]])
         out_dir = self.out / "clip"
-        self._train("clip", command, self.config.clip, out_dir, [out_dir / "clip"])
+        self._train("clip", PretrainModel(arch="clip"), sources, self.config.clip, out_dir, [out_dir / "clip"])
         return out_dir / "clip"
 
     def finetune(self, name: str, model_dir: Path) -> dict:
         """The captioner and filter finetuned on the human split from `model_dir`, and the
         filter's quality on the web split (what the next curate will face)."""
+        from capfilt.jobs.commands.finetune import FinetuneModel
+        from capfilt.jobs.commands.pretrain import TrainingData
+
         cap_dir, itm_dir = self.out / name / "finetune_caption", self.out / name / "finetune_retrieval"
-        base = ["--init", model_dir, "--data", self.human]
+        human = TrainingData(data=self.human)
         seconds = sum(self._parallel([
-            ("_train", (f"{name}/finetune_caption", ["finetune", "--task", "caption", *base],
+            ("_train", (f"{name}/finetune_caption", FinetuneModel(task="caption", init=str(model_dir)), human,
                         self.config.finetune_caption, cap_dir, [cap_dir / "captioner" / "config.json"],
                         (f"{name}/pretrain",))),
-            ("_train", (f"{name}/finetune_retrieval", ["finetune", "--task", "retrieval", *base],
+            ("_train", (f"{name}/finetune_retrieval", FinetuneModel(task="retrieval", init=str(model_dir)), human,
                         self.config.finetune_retrieval, itm_dir, [itm_dir / "itm" / "config.json"],
                         (f"{name}/pretrain",))),
         ]))
@@ -163,21 +160,25 @@ class Bootstrap:
                 "deps": deps, **result}
 
     def curate(self, name: str, round_: int, ablation: str, finetuned: dict, clip: Path) -> tuple[Path, float]:
-        from capfilt.jobs.bootstrap.config import CURATE_FLAGS
+        from capfilt.jobs.bootstrap.config import CURATE_ABLATIONS, cli_options, stage_options
+        from capfilt.pipeline.curate.options import CurateConfig
 
         c, out_dir = self.config.curate, self.out / name / "curated"
-        argv = ["curate", "--input", self.web, "--out", out_dir, "--clip", clip, "--round", round_,
-                "--seed", self.config.seed, "--keep-top", c.keep_top, "--batch-size", c.batch_size,
-                *CURATE_FLAGS[ablation], *self.opts(c.options)]
+        values, beam = stage_options("curate", c)
+        models = {}  # set after the stage's options: they decide these
         if ablation != "filter":
-            argv += ["--captioner", finetuned["captioner"], "--num-captions", c.num_captions, "--top-p", c.top_p]
+            models.update(captioner=str(finetuned["captioner"]), num_captions=c.num_captions, top_p=c.top_p)
         if ablation != "captioner":
-            argv += ["--filter", finetuned["filter"], "--itm-threshold", c.itm_threshold]
-        argv = [str(a) for a in argv]
-        threads = ["--torch-threads", str(self.threads)] if self.threads else []  # not part of the stage key
+            models.update(filter=str(finetuned["filter"]), itm_threshold=c.itm_threshold)
+        cfg = options.pick(CurateConfig, {**values, **models}, inputs=(self.web,), out=str(out_dir), clip=str(clip),
+                           round=round_, seed=self.config.seed, keep_top=c.keep_top, batch_size=c.batch_size,
+                           **CURATE_ABLATIONS[ablation])
+        call = Call("curate", (cfg,), tuple(cli_options(beam)))
+        # not part of the stage key: the threads change the speed, not the rows
+        run = call.with_(torch_threads=self.threads) if self.threads else call
         # curate resumes by itself (it skips finished input shards), so no --resume flag.
-        seconds = self.stages.run(f"{name}/curate", argv, [out_dir / "stats.json"],
-                                  lambda resume: _cli(argv + threads), out_dir=out_dir, resumable=True,
+        seconds = self.stages.run(f"{name}/curate", call.argv(), [out_dir / "stats.json"],
+                                  lambda resume: _cli(run), out_dir=out_dir, resumable=True,
                                   deps=(*self.world_deps, "clip", *finetuned["deps"]))
         return out_dir / "shards", seconds
 
@@ -185,6 +186,8 @@ class Bootstrap:
                  deps=()) -> dict:
         """Held-out metrics of `models` ({"model": pretrain dir} -> retrieval + caption;
         {"captioner", "filter"} -> caption + filter on web), and of `curated` shards."""
+        from capfilt.jobs.commands.finetune import CAPTION_PROMPT
+        from capfilt.jobs.commands.pretrain import PretrainModel
         from capfilt.model.evaluation import evaluate as ev
 
         e, path = self.config.evaluate, self.out / name.rsplit("/", 1)[0] / (name.rsplit("/", 1)[1] + ".json")
@@ -200,8 +203,8 @@ class Bootstrap:
                                                             batch_size=e.batch_size)
             cap = models.get("model") or models.get("captioner")
             if cap is not None:  # a pretrained decoder learnt with pretrain's prompt (none by default)
-                prompt = (self.config.pretrain.options.get("prompt", "") if "model" in models
-                          else self.config.finetune_caption.options.get("prompt", "a picture of "))
+                prompt = (self.config.pretrain.options.get("prompt", PretrainModel.prompt) if "model" in models
+                          else self.config.finetune_caption.options.get("prompt", CAPTION_PROMPT))
                 result["caption"] = ev.evaluate_captions(cap, self.test, truth=self.truth, batch_size=e.batch_size,
                                                          limit=e.caption_limit, seed=self.config.seed, prompt=prompt)
             if "filter" in models:
@@ -385,34 +388,3 @@ def _config_dict(cfg) -> dict:
     from capfilt.jobs.bootstrap.config import as_dict
 
     return as_dict(cfg)
-
-
-def run(args) -> int:
-    from capfilt.jobs.bootstrap.config import load_config
-
-    try:
-        config = load_config(args.config)
-        if args.rounds is not None:
-            config.rounds = args.rounds
-        if args.ablations is not None:
-            config.ablations = [a.strip() for a in args.ablations.split(",") if a.strip()]
-        if getattr(args, "jobs", None) is not None:
-            config.jobs = args.jobs
-        config.validate()
-    except ValueError as exc:
-        raise SystemExit(f"capfilt bootstrap: {exc}") from exc
-    threads = args.threads if args.threads is not None else config.threads
-    if threads is not None:
-        import torch
-
-        if threads < 1:
-            raise SystemExit(f"capfilt bootstrap: --threads must be >= 1, got {threads}")
-        torch.set_num_threads(threads)
-    cores = os.cpu_count() or 1
-    if config.jobs > 1 and config.jobs * (threads or cores) > cores:
-        log.warning("%d jobs x %s torch threads on %d cores: the processes will compete for cores "
-                    "(set --threads so that jobs x threads <= cores)", config.jobs, threads or "all", cores)
-    args.out.mkdir(parents=True, exist_ok=True)
-    Bootstrap(config, args.out, force=args.force, threads=threads, jobs=config.jobs).run()
-    print(f"report: {args.out / 'report.md'} (data: {args.out / 'report.json'})")
-    return 0

@@ -10,12 +10,13 @@ stages already done. docs/results.md gives what it reaches against the targets.
 """
 from __future__ import annotations
 
-import argparse
 import logging
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-HELP = "Run the CapFilt bootstrap demo (synthetic world, round 0 + round 1 ablations) and print the report"
+from capfilt.jobs import options
+
 DESCRIPTION = (
     "Run `capfilt bootstrap` with the embedded default config (jobs/configs/demo.yaml): a synthetic "
     "noisy-web world (45% of web captions noisy), round 0 (pretrain on web + human), finetuned captioner and "
@@ -27,18 +28,22 @@ DESCRIPTION = (
 log = logging.getLogger(__name__)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("demo_out"), help="output directory")
-    parser.add_argument("--rounds", type=int, default=None,
-                        help="bootstrap rounds after round 0 (default: the demo config's, 1); 2 adds a "
-                        "second round from the round-1 captioner and filter")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: the demo config's, 1)")
-    parser.add_argument("--jobs", type=int, default=None,
-                        help="independent stages run in this many processes at once (default: the demo "
-                        "config's, 2; 1 runs every stage one after the other)")
-    parser.add_argument("--force", action="store_true", help="re-run every stage, even finished ones")
-    parser.add_argument("--print-config", action="store_true", help="print the embedded config and exit")
+@dataclass
+class DemoOptions:
+    out: Path = field(default=Path("demo_out"), metadata={"help": "output directory", "type": Path})
+    rounds: int | None = field(default=None, metadata={
+        "help": "bootstrap rounds after round 0 (default: the demo config's, 1); 2 adds a second round from "
+                "the round-1 captioner and filter"})
+    threads: int | None = field(default=None, metadata={"help": "torch threads (default: the demo config's, 1)"})
+    jobs: int | None = field(default=None, metadata={
+        "help": "independent stages run in this many processes at once (default: the demo config's, 2; 1 runs "
+                "every stage one after the other)"})
+    force: bool = field(default=False, metadata={"help": "re-run every stage, even finished ones"})
+    print_config: bool = field(default=False, metadata={"help": "print the embedded config and exit"})
+
+
+def add_arguments(parser) -> None:
+    options.add_arguments(parser, DemoOptions)
 
 
 def config_text() -> str:
@@ -47,19 +52,19 @@ def config_text() -> str:
 
 
 def run(args) -> int:
-    from capfilt.jobs.bootstrap import rounds as bootstrap
+    from capfilt.jobs.commands.bootstrap import BootstrapRun, bootstrap
 
-    if args.print_config:
+    opts = options.from_args(DemoOptions, args)
+    if opts.print_config:
         print(config_text(), end="")
         return 0
-    args.out.mkdir(parents=True, exist_ok=True)
-    config_path = args.out / "demo_config.yaml"
+    opts.out.mkdir(parents=True, exist_ok=True)
+    config_path = opts.out / "demo_config.yaml"
     text = config_text()
     if not config_path.is_file() or config_path.read_text(encoding="utf-8") != text:
         config_path.write_text(text, encoding="utf-8")  # kept beside the report: what produced it
-    log.info("capfilt demo: config %s, output %s", config_path, args.out)
-    code = bootstrap.run(argparse.Namespace(config=config_path, out=args.out, rounds=args.rounds,
-                                            ablations=None, force=args.force, threads=args.threads,
-                                            jobs=args.jobs))
-    print(f"demo finished: open {args.out / 'report.md'}")
+    log.info("capfilt demo: config %s, output %s", config_path, opts.out)
+    code = bootstrap(BootstrapRun(config=config_path, out=opts.out, rounds=opts.rounds, force=opts.force,
+                                  threads=opts.threads, jobs=opts.jobs))
+    print(f"demo finished: open {opts.out / 'report.md'}")
     return code

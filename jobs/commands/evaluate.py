@@ -6,17 +6,20 @@
     capfilt evaluate --task filter    --model runs/r0/ft_retrieval --data 'coco_val/*.parquet'   # clean pairs: false alarms
     capfilt evaluate --task curated   --data 'runs/r1/capfilt/curated/shards/*.parquet' --truth world/truth.parquet
 
-The metrics live in `model/evaluation.py`; this module parses options, prints the JSON result
+The metrics live in `model/evaluation/evaluate.py`; this module declares the options, prints the JSON result
 and writes it with `--out`.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
-HELP = "Evaluate a model (retrieval, captioning, filtering) or a curate run against the truth"
+from capfilt.jobs import options
+from capfilt.jobs.cli import UsageError
+from capfilt.model.inference.captioner import CaptionConfig
+
 DESCRIPTION = (
     "Evaluate on held-out shards and print JSON. retrieval: image->text and text->image "
     "R@1/5/10 by ITC, optionally re-ranking each query's top-K with the ITM head as BLIP does. "
@@ -35,84 +38,92 @@ TASKS = ("retrieval", "caption", "filter", "curated")
 log = logging.getLogger(__name__)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task", required=True, choices=TASKS, help="what to measure")
-    parser.add_argument("--data", required=True, help="parquet shard glob (raw img2dataset or curated shards)")
-    parser.add_argument("--model", type=Path, default=None,
-                        help="model directory or pretrain output directory (not needed for --task curated, "
-                        "nor for --task filter on curated shards)")
-    parser.add_argument("--truth", type=Path, default=None,
-                        help="truth.parquet from `capfilt synth` (required for curated; filter without "
-                        "it measures false alarms on clean pairs; adds attribute accuracy to caption)")
-    parser.add_argument("--out", type=Path, default=None, help="also write the JSON result to this file")
-    parser.add_argument("--itm-rerank", type=int, default=0, metavar="K",
-                        help="retrieval: re-rank each query's ITC top-K with the ITM head (0 = ITC only)")
-    parser.add_argument("--threshold", type=float, default=0.5,
-                        help="filter: a web caption is flagged noisy when its ITM p(match) is below this")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N decodable rows")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per model call")
-    parser.add_argument("--seed", type=int, default=0, help="caption: sampling seed (used when --top-p > 0)")
-    parser.add_argument("--top-p", type=float, default=0.0,
-                        help="caption: nucleus top-p; 0 decodes greedily, as caption benchmarks do")
-    parser.add_argument("--prompt", default="a picture of ",
-                        help="caption: decoder prompt, stripped from the output (BLIP's after caption "
-                        "finetuning; pass '' for a pretrained model, which learnt without one)")
-    parser.add_argument("--device", default="auto", help="torch device: auto, cpu or cuda")
-    parser.add_argument("--no-progress", action="store_true",
-                        help="no progress bars (they go to stderr, and only when it is a terminal)")
+@dataclass
+class EvaluateOptions:
+    """The options of `capfilt evaluate` (the bootstrap evaluates with the same functions)."""
+
+    task: str = field(metadata={"help": "what to measure", "choices": TASKS})
+    data: str = field(metadata={"help": "parquet shard glob (raw img2dataset or curated shards)"})
+    model: Path | None = field(default=None, metadata={
+        "help": "model directory or pretrain output directory (not needed for --task curated, nor for "
+                "--task filter on curated shards)", "type": Path})
+    truth: Path | None = field(default=None, metadata={
+        "help": "truth.parquet from `capfilt synth` (required for curated; filter without it measures false "
+                "alarms on clean pairs; adds attribute accuracy to caption)", "type": Path})
+    out: Path | None = field(default=None, metadata={
+        "help": "also write the JSON result to this file", "type": Path})
+    itm_rerank: int = field(default=0, metadata={
+        "help": "retrieval: re-rank each query's ITC top-K with the ITM head (0 = ITC only)", "metavar": "K"})
+    threshold: float = field(default=0.5, metadata={
+        "help": "filter: a web caption is flagged noisy when its ITM p(match) is below this"})
+    limit: int | None = field(default=None, metadata={"help": "evaluate only the first N decodable rows"})
+    batch_size: int = field(default=32, metadata={"help": "images per model call"})
+    seed: int = field(default=0, metadata={"help": "caption: sampling seed (used when --top-p > 0)"})
+    top_p: float = field(default=0.0, metadata={
+        "help": "caption: nucleus top-p; 0 decodes greedily, as caption benchmarks do"})
+    prompt: str = field(default=CaptionConfig.prompt, metadata={
+        "help": "caption: decoder prompt, stripped from the output (BLIP's after caption finetuning; pass '' "
+                "for a pretrained model, which learnt without one)"})
+    device: str = field(default="auto", metadata={"help": "torch device: auto, cpu or cuda"})
+    no_progress: bool = field(default=False, metadata={
+        "help": "no progress bars (they go to stderr, and only when it is a terminal)"})
+
+    def __post_init__(self):
+        checks = (
+            (self.task == "curated" and self.truth is None, "--task curated needs --truth FILE"),
+            (self.task == "filter" and self.truth is None and self.model is None,
+             "--task filter without --truth scores clean raw shards for false alarms and needs --model DIR"),
+            (self.task in ("retrieval", "caption") and self.model is None, f"--task {self.task} needs --model DIR"),
+            (self.model is not None and not self.model.exists(), f"model directory {self.model} does not exist"),
+            (self.truth is not None and not self.truth.is_file(), f"truth file {self.truth} does not exist"),
+            (self.itm_rerank < 0, f"--itm-rerank must be >= 0, got {self.itm_rerank}"),
+            (self.limit is not None and self.limit < 1,
+             f"--limit must be >= 1 (omit it for every row), got {self.limit}"),
+            (self.batch_size < 1, f"--batch-size must be >= 1, got {self.batch_size}"),
+            (not 0.0 <= self.threshold <= 1.0, f"--threshold must be in [0, 1], got {self.threshold}"),
+        )
+        for failed, message in checks:
+            if failed:
+                raise UsageError("evaluate", message)
 
 
-def _check(args) -> None:
-    if args.task == "curated" and args.truth is None:
-        raise SystemExit("capfilt evaluate: --task curated needs --truth FILE")
-    if args.task == "filter" and args.truth is None and args.model is None:
-        raise SystemExit("capfilt evaluate: --task filter without --truth scores clean raw shards "
-                         "for false alarms and needs --model DIR")
-    if args.task in ("retrieval", "caption") and args.model is None:
-        raise SystemExit(f"capfilt evaluate: --task {args.task} needs --model DIR")
-    if args.model is not None and not args.model.exists():
-        raise SystemExit(f"capfilt evaluate: model directory {args.model} does not exist")
-    if args.truth is not None and not args.truth.is_file():
-        raise SystemExit(f"capfilt evaluate: truth file {args.truth} does not exist")
-    if args.itm_rerank < 0:
-        raise SystemExit(f"capfilt evaluate: --itm-rerank must be >= 0, got {args.itm_rerank}")
-    if args.limit is not None and args.limit < 1:
-        raise SystemExit(f"capfilt evaluate: --limit must be >= 1 (omit it for every row), got {args.limit}")
-    if args.batch_size < 1:
-        raise SystemExit(f"capfilt evaluate: --batch-size must be >= 1, got {args.batch_size}")
-    if not 0.0 <= args.threshold <= 1.0:
-        raise SystemExit(f"capfilt evaluate: --threshold must be in [0, 1], got {args.threshold}")
+def add_arguments(parser) -> None:
+    options.add_arguments(parser, EvaluateOptions)
 
 
 def run(args) -> int:
-    _check(args)
+    return evaluate(options.from_args(EvaluateOptions, args))
+
+
+def evaluate(opts: EvaluateOptions) -> int:
+    """Run the evaluation of `opts`, print its JSON result and write it to ``opts.out``."""
     from capfilt.model.evaluation import evaluate as ev
 
     # None: tqdm shows the bars only when stderr is a terminal (as `capfilt synth` does)
-    common = {"limit": args.limit, "progress": False if args.no_progress else None}
-    if args.task == "retrieval":
-        result = ev.evaluate_retrieval(args.model, args.data, itm_rerank=args.itm_rerank,
-                                       batch_size=args.batch_size, device=args.device, **common)
-    elif args.task == "caption":
-        result = ev.evaluate_captions(args.model, args.data, truth=args.truth, batch_size=args.batch_size,
-                                      seed=args.seed, top_p=args.top_p, prompt=args.prompt,
-                                      device=args.device, **common)
-    elif args.task == "filter" and args.truth is None:
-        result = ev.evaluate_filter_clean(args.model, args.data, threshold=args.threshold,
-                                          batch_size=args.batch_size, device=args.device, **common)
-    elif args.task == "filter":
-        result = ev.evaluate_filter(args.model, args.data, truth=args.truth, threshold=args.threshold,
-                                    batch_size=args.batch_size, device=args.device, **common)
+    common = {"limit": opts.limit, "progress": False if opts.no_progress else None}
+    if opts.task == "retrieval":
+        result = ev.evaluate_retrieval(opts.model, opts.data, itm_rerank=opts.itm_rerank,
+                                       batch_size=opts.batch_size, device=opts.device, **common)
+    elif opts.task == "caption":
+        result = ev.evaluate_captions(opts.model, opts.data, truth=opts.truth, batch_size=opts.batch_size,
+                                      seed=opts.seed, top_p=opts.top_p, prompt=opts.prompt,
+                                      device=opts.device, **common)
+    elif opts.task == "filter" and opts.truth is None:
+        result = ev.evaluate_filter_clean(opts.model, opts.data, threshold=opts.threshold,
+                                          batch_size=opts.batch_size, device=opts.device, **common)
+    elif opts.task == "filter":
+        result = ev.evaluate_filter(opts.model, opts.data, truth=opts.truth, threshold=opts.threshold,
+                                    batch_size=opts.batch_size, device=opts.device, **common)
     else:
-        result = ev.evaluate_curated(args.data, truth=args.truth)
-    result = {"task": args.task, "data": args.data,
-              "model": str(args.model) if args.model else None, **result}
+        result = ev.evaluate_curated(opts.data, truth=opts.truth)
+    result = {"task": opts.task, "data": opts.data,
+              "model": str(opts.model) if opts.model else None, **result}
     text = json.dumps(result, indent=2, sort_keys=False)
     print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_name(args.out.name + ".tmp")
+    if opts.out is not None:
+        opts.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = opts.out.with_name(opts.out.name + ".tmp")
         tmp.write_text(text + "\n", encoding="utf-8")
-        tmp.replace(args.out)  # atomic: a reader never sees half a result
-        log.info("wrote %s", args.out)
+        tmp.replace(opts.out)  # atomic: a reader never sees half a result
+        log.info("wrote %s", opts.out)
     return 0

@@ -7,13 +7,16 @@ own checkpoints (OUT/checkpoints/finetune-<task>) and log.
 """
 from __future__ import annotations
 
-from capfilt.jobs.commands.pretrain import (add_loop_arguments, build_on_rank0_first, itm_negative_options, itm_options, loop_config,
-                           momentum_kwargs, momentum_options, prepare_out, refuse_options, report, sources,
-                           train)
+from dataclasses import dataclass, field
 
-CAPTION_PROMPT = "a picture of "  # BLIP's caption finetuning prompt
+from capfilt.jobs.commands.pretrain import (
+    add_training_arguments, build_on_rank0_first, itm_negative_options, itm_options, loop_config, momentum_kwargs,
+    momentum_options, prepare_run_dir, refuse_options, report, sources, train,
+)
+from capfilt.model.inference.captioner import CaptionConfig
 
-HELP = "Finetune a captioner or filter on a clean split"
+CAPTION_PROMPT = CaptionConfig.prompt  # BLIP's caption finetuning prompt is its captioning prompt
+
 DESCRIPTION = (
     "Finetune from a pretrained directory (--init: DIR/captioner + DIR/itm, or a single BLIP / "
     "BLIP-2 directory). --task caption trains the image-grounded decoder (LM with BLIP's prompt "
@@ -22,15 +25,26 @@ DESCRIPTION = (
 )
 
 
+@dataclass(kw_only=True)
+class FinetuneModel:
+    """What `capfilt finetune` trains, from which model."""
+
+    task: str = field(metadata={
+        "help": "caption: LM on the decoder (writes OUT/captioner); retrieval: ITC+ITM (OUT/itm)",
+        "choices": ["caption", "retrieval"]})
+    init: str = field(metadata={"help": "pretrained model directory"})
+    prompt: str | None = field(default=None, metadata={
+        "help": f"--task caption: the prompt masked out of the LM targets (unset: BLIP's {CAPTION_PROMPT!r})"})
+    tasks: str | None = field(default=None, metadata={
+        "help": "override the losses (retrieval: itc,itm; BLIP-2 may add itg)"})
+
+
+# BLIP finetunes at 1e-5
+LOOP_DEFAULTS = {"lr": 1e-5, "steps": 500}
+
+
 def add_arguments(parser) -> None:
-    parser.add_argument("--task", required=True, choices=["caption", "retrieval"],
-                        help="caption: LM on the decoder (writes OUT/captioner); retrieval: ITC+ITM (OUT/itm)")
-    parser.add_argument("--init", required=True, help="pretrained model directory")
-    add_loop_arguments(parser)
-    parser.set_defaults(lr=1e-5, steps=500)  # BLIP finetunes at 1e-5
-    parser.add_argument("--prompt", default=None,
-                        help=f"--task caption: the prompt masked out of the LM targets (unset: BLIP's {CAPTION_PROMPT!r})")
-    parser.add_argument("--tasks", help="override the losses (retrieval: itc,itm; BLIP-2 may add itg)")
+    add_training_arguments(parser, FinetuneModel, LOOP_DEFAULTS)
 
 
 def check_options(args, dirs: dict) -> None:
@@ -59,7 +73,7 @@ def run(args) -> int:
     check_options(args, dirs)
     run_name = f"finetune-{args.task}"
     cfg, data = loop_config(args, run_name), sources(args)
-    model = build_on_rank0_first(lambda: build_model(args), lambda: prepare_out(args, run_name, exports(args)))
+    model = build_on_rank0_first(lambda: build_model(args), lambda: prepare_run_dir(args, run_name, exports(args)))
     return report(train(model, data, cfg))
 
 

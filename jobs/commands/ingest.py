@@ -8,10 +8,8 @@ Options this command does not declare are img2dataset ``download`` options (eith
 """
 from __future__ import annotations
 
-import argparse
-import sys
+from capfilt.jobs import options
 
-HELP = "Download a URL list into raw shards with img2dataset"
 DESCRIPTION = (
     "Download the images of a URL list (parquet, csv, tsv, txt, json; with url and caption "
     "columns) into img2dataset shards that `capfilt curate` reads: parquet with the image bytes "
@@ -26,34 +24,24 @@ DESCRIPTION = (
 )
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser) -> None:
+    from capfilt.pipeline.ingest.download import IngestConfig
+
     parser.set_defaults(_accepts_extra=True)  # img2dataset options pass through
-    parser.add_argument("--url-list", required=True, metavar="FILE", help="the URL list")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output directory for the raw shards")
-    parser.add_argument("--output-format", choices=("parquet", "webdataset"), default="parquet",
-                        help="shard format")
-    parser.add_argument("--input-format", default=None,
-                        help="img2dataset input format (parquet, csv, tsv, txt, json, ...); None: from the file name")
-    parser.add_argument("--url-col", default="url", help="column holding the URLs")
-    parser.add_argument("--caption-col", default="caption", help="column holding the captions ('' for none)")
+    options.add_arguments(parser, IngestConfig)
 
 
 def run(args) -> int:
-    from capfilt.pipeline.ingest.download import IngestConfig, parse_img2dataset_options, run_ingest
+    from capfilt.pipeline.ingest.download import IngestConfig, parse_img2dataset_options
 
-    try:
-        cfg = IngestConfig(
-            url_list=args.url_list, out=args.out, output_format=args.output_format,
-            input_format=args.input_format, url_col=args.url_col, caption_col=args.caption_col or None,
-            options=parse_img2dataset_options(args.extra),
-        )
-        summary = run_ingest(cfg)
-    except ValueError as err:
-        print(f"capfilt ingest: error: {err}", file=sys.stderr)
-        return 2
-    except RuntimeError as err:  # img2dataset's process failed or was killed
-        print(f"capfilt ingest: error: {err}", file=sys.stderr)
-        return 1
+    return ingest(options.from_args(IngestConfig, args, options=parse_img2dataset_options(args.extra)))
+
+
+def ingest(cfg) -> int:
+    """Download `cfg`'s URL list and print what arrived (`capfilt ingest` and run-job)."""
+    from capfilt.pipeline.ingest.download import run_ingest
+
+    summary = run_ingest(cfg)
     print(f"capfilt ingest -> {cfg.out} ({cfg.output_format})")
     if summary["redone"]:
         print(f"  shards a killed run left unfinished, downloaded again: {', '.join(summary['redone'])}")
@@ -63,6 +51,5 @@ def run(args) -> int:
     for status, count in summary["status"].items():
         print(f"    {status[:60]:<60}{count:>8}")
     if summary["count"] == 0:
-        print("capfilt ingest: error: nothing was downloaded (empty URL list?)", file=sys.stderr)
-        return 1
+        raise RuntimeError("nothing was downloaded (empty URL list?)")
     return 0

@@ -10,26 +10,52 @@ into another's directory would mix their files (a clip directory holding a BLIP 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from capfilt.jobs import options
 from capfilt.jobs.cli import HelpFormatter
+from capfilt.model.builders.tiny import KINDS
 
-HELP = "Build tiny random-initialised model directories and the WordPiece tokenizer"
 DESCRIPTION = (
     "Build the project's own tiny models (no hub download): `init` writes a random-initialised "
     "BLIP captioner, BLIP ITM, BLIP-2 Q-Former ITM or open_clip CLIP directory from the JSON "
     "configs in model/configs/; `tokenizer` trains the WordPiece tokenizer on the synthetic "
     "world's captions."
 )
-KINDS = ("captioner", "itm", "blip2-itm", "clip")  # = model.tiny.KINDS; kept here so --help stays light
-
 log = logging.getLogger(__name__)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+@dataclass
+class ModelInit:
+    """`capfilt models init`."""
+
+    kind: str = field(metadata={"help": "which model to build", "choices": KINDS})
+    out: Path = field(metadata={"help": "output model directory; must be empty or absent unless --overwrite",
+                                "type": Path})
+    overwrite: bool = field(default=False, metadata={
+        "help": "replace a non-empty --out (its old contents are deleted once the model is built)"})
+    tokenizer: Path | None = field(default=None, metadata={
+        "help": "tokenizer directory from `capfilt models tokenizer` (BLIP kinds; default: train one now on the "
+                "synthetic corpus). Ignored for clip, which uses open_clip's BPE.", "type": Path})
+    seed: int = field(default=0, metadata={"help": "weight-initialisation seed"})
+    override: str | None = field(default=None, metadata={
+        "help": 'JSON deep-merged into the kind\'s config, e.g. \'{"text_config": {"num_hidden_layers": 2}}\'',
+        "metavar": "JSON"})
+
+
+@dataclass
+class TokenizerBuild:
+    """`capfilt models tokenizer`."""
+
+    out: Path = field(metadata={"help": "output tokenizer directory", "type": Path})
+    seed: int = field(default=0, metadata={"help": "seed of the synthetic corpus"})
+    n: int = field(default=4000, metadata={"help": "number of sample scenes in the corpus"})
+
+
+def add_arguments(parser) -> None:
     parser.epilog = (
         "examples: `capfilt models tokenizer --out models/tokenizer`; `capfilt models init "
         "--kind captioner --out models/captioner --tokenizer models/tokenizer --seed 0`. "
@@ -37,27 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     sub = parser.add_subparsers(dest="models_command", metavar="ACTION")
     sub.required = True
-    init = sub.add_parser(
-        "init",
-        help="write a random-initialised tiny model directory",
-        description="Write a random-initialised tiny model directory.",
-        formatter_class=HelpFormatter,
-    )
-    init.add_argument("--kind", required=True, choices=KINDS, help="which model to build")
-    init.add_argument("--out", required=True, type=Path,
-                      help="output model directory; must be empty or absent unless --overwrite")
-    init.add_argument("--overwrite", action="store_true",
-                      help="replace a non-empty --out (its old contents are deleted once the model is built)")
-    init.add_argument(
-        "--tokenizer", type=Path, default=None,
-        help="tokenizer directory from `capfilt models tokenizer` (BLIP kinds; default: train "
-        "one now on the synthetic corpus). Ignored for clip, which uses open_clip's BPE.",
-    )
-    init.add_argument("--seed", type=int, default=0, help="weight-initialisation seed")
-    init.add_argument(
-        "--override", default=None, metavar="JSON",
-        help='JSON deep-merged into the kind\'s config, e.g. \'{"text_config": {"num_hidden_layers": 2}}\'',
-    )
+    init = sub.add_parser("init", help="write a random-initialised tiny model directory",
+                          description="Write a random-initialised tiny model directory.", formatter_class=HelpFormatter)
+    options.add_arguments(init, ModelInit)
     tok = sub.add_parser(
         "tokenizer",
         help="train the WordPiece tokenizer on the synthetic corpus",
@@ -65,9 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "synthetic world's captions.",
         formatter_class=HelpFormatter,
     )
-    tok.add_argument("--out", required=True, type=Path, help="output tokenizer directory")
-    tok.add_argument("--seed", type=int, default=0, help="seed of the synthetic corpus")
-    tok.add_argument("--n", type=int, default=4000, help="number of sample scenes in the corpus")
+    options.add_arguments(tok, TokenizerBuild)
 
 
 def run(args) -> int:
@@ -75,10 +81,12 @@ def run(args) -> int:
     from capfilt.transforms.synth.scenes import corpus
 
     if args.models_command == "tokenizer":
+        args = options.from_args(TokenizerBuild, args)
         out = tiny.train_tokenizer(args.out, texts=corpus(seed=args.seed, n=args.n))
         log.info("tokenizer written to %s (%d tokens)", out, len(tiny.load_tokenizer(out)))
         print(out)
         return 0
+    args = options.from_args(ModelInit, args)
     overrides = None
     if args.override:
         try:

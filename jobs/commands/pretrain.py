@@ -11,9 +11,13 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
-HELP = "Pretrain BLIP, BLIP-2 stage 1 or CLIP on shards"
+from capfilt.jobs import options
+from capfilt.model.training.blip import BlipTrainConfig
+from capfilt.model.training.loop import TrainConfig
+
 DESCRIPTION = (
     "Pretrain a model on curated (kept rows, one of the selected captions per step) or raw "
     "img2dataset shards (web caption). Without --init a tiny random model is built from "
@@ -24,48 +28,72 @@ DESCRIPTION = (
 log = logging.getLogger(__name__)
 
 
-def add_loop_arguments(parser) -> None:
-    """Options of the training loop, shared by pretrain and finetune."""
-    parser.add_argument("--data", help="shards: a glob, directory or file (weight 1 in the mixture)")
-    parser.add_argument("--mix", nargs="+", default=[], metavar="GLOB:WEIGHT",
-                        help="more sources with mixture weights, e.g. 'web/*.parquet:3 human/*.parquet:1'")
-    parser.add_argument("--out", required=True, help="output directory (models, checkpoints, logs)")
-    parser.add_argument("--steps", type=int, default=1000, help="optimizer steps")
-    parser.add_argument("--batch-size", type=int, default=32, help="samples per rank per micro-batch")
-    parser.add_argument("--accum", type=int, default=1, help="gradient accumulation micro-batches")
-    parser.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (AdamW)")
-    parser.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (matrices only)")
-    parser.add_argument("--warmup", type=int, default=0, help="linear warmup steps before the cosine decay")
-    parser.add_argument("--min-lr-ratio", type=float, default=0.0, help="final lr as a fraction of --lr")
-    parser.add_argument("--clip-grad", type=float, default=1.0, help="max gradient norm (0: off)")
-    parser.add_argument("--bf16", action="store_true",
-                        help="bf16 autocast where the hardware runs bf16 natively (else fp32, with a warning)")
-    parser.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
-                        help="checkpoint every N steps (0: only at the end; default max(20, steps // 10))")
-    parser.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace a run already in --out (its files are deleted first) instead of refusing")
-    parser.add_argument("--stop-after", type=int, default=None, help="end this run after step N (checkpointed)")
-    parser.add_argument("--seed", type=int, default=0, help="data order, caption draws, ITM negatives, dropout")
-    parser.add_argument("--shuffle-buffer", type=int, default=1000, help="rows in the shuffle buffer per source")
-    parser.add_argument("--log-every", type=int, default=10, help="JSONL log interval in steps")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--momentum", action="store_true",
-                        help="BLIP ITC with a momentum encoder and soft targets (m=0.995, alpha=0.4)")
-    parser.add_argument("--queue-size", type=int, default=0, help="ITC feature queue (BLIP: 57600; needs --momentum)")
-    parser.add_argument("--alpha", type=float, default=None,
-                        help="soft-target weight with --momentum (unset: BLIP's 0.4)")
-    parser.add_argument("--max-text-len", type=int, default=35, help="caption tokens")
-    parser.add_argument("--itm-negatives", choices=["hard", "random"], default="hard",
-                        help="ITM negatives: 'hard' (drawn by similarity, as BLIP) or 'random' (uniform among "
-                        "the non-matching pairs throughout)")
-    parser.add_argument("--itm-random-steps", type=int, default=0, metavar="N",
-                        help="with 'hard': draw uniformly for the first N steps, then by similarity; lets a "
-                        "randomly initialised ITM leave its 0.64 plateau (docs/training.md)")
-    parser.add_argument("--itm-hard-fraction", type=float, default=1.0, metavar="F",
-                        help="with 'hard', after the uniform steps: the share of rows whose negative is drawn by "
-                        "similarity, the rest uniformly (1.0: BLIP)")
+@dataclass(kw_only=True)
+class TrainingData:
+    """What a pretrain or finetune reads, and what it does with an --out that holds a run."""
+
+    data: str | None = field(default=None, metadata={
+        "help": "shards: a glob, directory or file (weight 1 in the mixture)"})
+    mix: list[str] = field(default_factory=list, metadata={
+        "help": "more sources with mixture weights, e.g. 'web/*.parquet:3 human/*.parquet:1'", "nargs": "+",
+        "metavar": "GLOB:WEIGHT"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "replace a run already in --out (its files are deleted first) instead of refusing"})
+
+
+@dataclass(kw_only=True)
+class Objectives:
+    """The loss options of pretrain and finetune (defaults: BlipTrainConfig's, i.e. BLIP's)."""
+
+    momentum: bool = field(default=BlipTrainConfig.momentum, metadata={
+        "help": "BLIP ITC with a momentum encoder and soft targets (m=0.995, alpha=0.4)"})
+    queue_size: int = field(default=BlipTrainConfig.queue_size, metadata={
+        "help": "ITC feature queue (BLIP: 57600; needs --momentum)"})
+    alpha: float | None = field(default=None, metadata={
+        "help": "soft-target weight with --momentum (unset: BLIP's 0.4)"})
+    max_text_len: int = field(default=BlipTrainConfig.max_text_len, metadata={"help": "caption tokens"})
+    itm_negatives: str = field(default="hard", metadata={
+        "help": "ITM negatives: 'hard' (drawn by similarity, as BLIP) or 'random' (uniform among the "
+                "non-matching pairs throughout)", "choices": ["hard", "random"]})
+    itm_random_steps: int = field(default=BlipTrainConfig.itm_random_steps, metadata={
+        "help": "with 'hard': draw uniformly for the first N steps, then by similarity; lets a randomly "
+                "initialised ITM leave its 0.64 plateau (docs/training.md)", "metavar": "N"})
+    itm_hard_fraction: float = field(default=BlipTrainConfig.itm_hard_fraction, metadata={
+        "help": "with 'hard', after the uniform steps: the share of rows whose negative is drawn by "
+                "similarity, the rest uniformly (1.0: BLIP)", "metavar": "F"})
+
+
+@dataclass(kw_only=True)
+class PretrainModel:
+    """What `capfilt pretrain` trains."""
+
+    arch: str = field(metadata={
+        "help": "blip: ITC+ITM+LM; blip2: Q-Former stage 1 (ITC+ITM+ITG); clip: open_clip ClipLoss",
+        "choices": ["blip", "blip2", "clip"]})
+    init: str | None = field(default=None, metadata={
+        "help": "start from this model directory (DIR/captioner + DIR/itm, a single HF BLIP/BLIP-2 directory, "
+                "or a CLIP directory) instead of a tiny random model"})
+    tokenizer: str | None = field(default=None, metadata={
+        "help": "tokenizer directory for a fresh BLIP model (when absent, one is trained on the synthetic "
+                "corpus by model.tiny)"})
+    model_config: str | None = field(default=None, metadata={
+        "help": 'JSON file deep-merged into the fresh model\'s config, e.g. {"vision_config": '
+                '{"num_hidden_layers": 12}}'})
+    vision_init: str | None = field(default=None, metadata={
+        "help": "vision tower weights: timm:NAME[:FILE], hf:DIR, or (blip2 frozen tower) "
+                "open_clip:NAME:PRETRAINED", "metavar": "SPEC"})
+    tasks: str | None = field(default=None, metadata={
+        "help": "comma list of losses (blip: itc,itm,lm; blip2: itc,itm,itg)"})
+    prompt: str = field(default=BlipTrainConfig.prompt, metadata={
+        "help": "LM prompt masked out of the targets (blip)"})
+
+
+def add_training_arguments(parser, model_options, loop_defaults: dict | None = None) -> None:
+    """The options of pretrain (`model_options` PretrainModel) or finetune."""
+    options.add_arguments(parser, model_options)
+    options.add_arguments(parser, TrainingData)
+    options.add_arguments(parser, TrainConfig, defaults=loop_defaults)
+    options.add_arguments(parser, Objectives)
 
 
 def itm_options(args) -> dict:
@@ -125,7 +153,7 @@ def check_arch_options(args) -> None:
                        "and ITG without a prompt")
 
 
-def prepare_out(args, run_name: str, exports: tuple[str, ...] | None = None) -> None:
+def prepare_run_dir(args, run_name: str, exports: tuple[str, ...] | None = None) -> None:
     """Refuse an --out that already holds this run unless --resume (continue it) or --overwrite
     (delete it first): a fresh run there would mix the old model, checkpoints and log with the
     new ones. `exports` None: everything in --out is the run's (pretrain; its init/ is the
@@ -216,8 +244,6 @@ def write_init_record(args) -> None:
 
 
 def loop_config(args, run_name: str):
-    from capfilt.model.training.loop import TrainConfig
-
     if args.queue_size and not args.momentum:
         raise ValueError("--queue-size needs --momentum (the queue holds momentum features)")
     if args.alpha is not None and not args.momentum:
@@ -225,14 +251,7 @@ def loop_config(args, run_name: str):
     if args.itm_negatives == "random" and args.itm_hard_fraction != 1.0:
         raise ValueError(f"--itm-hard-fraction {args.itm_hard_fraction} needs --itm-negatives hard "
                          "(random draws every negative uniformly)")
-    return TrainConfig(
-        out_dir=args.out, run_name=run_name, steps=args.steps, batch_size=args.batch_size, accum=args.accum,
-        lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup, min_lr_ratio=args.min_lr_ratio,
-        clip_grad=args.clip_grad, bf16=args.bf16, checkpoint_every=args.checkpoint_every,
-        keep_checkpoints=args.keep_checkpoints, log_every=args.log_every, seed=args.seed, resume=args.resume,
-        stop_after=args.stop_after, shuffle_buffer=args.shuffle_buffer, progress=not args.no_progress,
-        model_options=model_options(args),
-    )
+    return options.from_args(TrainConfig, args, run_name=run_name, model_options=model_options(args))
 
 
 def build_on_rank0_first(build, prepare=None):
@@ -253,19 +272,7 @@ def build_on_rank0_first(build, prepare=None):
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--arch", required=True, choices=["blip", "blip2", "clip"],
-                        help="blip: ITC+ITM+LM; blip2: Q-Former stage 1 (ITC+ITM+ITG); clip: open_clip ClipLoss")
-    add_loop_arguments(parser)
-    parser.add_argument("--init", help="start from this model directory (DIR/captioner + DIR/itm, a single "
-                        "HF BLIP/BLIP-2 directory, or a CLIP directory) instead of a tiny random model")
-    parser.add_argument("--tokenizer", help="tokenizer directory for a fresh BLIP model (when absent, one is "
-                        "trained on the synthetic corpus by model.tiny)")
-    parser.add_argument("--model-config", help="JSON file deep-merged into the fresh model's config, e.g. "
-                        '{"vision_config": {"num_hidden_layers": 12}}')
-    parser.add_argument("--vision-init", metavar="SPEC", help="vision tower weights: timm:NAME[:FILE], "
-                        "hf:DIR, or (blip2 frozen tower) open_clip:NAME:PRETRAINED")
-    parser.add_argument("--tasks", help="comma list of losses (blip: itc,itm,lm; blip2: itc,itm,itg)")
-    parser.add_argument("--prompt", default="", help="LM prompt masked out of the targets (blip)")
+    add_training_arguments(parser, PretrainModel)
 
 
 def run(args) -> int:
@@ -274,7 +281,7 @@ def run(args) -> int:
     cfg, data = loop_config(args, "pretrain"), sources(args)
 
     def prepare():
-        prepare_out(args, "pretrain")
+        prepare_run_dir(args, "pretrain")
         check_init_record(args)
 
     def build():

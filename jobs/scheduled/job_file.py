@@ -1,49 +1,63 @@
-"""The job file of `capfilt run-job`: read, check and turn into the argv of each step.
+"""The job file of `capfilt run-job`: read, check and turn into the options of each step.
 
 Everything is checked before any step runs, the way each step checks it: unknown keys, options
-the step's own parser does not know (Beam's and img2dataset's parsers included), option values
-the step would refuse, options run-job sets itself, and model paths that do not exist. Paths
-are relative to the job file.
+the step's config classes do not have (Beam's and img2dataset's parsers check theirs), option
+values the step would refuse, options run-job sets itself, and model paths that do not exist.
+Paths are relative to the job file.
 """
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-EXIT_CONFIG = 2  # the exit code of run-job for an invalid job file
+from capfilt.jobs import options
+
+EXIT_OK, EXIT_CONFIG, EXIT_STEP, EXIT_ACCOUNTING, EXIT_BUSY = 0, 2, 3, 4, 5
+EXIT_CODES = {
+    EXIT_OK: "success, including 'nothing to do'",
+    EXIT_CONFIG: "the job file is invalid, or a step refused its options or input (the message names which)",
+    EXIT_STEP: "a step (ingest, curate or release) failed",
+    EXIT_ACCOUNTING: "a step's counts do not reconcile (curate identity or release counts)",
+    EXIT_BUSY: "another run of this job holds its lock",
+}
 
 
 class JobError(Exception):
-    """Stops the job with ``code``."""
+    """Stops the job with ``code`` (jobs.cli reads ``exit_code``); the message ends with what
+    the code means."""
 
     def __init__(self, code: int, message: str):
-        super().__init__(message)
-        self.code = code
+        super().__init__(f"{message} (exit {code}: {EXIT_CODES[code]})")
+        self.code = self.exit_code = code
 
 
 TOP_KEYS = {"name", "output_root", "inputs", "models", "ingest", "curate", "release"}
 # Options a job may not set: run-job decides them.
 RESERVED = {"input", "out", "overwrite", "captioner", "filter", "clip", "url_list", "output_folder"}
 INGEST_KEYS = {"options"}
-RELEASE_KEYS = {"dedup_threshold", "decontaminate", "decontaminate_threshold", "rows_per_shard",
-                "webdataset", "index", "clip", "seed", "batch_size", "no_report"}
 
 
 @dataclass
 class Job:
-    """A checked job file. ``*_argv`` are the step options (release_argv None: no release)."""
+    """A checked job file. ``ingest``, ``curate`` and ``release`` hold each step's checked
+    options by config field (release None: no release); ``*_argv`` are the same options as a
+    command line (logs, and the curate settings' fingerprint), except ``img2dataset_argv`` and
+    ``beam_argv``, which are other tools' options in their own syntax."""
 
     path: Path
     root: Path  # output_root
     name: str
     shards: str | None  # glob of raw shards, or
     url_lists: str | None  # glob of URL list files to ingest
+    ingest: dict  # IngestConfig fields
     ingest_argv: list[str]
+    img2dataset_argv: list[str]
     raw_ext: str  # extension of ingested shards
     models: dict
+    curate: dict  # CurateConfig fields, models included
     curate_argv: list[str]
     beam_argv: list[str]
+    release: dict | None  # ReleaseConfig fields
     release_argv: list[str] | None
 
 
@@ -120,27 +134,28 @@ def load_job(path: Path) -> Job:
     if set(models) - {"captioner", "filter", "clip"}:
         raise JobError(EXIT_CONFIG, f"models: unknown kinds {sorted(set(models) - {'captioner', 'filter', 'clip'})}")
     models = {kind: _model(base, spec, f"models.{kind}") for kind, spec in models.items()}
-    curate_argv, beam = _curate_argv(job.get("curate"), models)
+    curate, curate_argv, beam = _curate_options(job.get("curate"), models)
     release = job.get("release", {})
-    release_argv = None
+    release_options = release_argv = None
     if release is not False:
         release = dict(_section(None if release is True else release, "release"))  # true: the defaults
-        bad = set(release) - RELEASE_KEYS
-        if bad:
-            raise JobError(EXIT_CONFIG, f"release: unknown keys {sorted(bad)} (allowed: {sorted(RELEASE_KEYS)})")
         if release.get("decontaminate"):
             release["decontaminate"] = _path(base, release["decontaminate"], "release.decontaminate")
         clip = release.pop("clip", None) or models.get("clip")
-        release_argv = _flags(release, "release") + (["--clip", _model(base, clip, "release.clip")] if clip else [])
-        _check_options("release", release_argv)
-        release_config(["x"], Path("y"), release_argv)  # value checks (thresholds, ...)
-    ingest_argv, output_format = _ingest_argv(job.get("ingest"))
+        if clip:
+            release["clip"] = _model(base, clip, "release.clip")
+        release_options = _release_options(release)
+        release_argv = _flags({k: v for k, v in release.items() if k != "clip"}, "release") + (
+            ["--clip", release["clip"]] if clip else [])
+    ingest, ingest_argv, img2dataset_argv = _ingest_options(job.get("ingest"))
     return Job(
         path=path, root=root, name=job.get("name") or path.stem,
         shards=_path(base, inputs["shards"], "inputs.shards") if "shards" in inputs else None,
         url_lists=_path(base, inputs["url_lists"], "inputs.url_lists") if "url_lists" in inputs else None,
-        ingest_argv=ingest_argv, raw_ext=".tar" if output_format == "webdataset" else ".parquet",
-        models=models, curate_argv=curate_argv, beam_argv=beam, release_argv=release_argv,
+        ingest=ingest, ingest_argv=ingest_argv, img2dataset_argv=img2dataset_argv,
+        raw_ext=".tar" if ingest.get("output_format") == "webdataset" else ".parquet",
+        models=models, curate=curate, curate_argv=curate_argv, beam_argv=beam,
+        release=release_options, release_argv=release_argv,
     )
 
 
@@ -153,10 +168,11 @@ def _section(value, where: str) -> dict:
     return value
 
 
-def _curate_argv(section, models: dict) -> tuple[list[str], list[str]]:
-    """(curate options, Beam options), checked as `capfilt curate` would check them: its parser,
-    the CurateConfig it builds (value ranges), and Beam's parsers for ``beam_options``."""
-    from capfilt.jobs.commands import curate as curate_cmd
+def _curate_options(section, models: dict) -> tuple[dict, list[str], list[str]]:
+    """(curate options by CurateConfig field, the same as a command line, Beam options),
+    checked as `capfilt curate` checks them: CurateConfig's fields and value ranges, and
+    Beam's parsers for ``beam_options``."""
+    from capfilt.pipeline.curate.options import CurateConfig
 
     curate = dict(_section(section, "curate"))
     beam = curate.pop("beam_options", None) or []
@@ -166,13 +182,25 @@ def _curate_argv(section, models: dict) -> tuple[list[str], list[str]]:
     beam = [str(x) for x in beam]
     argv = _flags(curate, "curate") + [a for k in ("captioner", "filter", "clip") if k in models
                                        for a in (f"--{k}", models[k])]
-    args = _check_options("curate", argv)
+    values = _checked("curate", curate, CurateConfig, "; Beam options go under curate.beam_options")
+    values.update(models)
     try:
-        curate_cmd.config_from_args(args)
+        CurateConfig(inputs=("x",), out="y", **values)
     except ValueError as err:
         raise JobError(EXIT_CONFIG, f"curate: {err}") from err
     _check_beam(beam)
-    return argv, beam
+    return values, argv, beam
+
+
+def _checked(command: str, mapping: dict, cls, hint: str = "") -> dict:
+    """`mapping`'s values by field of `cls`, checked as the step's parser would check them."""
+    try:
+        values, unknown = options.check_mapping(mapping, cls)
+    except ValueError as err:
+        raise JobError(EXIT_CONFIG, f"{command}: bad option in the job file ({err})") from err
+    if unknown:
+        raise JobError(EXIT_CONFIG, f"{command}: unknown options {options.flags(unknown)} in the job file{hint}")
+    return values
 
 
 def _check_beam(beam: list[str]) -> None:
@@ -184,53 +212,53 @@ def _check_beam(beam: list[str]) -> None:
         raise JobError(EXIT_CONFIG, f"curate.beam_options: {err}") from err
 
 
-def _ingest_argv(section) -> tuple[list[str], str]:
-    """(`capfilt ingest` options, its output format) from the ``ingest`` section. The options
-    under ``ingest.options`` are ingest's own (output_format, url_col, ...) or img2dataset's,
-    checked with ingest's parser and the img2dataset option parser it uses."""
+def _ingest_options(section) -> tuple[dict, list[str], list[str]]:
+    """(`capfilt ingest`'s own options by IngestConfig field, every option as a command line,
+    img2dataset's options) from the ``ingest`` section. The options under ``ingest.options``
+    are ingest's own (output_format, url_col, ...) or img2dataset's, checked with IngestConfig's
+    fields and the img2dataset option parser `capfilt ingest` uses."""
+    from capfilt.pipeline.ingest.download import IngestConfig
+
     section = _section(section, "ingest")
     bad = set(section) - INGEST_KEYS
     if bad:
         raise JobError(EXIT_CONFIG, f"ingest: unknown keys {sorted(bad)} (allowed: {sorted(INGEST_KEYS)}; "
                                     f"img2dataset options such as image_size go under ingest.options)")
-    options = _section(section.get("options"), "ingest.options")
-    argv = _flags(options, "ingest.options", false_as_value=True)
-    args = _check_options("ingest", argv, known_only=False)
-    if args.extra:  # img2dataset options (importing img2dataset only when there are some)
+    given = _section(section.get("options"), "ingest.options")
+    argv = _flags(given, "ingest.options", false_as_value=True)
+    try:
+        own, other = options.check_mapping(given, IngestConfig)
+    except ValueError as err:
+        raise JobError(EXIT_CONFIG, f"ingest: bad option in the job file ({err})") from err
+    extra = _flags(other, "ingest.options", false_as_value=True)
+    if extra:  # img2dataset options (importing img2dataset only when there are some)
         from capfilt.pipeline.ingest.download import check_download_options, parse_img2dataset_options
 
         try:
-            check_download_options(parse_img2dataset_options(args.extra))
+            check_download_options(parse_img2dataset_options(extra))
         except ValueError as err:
             raise JobError(EXIT_CONFIG, f"ingest.options: {err}") from err
-    return argv, args.output_format
+    return own, argv, extra
 
 
-def _check_options(command: str, argv: list[str], known_only: bool = True) -> argparse.Namespace:
-    """Parse a step's options with its own parser now, so a typo fails before any work.
-    ``known_only=False``: leave the options it does not declare in ``.extra`` (ingest hands
-    them to img2dataset)."""
-    from capfilt.jobs.cli import parse_options
+def _release_options(release: dict) -> dict:
+    """The release section's options by ReleaseConfig field, value-checked by ReleaseConfig."""
+    from capfilt.pipeline.release.build import ReleaseConfig
 
-    required = ["--url-list", "x", "--out", "y"] if command == "ingest" else ["--input", "x", "--out", "y"]
+    allowed = set(options.by_name(ReleaseConfig)) - {"input", "out", "overwrite"}
+    bad = set(release) - allowed
+    if bad:
+        raise JobError(EXIT_CONFIG, f"release: unknown keys {sorted(bad)} (allowed: {sorted(allowed)})")
+    values = _checked("release", release, ReleaseConfig)
+    release_config(["x"], Path("y"), values)  # value checks (thresholds, ...)
+    return values
+
+
+def release_config(curated: list[str], out: Path, release: dict):
+    """The ReleaseConfig of the job's release step."""
+    from capfilt.pipeline.release.build import ReleaseConfig
+
     try:
-        args, unknown = parse_options(command, required + argv)
-    except ValueError as err:
-        raise JobError(EXIT_CONFIG, f"{command}: bad option in the job file ({err})") from err
-    if unknown and known_only:
-        hint = "; Beam options go under curate.beam_options" if command == "curate" else ""
-        raise JobError(EXIT_CONFIG, f"{command}: unknown options {unknown} in the job file{hint}")
-    args.extra = unknown
-    return args
-
-
-def release_config(curated: list[str], out: Path, release_argv: list[str]):
-    """The ReleaseConfig `capfilt release` would build from these options."""
-    from capfilt.jobs import cli
-    from capfilt.jobs.commands import release as release_cmd
-
-    argv = ["release", "--input", *curated, "--out", str(out)] + release_argv
-    try:
-        return release_cmd.config_from_args(cli.build_parser().parse_args(argv))
+        return ReleaseConfig(inputs=curated, out=out, **release)
     except ValueError as err:
         raise JobError(EXIT_CONFIG, f"release: {err}") from err

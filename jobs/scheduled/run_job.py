@@ -1,7 +1,7 @@
 """`capfilt run-job JOB.yaml` — a scheduled ingest → curate → release job, run incrementally.
 
-Each step is the ordinary command, called through ``jobs.cli.main([...])``, and runs only when
-its inputs changed since the last run:
+Each step is the ordinary command, called in this process with config objects
+(``options.Call``), and runs only when its inputs changed since the last run:
 
 * **ingest** (URL lists only): a list file is downloaded into ``ROOT/raw/<list name>/`` when it
   is new or its SHA-256 changed (the old download is replaced);
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import glob as globlib
 import json
 import logging
@@ -39,19 +40,13 @@ import shutil
 import sys
 from pathlib import Path
 
-from capfilt.jobs.scheduled.job_file import EXIT_CONFIG, Job, JobError, load_job, release_config
+from capfilt.jobs import options
+from capfilt.jobs.options import Call
+from capfilt.jobs.scheduled.job_file import (
+    EXIT_ACCOUNTING, EXIT_BUSY, EXIT_CODES, EXIT_CONFIG, EXIT_OK, EXIT_STEP, Job, JobError, load_job, release_config,
+)
 from capfilt.transforms.files import atomic, locks
 from capfilt.transforms.files.hashing import file_sha256, json_sha256
-
-HELP = "Run a scheduled ingest-curate-release job from YAML (incremental)"
-EXIT_OK, EXIT_STEP, EXIT_ACCOUNTING, EXIT_BUSY = 0, 3, 4, 5
-EXIT_CODES = {
-    EXIT_OK: "success, including 'nothing to do'",
-    EXIT_CONFIG: "the job file is invalid, or a step refused its options or input (the message names which)",
-    EXIT_STEP: "a step (ingest, curate or release) failed",
-    EXIT_ACCOUNTING: "a step's counts do not reconcile (curate identity or release counts)",
-    EXIT_BUSY: "another run of this job holds its lock",
-}
 DESCRIPTION = """\
 Run the job described by JOB.yaml: ingest (for URL lists) -> curate -> release, each step only
 when its inputs changed since the last run (new raw shards, changed settings or models, new
@@ -64,10 +59,17 @@ STATE_FILE, LOCK_FILE = "run-job-state.json", ".run-job.lock"
 log = logging.getLogger("capfilt.run_job")
 
 
+@dataclasses.dataclass
+class RunJobOptions:
+    job: Path = dataclasses.field(metadata={
+        "help": "the job file (paths in it are relative to it)", "positional": True, "flag": "JOB.yaml",
+        "type": Path})
+    dry_run: bool = dataclasses.field(default=False, metadata={"help": "say which steps would run, run none"})
+
+
 def add_arguments(parser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("job", metavar="JOB.yaml", help="the job file (paths in it are relative to it)")
-    parser.add_argument("--dry-run", action="store_true", help="say which steps would run, run none")
+    options.add_arguments(parser, RunJobOptions)
 
 
 # -- fingerprints ---------------------------------------------------------------------------
@@ -95,18 +97,21 @@ def _model_stamp(spec: str) -> list:
 
 
 # -- steps ----------------------------------------------------------------------------------
-def call(argv: list[str]) -> int:
-    """Run one capfilt command in this process, as a user would."""
-    from capfilt.jobs import cli
+def call(step) -> int:
+    """Run one step in this process: ``step()`` gives its ``Call`` (its configs are built here,
+    so that a value the step refuses is its error too). Returns the step's exit code; its error
+    is printed the way `capfilt` prints it."""
+    from capfilt.jobs.cli import error_line, exit_code
 
-    log.info("run-job: capfilt %s", " ".join(argv))
+    command = "?"
     try:
-        return int(cli.main(argv) or 0)
-    except SystemExit as err:  # argparse errors inside the step
-        return int(err.code or 0) if isinstance(err.code, int) else EXIT_STEP
-    except Exception:  # noqa: BLE001 — any crash of a step is that step's failure
-        log.exception("run-job: capfilt %s crashed", argv[0])
-        return EXIT_STEP
+        step = step()
+        command = step.command
+        log.info("run-job: capfilt %s", " ".join(step))
+        return step.run()
+    except Exception as exc:  # noqa: BLE001 - any error of a step is that step's exit code
+        print(error_line(command, exc), file=sys.stderr)
+        return exit_code(exc)
 
 
 def _failed(code: int, what: str) -> JobError:
@@ -134,6 +139,8 @@ def _has_files(path: Path) -> bool:
 
 
 def ingest_step(job: Job, state, dry: bool) -> list[str]:
+    from capfilt.pipeline.ingest.download import IngestConfig
+
     if not job.url_lists:
         return []
     done, ran = state.setdefault("ingest", {}), []
@@ -156,7 +163,8 @@ def ingest_step(job: Job, state, dry: bool) -> list[str]:
         _checkpoint(job, state)
         if out.exists():
             shutil.rmtree(out)  # the list changed (or its download was lost): replace it
-        code = call(["ingest", "--url-list", str(lst), "--out", str(out)] + job.ingest_argv)
+        code = call(lambda: Call("ingest", (options.pick(IngestConfig, job.ingest, url_list=str(lst), out=str(out)),),
+                                 tuple(job.img2dataset_argv)))
         if code != 0:
             raise _failed(code, f"ingest of {lst}")
         done[str(lst)] = sha
@@ -187,6 +195,8 @@ def _downloads(job: Job, state) -> dict[str, str]:
 
 
 def curate_step(job: Job, state, dry: bool) -> list[str]:
+    from capfilt.pipeline.curate.options import CurateConfig
+
     signature = json_sha256([job.curate_argv, job.beam_argv] + [_model_stamp(m) for m in job.models.values()])
     ran, record = [], state.setdefault("curate", {})
     downloads = _downloads(job, state)
@@ -213,8 +223,8 @@ def curate_step(job: Job, state, dry: bool) -> list[str]:
         ran.append(label)
         if dry:
             continue
-        argv = ["curate", "--input", pattern, "--out", str(out)] + job.curate_argv
-        code = call(argv + (["--overwrite"] if overwrite else []) + job.beam_argv)
+        code = call(lambda: Call("curate", (CurateConfig(inputs=(pattern,), out=str(out), overwrite=overwrite,
+                                                         **job.curate),), tuple(job.beam_argv)))
         if code != 0:
             raise _failed(code, f"curate into {out}")
         _check_curate(out, shards)
@@ -242,15 +252,14 @@ def _check_curate(out: Path, shards: list[Path]) -> None:
 
 
 def release_step(job: Job, state, dry: bool) -> list[str]:
-    if job.release_argv is None:
+    if job.release is None:
         return []
     from capfilt.jobs.commands import release as release_cmd
     from capfilt.pipeline.release.manifest import AccountingError, check_counts
 
     curated = [str(out) for _, _, out in curate_units(job)]
     out = job.root / "release"
-    argv = ["release", "--input", *curated, "--out", str(out)] + job.release_argv
-    cfg = release_config(curated, out, job.release_argv)
+    cfg = release_config(curated, out, job.release)
     cache = state.setdefault("hashes", {})
     want = {
         "shards": [[d, f"shards/{p.name}", _sha256(p, cache)] for d in curated
@@ -270,7 +279,7 @@ def release_step(job: Job, state, dry: bool) -> list[str]:
         return []
     if dry:
         return ["release"]
-    code = call(argv + ["--overwrite"])
+    code = call(lambda: Call("release", (dataclasses.replace(cfg, overwrite=True),)))
     if code == release_cmd.EXIT_ACCOUNTING:
         raise JobError(EXIT_ACCOUNTING, "release counts do not reconcile")
     if code != 0:
@@ -287,7 +296,7 @@ def _applies(step, job: Job) -> bool:
     if step is ingest_step:
         return job.url_lists is not None
     if step is release_step:
-        return job.release_argv is not None
+        return job.release is not None
     return True
 
 
@@ -311,25 +320,21 @@ def _checkpoint(job: Job, state: dict) -> None:
 
 
 def run(args) -> int:
-    try:
-        job = load_job(Path(args.job))
-        with _locked(job.root):
-            state_path = job.root / STATE_FILE
-            state = json.loads(state_path.read_text()) if state_path.is_file() else {}
-            done = []
-            try:
-                for step in (ingest_step, curate_step, release_step):
-                    if args.dry_run and done:  # an earlier step would change this one's inputs
-                        if _applies(step, job):
-                            done.append(step.__name__.removesuffix("_step"))
-                        continue
-                    done += step(job, state, args.dry_run)
-            finally:
-                if not args.dry_run:
-                    _save_state(state_path, state)
-    except JobError as err:
-        print(f"capfilt run-job: {err} (exit {err.code}: {EXIT_CODES[err.code]})", file=sys.stderr)
-        return err.code
+    job = load_job(Path(args.job))
+    with _locked(job.root):
+        state_path = job.root / STATE_FILE
+        state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+        done = []
+        try:
+            for step in (ingest_step, curate_step, release_step):
+                if args.dry_run and done:  # an earlier step would change this one's inputs
+                    if _applies(step, job):
+                        done.append(step.__name__.removesuffix("_step"))
+                    continue
+                done += step(job, state, args.dry_run)
+        finally:
+            if not args.dry_run:
+                _save_state(state_path, state)
     verb = "would run" if args.dry_run else "ran"
     print(f"run-job {job.name}: " + (f"{verb}: " + ", ".join(done) if done else "nothing to do"))
     return EXIT_OK

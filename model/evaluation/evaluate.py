@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from capfilt.model.evaluation import metrics
+from capfilt.model.inference.captioner import CaptionConfig
 from capfilt.model.inference.device import inference_context
 from capfilt.model.builders.model_dirs import find_model_dirs
 from capfilt.model.specs import ModelSpec
@@ -240,7 +241,7 @@ def evaluate_retrieval(model_dir, data: str, itm_rerank: int = 0, batch_size: in
 
 def evaluate_captions(model_dir, data: str, truth=None, batch_size: int = 32, seed: int = 0,
                       top_p: float = 0.0, device: str = "auto", limit: int | None = None,
-                      prompt: str = "a picture of ", examples: int = 5, progress: bool | None = False) -> dict:
+                      prompt: str = CaptionConfig.prompt, examples: int = 5, progress: bool | None = False) -> dict:
     """BLEU-4 and CIDEr of one caption per image against the reference (the truth's
     ``true_caption`` when `truth` is given, else the shard's caption), plus attribute accuracy
     against the truth's objects. ``top_p=0`` is greedy decoding. `prompt` is the one the

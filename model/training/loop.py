@@ -29,7 +29,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -55,28 +55,34 @@ def differing_option(saved: dict, now: dict) -> str | None:
 
 @dataclass
 class TrainConfig:
-    """Loop options. `batch_size` is per rank and per micro-batch: the global batch is
+    """Loop options (the fields with a ``help`` are `capfilt pretrain`/`finetune` options).
+    `batch_size` is per rank and per micro-batch: the global batch is
     ``batch_size * accum * world_size``."""
 
-    out_dir: str
+    out_dir: str = field(metadata={"help": "output directory (models, checkpoints, logs)", "flag": "--out"})
     run_name: str = "train"  # names the checkpoint folder, log and summary (pretrain, finetune-caption, ...)
-    steps: int = 1000
-    batch_size: int = 32
-    accum: int = 1
-    lr: float = 1e-4
-    weight_decay: float = 0.05
-    warmup: int = 0
-    min_lr_ratio: float = 0.0
-    clip_grad: float = 1.0  # max grad norm; 0 disables
-    bf16: bool | str = False  # True / "auto": bf16 autocast where the hardware runs it natively
-    checkpoint_every: int | None = None  # None: auto_checkpoint_every(steps); 0: only the final checkpoint
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    seed: int = 0
-    resume: bool = False
-    stop_after: int | None = None  # end this run after this global step (time-boxed jobs)
-    shuffle_buffer: int = 1000
-    progress: bool = True
+    steps: int = field(default=1000, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=32, metadata={"help": "samples per rank per micro-batch"})
+    accum: int = field(default=1, metadata={"help": "gradient accumulation micro-batches"})
+    lr: float = field(default=1e-4, metadata={"help": "peak learning rate (AdamW)"})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (matrices only)"})
+    warmup: int = field(default=0, metadata={"help": "linear warmup steps before the cosine decay"})
+    min_lr_ratio: float = field(default=0.0, metadata={"help": "final lr as a fraction of --lr"})
+    clip_grad: float = field(default=1.0, metadata={"help": "max gradient norm (0: off)"})
+    # True / "auto": bf16 autocast where the hardware runs it natively
+    bf16: bool | str = field(default=False, metadata={
+        "help": "bf16 autocast where the hardware runs bf16 natively (else fp32, with a warning)"})
+    # None: auto_checkpoint_every(steps); 0: only the final checkpoint
+    checkpoint_every: int | None = field(default=None, metadata={
+        "help": "checkpoint every N steps (0: only at the end; default max(20, steps // 10))", "metavar": "N"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "newest checkpoints kept"})
+    log_every: int = field(default=10, metadata={"help": "JSONL log interval in steps"})
+    seed: int = field(default=0, metadata={"help": "data order, caption draws, ITM negatives, dropout"})
+    resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in --out"})
+    # end this run after this global step (time-boxed jobs)
+    stop_after: int | None = field(default=None, metadata={"help": "end this run after step N (checkpointed)"})
+    shuffle_buffer: int = field(default=1000, metadata={"help": "rows in the shuffle buffer per source"})
+    progress: bool = field(default=True, metadata={"help": "no progress bar", "flag": "--no-progress"})
     # The options that built the model and its losses (jobs.pretrain.model_options): a resume
     # from a checkpoint written with other ones is refused.
     model_options: dict | None = None

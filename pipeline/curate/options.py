@@ -23,11 +23,21 @@ from apache_beam.options.pipeline_options import (
     WorkerOptions,
 )
 
+from capfilt.model.inference.captioner import CaptionConfig
 from capfilt.pipeline.curate.precision import DEFAULT_CLIP_MARGIN, DEFAULT_ITM_MARGIN, PRECISIONS, resolve_precision
 from capfilt.transforms.image import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
 from capfilt.transforms.text import DEFAULT_MAX_WORDS
 
 DEFAULT_RUNNER = "FnApiRunner"
+# The groups `capfilt curate --help` lists the options in.
+IO, CAPFILT, CHECKS = "input and output", "CapFilt", "input checks"
+MODELS = "models (a hub id or a local directory; CLIP also NAME:PRETRAINED)"
+RUN = "execution (plus any Beam pipeline option)"
+
+
+def _opt(group: str, help: str, **more) -> dict:
+    return {"group": group, "help": help, **more}
+
 # Runners that execute in (or next to) this process: the progress line can read their
 # per-worker counters from a local directory.
 LOCAL_RUNNERS = ("FnApiRunner", "DirectRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner")
@@ -35,49 +45,75 @@ LOCAL_RUNNERS = ("FnApiRunner", "DirectRunner", "BundleBasedDirectRunner", "Swit
 
 @dataclass(frozen=True)
 class CurateConfig:
-    """Everything `capfilt curate` needs besides Beam's own options.
+    """Everything `capfilt curate` needs besides Beam's own options; the fields with a ``help``
+    are the command's options (jobs/options.py derives its parser from them).
 
     Fields that change the curated rows (models, sampling, thresholds, seed, round, ablations,
     decode limits, precision) form the run's fingerprint (:meth:`fingerprint`); the others (batch size,
     grouping, progress) only change how fast the rows are produced.
     """
 
-    inputs: tuple[str, ...]
-    out: str
-    captioner: str | None = None
-    filter: str | None = None
-    clip: str | None = None
-    # Sampling (BLIP defaults; BLIP-2 sampled 10 captions per image).
-    num_captions: int = 10
-    prompt: str = "a picture of "
-    top_p: float = 0.9
-    max_length: int = 30
-    min_length: int = 10
-    repetition_penalty: float = 1.1
+    inputs: tuple[str, ...] = field(metadata=_opt(
+        IO, "raw shards: a glob of .parquet or .tar files (repeatable)", flag="--input", action="append",
+        metavar="GLOB"))
+    out: str = field(metadata=_opt(IO, "output directory", metavar="DIR"))
+    captioner: str | None = field(default=None, metadata=_opt(
+        MODELS, "BLIP captioning model (not needed with --no-synthetic)", metavar="M"))
+    filter: str | None = field(default=None, metadata=_opt(
+        MODELS, "BLIP or BLIP-2 ITM model (not needed with --no-filter)", metavar="M"))
+    clip: str | None = field(default=None, metadata=_opt(MODELS, "open_clip ranker", metavar="M"))
+    # Sampling (BLIP's defaults are the captioner's; BLIP-2 sampled 10 captions per image).
+    num_captions: int = field(default=10, metadata=_opt(CAPFILT, "synthetic captions per image", metavar="N"))
+    prompt: str = field(default=CaptionConfig.prompt, metadata=_opt(
+        CAPFILT, "captioner prompt (stripped from the output)"))
+    top_p: float = field(default=CaptionConfig.top_p, metadata=_opt(CAPFILT, "nucleus sampling mass", metavar="P"))
+    max_length: int = field(default=CaptionConfig.max_length, metadata=_opt(
+        CAPFILT, "caption tokens, prompt included"))
+    min_length: int = field(default=CaptionConfig.min_length, metadata=_opt(
+        CAPFILT, "caption tokens, prompt included"))
+    repetition_penalty: float = field(default=CaptionConfig.repetition_penalty, metadata=_opt(
+        CAPFILT, "captioner: transformers' repetition penalty on tokens already in the caption (prompt "
+        "included): 1 is none, > 1 discourages repeats; must be > 0 (BLIP: 1.1)", metavar="R"))
     # Selection.
-    itm_threshold: float = 0.5
-    keep_top: int = 2
-    seed: int = 0
-    round: int = 0
-    no_synthetic: bool = False
-    no_filter: bool = False
-    no_images: bool = False
+    itm_threshold: float = field(default=0.5, metadata=_opt(
+        CAPFILT, "a caption passes the filter when its ITM p(match) >= T", metavar="T"))
+    keep_top: int = field(default=2, metadata=_opt(
+        CAPFILT, "keep the K passing captions with the highest CLIP cosine", metavar="K"))
+    seed: int = field(default=0, metadata=_opt(
+        CAPFILT, "run seed; caption i of key k samples with sample_seed(S, k, i)", metavar="S"))
+    round: int = field(default=0, metadata=_opt(IO, "bootstrap round written to every row"))
+    no_synthetic: bool = field(default=False, metadata=_opt(CAPFILT, "ablation: no captioner, web captions only"))
+    no_filter: bool = field(default=False, metadata=_opt(CAPFILT, "ablation: no ITM filter, rank every candidate"))
+    no_images: bool = field(default=False, metadata=_opt(
+        IO, "leave the jpg column null in curated shards (key/url/sha256 reference the input)"))
     # Decode limits and caption cleaning (transforms.image / transforms.text).
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    min_side: int = DEFAULT_MIN_SIDE
-    max_aspect: float = DEFAULT_MAX_ASPECT
-    max_words: int = DEFAULT_MAX_WORDS
+    max_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata=_opt(CHECKS, "larger images are errors"))
+    min_side: int = field(default=DEFAULT_MIN_SIDE, metadata=_opt(CHECKS, "smaller images are errors"))
+    max_aspect: float = field(default=DEFAULT_MAX_ASPECT, metadata=_opt(CHECKS, "longer/shorter side limit"))
+    max_words: int = field(default=DEFAULT_MAX_WORDS, metadata=_opt(
+        CHECKS, "web captions are cut to this many words"))
     # Execution.
-    batch_size: int = 8
-    device: str = "auto"
-    precision: str = "auto"  # pipeline.precision: auto, fp32, bf16, bf16-checked
-    itm_margin: float = DEFAULT_ITM_MARGIN  # bf16-checked: ITM scores this close to the threshold get fp32
-    clip_margin: float = DEFAULT_CLIP_MARGIN  # bf16-checked: CLIP error assumed per score
-    share_model_across_processes: bool = False
-    torch_threads: int | None = None  # per worker process; None: torch's default
-    shards_per_pipeline: int = 8
-    overwrite: bool = False
-    progress_every: float = 5.0
+    batch_size: int = field(default=8, metadata=_opt(RUN, "images per model call", metavar="B"))
+    device: str = field(default="auto", metadata=_opt(MODELS, "auto, cpu or cuda[:N]"))
+    precision: str = field(default="auto", metadata=_opt(  # pipeline.precision
+        MODELS, "fp32; bf16 (all models, fastest, decisions may change); bf16-checked (captioner fp32, "
+        "filter and ranker bf16, images whose decision a bf16 error could flip are scored again in fp32); "
+        "auto (default): bf16-checked where the hardware has native bf16, else fp32. "
+        "See docs/benchmarks/capfilt.md", choices=PRECISIONS))
+    itm_margin: float = field(default=DEFAULT_ITM_MARGIN, metadata=_opt(  # ITM scores this close get fp32
+        MODELS, "bf16-checked: ITM scores within E of --itm-threshold are recomputed in fp32", metavar="E"))
+    clip_margin: float = field(default=DEFAULT_CLIP_MARGIN, metadata=_opt(  # CLIP error assumed per score
+        MODELS, "bf16-checked: CLIP rankings with neighbours within 2E are recomputed in fp32", metavar="E"))
+    share_model_across_processes: bool = field(default=False, metadata=_opt(
+        RUN, "one model copy per machine instead of per worker process"))
+    torch_threads: int | None = field(default=None, metadata=_opt(  # None: torch's default
+        RUN, "torch threads per worker process (default: cores / workers)"))
+    shards_per_pipeline: int = field(default=8, metadata=_opt(
+        RUN, "input shards per Beam pipeline (the unit of resume after a crash)"))
+    overwrite: bool = field(default=False, metadata=_opt(
+        IO, "delete OUT's previous curate output first (default: resume, skipping done shards)"))
+    progress_every: float = field(default=5.0, metadata=_opt(
+        RUN, "seconds between progress lines", metavar="SECONDS"))
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):

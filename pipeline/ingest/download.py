@@ -64,15 +64,20 @@ OWN_ARGUMENTS = {"url_list": "--url-list", "output_folder": "--out", "output_for
 
 @dataclass(frozen=True)
 class IngestConfig:
-    url_list: str
-    out: str
-    output_format: str = "parquet"
-    input_format: str | None = None  # None: from the file name
-    url_col: str = "url"
-    caption_col: str | None = "caption"
+    """One ingest; the fields with a ``help`` are the `capfilt ingest` options."""
+
+    url_list: str = field(metadata={"help": "the URL list", "metavar": "FILE"})
+    out: str = field(metadata={"help": "output directory for the raw shards", "metavar": "DIR"})
+    output_format: str = field(default="parquet", metadata={"help": "shard format", "choices": OUTPUT_FORMATS})
+    input_format: str | None = field(default=None, metadata={
+        "help": "img2dataset input format (parquet, csv, tsv, txt, json, ...); None: from the file name"})
+    url_col: str = field(default="url", metadata={"help": "column holding the URLs"})
+    caption_col: str | None = field(default="caption", metadata={"help": "column holding the captions ('' for none)"})
     options: dict = field(default_factory=dict)  # further img2dataset.download arguments
 
     def __post_init__(self):
+        if self.caption_col == "":
+            object.__setattr__(self, "caption_col", None)
         if not os.path.isfile(self.url_list):
             raise ValueError(f"--url-list {self.url_list}: no such file")
         if self.output_format not in OUTPUT_FORMATS:

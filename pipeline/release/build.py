@@ -57,21 +57,34 @@ REASONS = ("not_kept", "unreadable", "exact_duplicate", "duplicate_key", "near_d
 
 @dataclass
 class ReleaseConfig:
-    """Options of one release build (the `capfilt release` flags)."""
+    """Options of one release build; the fields with a ``help`` are the `capfilt release` options."""
 
-    inputs: list[Path]
-    out: Path
-    dedup_threshold: float = 0.95
-    decontaminate: str | None = None
-    decontaminate_threshold: float | None = None  # None: same as dedup_threshold
-    rows_per_shard: int = 10_000
-    webdataset: bool = False
-    clip: str | None = None  # None: the CLIP recorded in the first input's curate manifest
-    index: str = "auto"
-    batch_size: int = 32
-    seed: int = 0
-    overwrite: bool = False
-    report: bool = True
+    inputs: list[Path] = field(metadata={
+        "help": "curate output directories; the shards each one's manifest.json records are read, checked "
+                "against their recorded SHA-256", "flag": "--input", "nargs": "+", "metavar": "DIR", "type": Path})
+    out: Path = field(metadata={"help": "release directory to write", "metavar": "DIR", "type": Path})
+    dedup_threshold: float = field(default=0.95, metadata={
+        "help": "cosine of CLIP image embeddings at or above which two images are near-duplicates", "metavar": "T"})
+    decontaminate: str | None = field(default=None, metadata={
+        "help": "raw or curated parquet shards of evaluation images (e.g. the synth test split); "
+                "near-duplicates of any of them are removed", "metavar": "GLOB"})
+    decontaminate_threshold: float | None = field(default=None, metadata={  # None: same as dedup_threshold
+        "help": "cosine threshold for decontamination; None means the same as --dedup-threshold", "metavar": "T"})
+    rows_per_shard: int = field(default=10_000, metadata={
+        "help": "rows per output shard (shards are named part-00000.parquet, ...)", "metavar": "N"})
+    webdataset: bool = field(default=False, metadata={
+        "help": "also write webdataset tars (jpg + json with 'caption') for LAVIS's LAION loader"})
+    clip: str | None = field(default=None, metadata={  # None: the CLIP in the first input's curate manifest
+        "help": "CLIP model for image embeddings (open_clip name:pretrained, a directory from `models init "
+                "--kind clip`, or hub id); None means the CLIP in the first input's curate manifest", "metavar": "M"})
+    index: str = field(default="auto", metadata={
+        "help": "faiss index: auto = exact flat up to 50k images, IVF above", "choices": dedup.INDEX_KINDS})
+    batch_size: int = field(default=32, metadata={"help": "images per CLIP batch", "metavar": "B"})
+    seed: int = field(default=0, metadata={"help": "seed of the IVF k-means training"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "replace --out when it is a capfilt release (manifest.json format) or an empty directory; "
+                "anything else is refused, as is an --out that is, holds or is inside an --input"})
+    report: bool = field(default=True, metadata={"help": "skip report.html", "flag": "--no-report"})
 
     def __post_init__(self):
         self.inputs = [Path(p) for p in self.inputs]

@@ -13,7 +13,7 @@ import yaml
 
 from capfilt.jobs import cli
 from capfilt.jobs.bootstrap.stages import Stages
-from capfilt.jobs.bootstrap.config import ABLATIONS, cli_options, load_config
+from capfilt.jobs.bootstrap.config import ABLATIONS, cli_options, load_bootstrap_config as load_config
 from capfilt.jobs.bootstrap.report import targets
 
 

@@ -48,16 +48,40 @@ WORLD_FILES = ("truth.parquet", "synth_config.json")
 STAGE_MARKER = ".capfilt-synth-partial"
 
 
+def parse_noise_mix(text: str) -> dict[str, float]:
+    """'other=0.4,attribute=0.3,junk=0.3' -> dict; weights are relative (normalised later)."""
+    mix = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        if not sep or name not in NOISY:
+            raise ValueError(f"bad --noise-mix entry {part!r}: expected NAME=WEIGHT with NAME in {NOISY}")
+        try:
+            mix[name] = float(value)
+        except ValueError:
+            raise ValueError(f"bad weight in --noise-mix entry {part!r}") from None
+    if not mix:
+        raise ValueError("--noise-mix is empty")
+    return mix
+
+
 @dataclass
 class SynthConfig:
-    n: int = 2000  # web images
-    noise: float = 0.45  # fraction of web captions that are noisy
-    seed: int = 0
-    image_size: int = 64
-    human: int | None = None  # default n // 4
-    test: int | None = None  # default n // 4
-    rows_per_shard: int = 1000
-    noise_mix: dict = field(default_factory=lambda: dict(DEFAULT_NOISE_MIX))  # among noisy rows
+    """The world's options (`capfilt synth`; the ``help`` metadata makes a field a CLI option)."""
+
+    n: int = field(default=2000, metadata={"help": "number of web images"})
+    noise: float = field(default=0.45, metadata={
+        "help": "fraction of web captions that are noisy (exact count: round(noise*n))"})
+    seed: int = field(default=0, metadata={"help": "world seed"})
+    image_size: int = field(default=64, metadata={"help": "image side in pixels"})
+    human: int | None = field(default=None, metadata={
+        "help": "clean human-labelled images; n // 4 when not given"})
+    test: int | None = field(default=None, metadata={"help": "clean held-out test images; n // 4 when not given"})
+    rows_per_shard: int = field(default=1000, metadata={"help": "rows per parquet shard"})
+    noise_mix: dict = field(default_factory=lambda: dict(DEFAULT_NOISE_MIX), metadata={  # among noisy rows
+        "help": "relative weights of the noise types among noisy web captions; missing types get 0 "
+                f"(default: {','.join(f'{k}={v:.2f}' for k, v in DEFAULT_NOISE_MIX.items())})",
+        "type": parse_noise_mix, "metavar": "other=W,attribute=W,junk=W"})
     two_object_prob: float = 0.35
 
     def counts(self) -> dict[str, int]:
