@@ -24,7 +24,7 @@ def _target(name_or_dir: str | Path, need_processor: bool) -> str:
     return spec.text
 
 
-def load_config(name_or_dir: str | Path):
+def load_hf_config(name_or_dir: str | Path):
     """``AutoConfig`` of a directory or hub id, with a ValueError naming it on failure."""
     from transformers import AutoConfig
 

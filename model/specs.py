@@ -28,17 +28,16 @@ against the working directory, which holds whatever it holds.
 
 Identity (``identity``): what a manifest records for a model: its spec as written, and the
 SHA-256 over a local directory's files (relative path + content hash of each, in walk order)
-or of a local weights file; a hub id or pretrained tag has none. Hashing is written here
-because the model layer may not use the pipeline's Beam ``FileSystems`` reader; model files
-are local.
+or of a local weights file (``transforms.files.hashing``); a hub id or pretrained tag has none.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from capfilt.transforms.files.hashing import dir_sha256, file_sha256
 
 LOCAL, HUB, OPEN_CLIP, OPEN_CLIP_HUB, TIMM = "local", "hub", "open_clip", "open_clip_hub", "timm"
 _SCHEMES = {"local-dir": LOCAL, "hf": LOCAL, "hf-hub": OPEN_CLIP_HUB, "open_clip": OPEN_CLIP, "timm": TIMM}
@@ -224,25 +223,3 @@ def identity(spec: str | Path) -> dict:
     if path is not None and path.is_file():
         return {"id": parsed.text, "sha256": file_sha256(path), "kind": "file"}
     return {"id": parsed.text, "sha256": None, "kind": "hub"}
-
-
-def dir_sha256(path: str | Path) -> str:
-    """SHA-256 over a directory's files: for each, its path relative to ``path``, a NUL and
-    the hex SHA-256 of its bytes; folders in sorted path order, files by name within each."""
-    root = str(path)
-    digest = hashlib.sha256()
-    for folder, _dirs, files in sorted(os.walk(root)):
-        for name in sorted(files):
-            full = os.path.join(folder, name)
-            digest.update(os.path.relpath(full, root).encode("utf-8") + b"\0")
-            digest.update(file_sha256(full).encode("ascii"))
-    return digest.hexdigest()
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a local file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -28,6 +28,10 @@ import html
 import re
 import unicodedata
 
+# BLIP's captioning prompt: the decoder starts from it, and caption finetuning masks it out of
+# the LM targets. The one place it is written.
+BLIP_PROMPT = "a picture of "
+
 DEFAULT_MAX_WORDS = 30  # BLIP's max_words for pre-training captions
 
 # BLIP's pre_caption punctuation set: these become spaces.

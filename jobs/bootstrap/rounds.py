@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 from capfilt.jobs import options
-from capfilt.jobs.bootstrap.stages import Stages, write_json
+from capfilt.jobs.bootstrap.stages import Stages, write_record
 from capfilt.jobs.options import Call
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ class Bootstrap:
         model_config = None
         if self.config.model_config:
             model_config = self.out / "model_config.json"
-            write_json(model_config, self.config.model_config)
+            write_record(model_config, self.config.model_config)
         model = PretrainModel(arch="blip", model_config=str(model_config) if model_config else None)
         train = self.config.pretrain
         if name.startswith("round0/") and self.config.round0_pretrain is not None:
@@ -222,7 +222,7 @@ class Bootstrap:
                 if filter_applied:
                     result["curated_filter"] = ev.evaluate_filter(None, str(curated), truth=self.truth,
                                                                   threshold=self.config.curate.itm_threshold)
-            write_json(path, result)
+            write_record(path, result)
 
         seconds = self.stages.run(name, key, [path], work, deps=(*self.world_deps, *deps))
         return {"eval": json.loads(path.read_text()), "eval_seconds": seconds}

@@ -73,13 +73,13 @@ class Stages:
         if missing:
             raise RuntimeError(f"stage {name} finished without writing {missing}")
         self.stamps[name] = uuid.uuid4().hex
-        write_json(marker, {"key": key, "stamp": self.stamps[name], "seconds": seconds})
+        write_record(marker, {"key": key, "stamp": self.stamps[name], "seconds": seconds})
         log.info("[%s] done in %.0f s", name, seconds)
         self.records.append({"stage": name, "seconds": seconds, "skipped": False})
         return seconds
 
 
-def write_json(path: Path, data: dict) -> None:
+def write_record(path: Path, data: dict) -> None:
     """The bootstrap's records (stage markers, configs and evaluation results), indented, keys
     in insertion order, written whole (``transforms.files.atomic``): a kill never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,8 +87,8 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def _read_marker(marker: Path) -> dict | None:
-    """A stage's done marker, or None when there is none or it cannot be read (a marker from
-    before they were written atomically, cut short by a kill): the stage then runs again."""
+    """A stage's done marker, or None when there is none or it cannot be read (cut short, or
+    edited by hand): the stage then runs again."""
     if not marker.is_file():
         return None
     try:

@@ -37,13 +37,14 @@ from capfilt.model.inference.device import check_images, inference_context, reso
 from capfilt.model.inference.fastpath import FastPath, enable_blip_fast_path, fast_attention, grouped_cross_attention, resolve_fast
 from capfilt.model.inference.sampling import SeededNucleusSampler, row_seeds
 from capfilt.model.loading import load_hf_model
+from capfilt.transforms.text import BLIP_PROMPT
 
 
 @dataclass(frozen=True)
 class CaptionConfig:
     """BLIP's CapFilt sampling settings (``models/blip.py`` generate, ``sample=True``)."""
 
-    prompt: str = "a picture of "
+    prompt: str = BLIP_PROMPT
     top_p: float = 0.9
     max_length: int = 30
     min_length: int = 10

@@ -33,7 +33,7 @@ from PIL import Image
 
 from capfilt.model.inference.device import check_images, inference_context, resolve_device, use_bf16
 from capfilt.model.inference.fastpath import FastPath, enable_blip_fast_path, fast_attention, grouped_cross_attention, resolve_fast
-from capfilt.model.loading import load_config, load_hf_model
+from capfilt.model.loading import load_hf_config, load_hf_model
 
 
 @dataclass
@@ -238,7 +238,7 @@ _FILTERS = {"blip": BlipFilter, "blip-2": Blip2Filter}
 
 def load_filter(name_or_dir, device: str = "auto", bf16: bool = False, **options) -> EncodeOnceFilter:
     """A ``BlipFilter`` or ``Blip2Filter``, chosen by the checkpoint's ``model_type``."""
-    config = load_config(name_or_dir)
+    config = load_hf_config(name_or_dir)
     model_type = getattr(config, "model_type", None)
     if model_type not in _FILTERS:
         raise ValueError(

@@ -16,14 +16,14 @@ def check_models(cfg) -> None:
     the option. Hub ids are resolved too (their config through ``AutoConfig``, which fails at
     once offline); the weights themselves are read by the workers."""
     from capfilt.model.inference.device import resolve_device
-    from capfilt.model.loading import load_config
+    from capfilt.model.loading import load_hf_config
     from capfilt.model.specs import ModelSpec, check_model_dir
 
     def check_blip(spec) -> None:  # a local directory's files, then its config (a hub id's too)
         parsed = ModelSpec.parse(spec)
         if parsed.local:
             check_model_dir(parsed.path)
-        load_config(spec)
+        load_hf_config(spec)
 
     _named("--device", cfg.device, resolve_device)
     if cfg.use_captioner:

@@ -21,7 +21,7 @@ stops the build instead of shipping part of the data.
 
 The release is built in a staging directory beside ``out`` (created before the CLIP pass, so an
 unwritable ``out`` fails at once) and renamed over it at the end, so a failed build never
-leaves a half-written release behind. What may be replaced is checked first (``release_out.check_out``):
+leaves a half-written release behind. What may be replaced is checked first (``out_dir.check_release_out``):
 with ``overwrite`` only an empty directory or an earlier release, never an input.
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from capfilt.pipeline.release import dedup, manifest as release_manifest
-from capfilt.pipeline.release.out_dir import check_out, stage_dir, swap_into_place
+from capfilt.pipeline.release.out_dir import check_release_out, stage_dir, swap_into_place
 from capfilt.pipeline.files import file_sha256
 from capfilt.pipeline.release.shards import (
     CURATED_READ_SCHEMA, PROGRESS_EVERY_S, REMOVED_SCHEMA, DecontaminationSet, ShardWriter, check_input_schema,
@@ -358,7 +358,7 @@ def build_release(cfg: ReleaseConfig, embedder: Embedder | None = None) -> dict:
     ``embedder`` maps RGB images to normalised embeddings; by default the CLIP named by
     ``cfg.clip`` (or the curate manifest) loaded through ``model.ranker.ClipRanker``."""
     t0 = time.time()
-    check_out(cfg.out, cfg.overwrite, cfg.decontaminate)
+    check_release_out(cfg.out, cfg.overwrite, cfg.decontaminate)
     files, sources, hashes = list_input_shards(cfg.inputs)
     lineage = release_manifest.curate_lineage(cfg.inputs)
     if embedder is None:

@@ -27,7 +27,7 @@ def _staging(out: Path) -> Staging:
                    unique=False, owned=release_manifest.is_release_dir)
 
 
-def check_out(out: Path, overwrite: bool, decontaminate: str | None) -> None:
+def check_release_out(out: Path, overwrite: bool, decontaminate: str | None) -> None:
     """Refuse an --out this build must not replace: anything without --overwrite; with it,
     anything but an empty directory or a capfilt release (manifest.json `format`)."""
     if not (out.exists() or out.is_symlink()):

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from capfilt.transforms.text import BLIP_PROMPT as CAPTION_PROMPT
+
 SHAPES = ("circle", "square", "triangle", "star", "cross")
 # Saturated, far-apart RGB values: easy to tell apart even after JPEG at 64 px.
 COLOURS = {
@@ -77,7 +79,6 @@ JUNK_TEMPLATES = (  # alt-text as scraped from the web; "{n}" is a random number
     "thumbnail", "copyright all rights reserved", "untitled", "product image {n}",
     "https://cdn.example.com/img/{n}.jpg", "www.example.org/gallery?id={n}", "",
 )
-CAPTION_PROMPT = "a picture of "  # BLIP's captioner prompt: its words must be in the vocabulary
 
 # A row of truth.parquet: one per image of every split. `caption` is the caption the row was
 # given (the web caption, or the clean one for human/test). Attribute lists have one entry per
@@ -237,7 +238,7 @@ def corpus(seed: int = 0, n: int = 4000) -> list[str]:
         scene = sample_scene(rng)
         text = describe(scene, rng)
         if i % 4 == 0:
-            text = CAPTION_PROMPT + text
+            text = CAPTION_PROMPT + text  # its words must be in the tiny tokenizer's vocabulary
         texts.append(text)
         if i % 3 == 0:
             texts.append(describe(corrupt(scene, rng)[0], rng))

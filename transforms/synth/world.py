@@ -198,7 +198,7 @@ def _foreign_entry(out: Path) -> Path | None:
     return None
 
 
-def check_out(out: Path, overwrite: bool) -> None:
+def check_world_out(out: Path, overwrite: bool) -> None:
     """Refuse an `out` this run must not replace. The world replaces `out` as a whole, so a
     non-empty `out` must be a synthetic world (then `overwrite` is needed): anything else in it
     would be deleted, and is refused even with `overwrite`."""
@@ -268,7 +268,7 @@ def write_world(out_dir, cfg: SynthConfig, overwrite: bool = False, progress=Non
     out = Path(out_dir).resolve() if Path(out_dir).is_symlink() else Path(os.path.abspath(out_dir))
     staging = _staging(out)
     staging.clean_leftovers()
-    check_out(out, overwrite)  # fail before anything is rendered
+    check_world_out(out, overwrite)  # fail before anything is rendered
     counts = cfg.counts()
     plans = {split: _plan_split(split, counts[split], cfg) for split in SPLITS}
     _apply_noise(plans["web"], cfg)
@@ -278,7 +278,7 @@ def write_world(out_dir, cfg: SynthConfig, overwrite: bool = False, progress=Non
     stage = staging.create(f"cannot write the world to --out {out}")
     try:
         summary = _write_shards(stage, plans, cfg, progress)
-        check_out(out, overwrite)  # again: another run may have written `out` meanwhile
+        check_world_out(out, overwrite)  # again: another run may have written `out` meanwhile
         staging.swap()
     finally:
         staging.discard()
