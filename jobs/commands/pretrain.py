@@ -234,8 +234,8 @@ def check_init_record(args) -> None:
             raise ValueError(f"--resume: {path.parent} was built with other options ({problem}); resume with "
                              "the same options, or start again with --overwrite")
     elif (Path(args.out) / "init").is_dir():
-        log.warning("--resume: %s has no %s (written by an older capfilt, or by a run stopped before it was "
-                    "written): its model options cannot be checked", Path(args.out) / "init", INIT_RECORD)
+        log.warning("--resume: %s has no %s (the run stopped before it was written): its model "
+                    "options cannot be checked", Path(args.out) / "init", INIT_RECORD)
 
 
 def write_init_record(args) -> None:

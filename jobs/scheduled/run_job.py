@@ -208,8 +208,7 @@ def curate_step(job: Job, state, dry: bool) -> list[str]:
         download = downloads.get(name)
         # URL lists: an output whose files may come from another download of the list must not
         # be resumed. It is known to match when it was started on this download (curated_from),
-        # or when its last finished curate read exactly these shard hashes (also true of a
-        # state written before curated_from existed, so an upgrade re-curates nothing).
+        # or when its last finished curate read exactly these shard hashes.
         stale = (download is not None and state.get("curated_from", {}).get(name) != download
                  and not (seen and not changed) and _has_files(out))
         overwrite = stale or (bool(seen) and (seen.get("signature") != signature or bool(changed)))

@@ -316,11 +316,9 @@ class Trainer:
         return [{"name": s.name, "weight": float(s.spec.weight), "files": [str(Path(f).resolve()) for f in s.files]}
                 for s in self.stream.sources]
 
-    def _check_same_data(self, path: Path, saved: list[dict] | None) -> None:
+    def _check_same_data(self, path: Path, saved: list[dict]) -> None:
         """Refuse to resume on other data: the data positions would point into other shards, and
         a finished run would be re-exported and re-summarised as if nothing changed."""
-        if saved is None:  # a checkpoint written before runs recorded their data
-            return
         now = self._data_sources()
         for i in range(max(len(saved), len(now))):
             a = saved[i] if i < len(saved) else None
@@ -369,7 +367,7 @@ class Trainer:
         if len(state["ranks"]) != self.world:
             raise ValueError(f"{path}: checkpoint was written by {len(state['ranks'])} rank(s), this run "
                              f"has {self.world}; resume with the same world size")
-        self._check_same_data(path, state.get("data_sources"))
+        self._check_same_data(path, state["data_sources"])
         missing, unexpected = load_model(self.module, str(path / "model.safetensors"), strict=False,
                                          device=str(self.device))
         if missing or unexpected:
