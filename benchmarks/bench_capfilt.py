@@ -25,7 +25,7 @@ The ways:
     ``FastPath.off()`` (transformers' and open_clip's modules as they are) and bf16 off.
 (c_fp32) the fast path in fp32: the same calls with ``FastPath()``.
 (c) our default: the fast path with ``--precision auto``, which is ``bf16-checked`` where the CPU
-    has native bf16 (pipeline/precision.py): captioner fp32, filter and ranker bf16, and the
+    has native bf16 (pipeline/curate/precision.py): captioner fp32, filter and ranker bf16, and the
     images whose decision at curate's threshold a bf16 error could flip scored again in fp32
     (``checked_filter_scores`` / ``checked_rank_scores``, the functions curate's handlers call).
     Without native bf16, ``auto`` is fp32 and (c) is (c_fp32); (c) and (c_bf16) are then not run.

@@ -2,7 +2,7 @@
 and how close the vision towers get to this CPU's matmul peak. Not a test: it prints figures.
 
 Models are the published configs in benchmarks/configs/ with random weights, built once into
---work-dir by model.tiny.init_model (the same builder and save_pretrained/from_pretrained path
+--work-dir by model.builders.tiny.init_model (the same builder and save_pretrained/from_pretrained path
 the tiny models use) with a BERT-layout tokenizer of BLIP's 30524 tokens, so every size (vision
 width, image size, vocabulary) is the real one.
 

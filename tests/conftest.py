@@ -13,7 +13,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running; excluded from `make test`")
 
 
-# --- tiny models and the synthetic world (model/tiny.py, transforms/synth*.py) ---------------
+# --- tiny models and the synthetic world (model/builders/tiny.py, transforms/synth*.py) ---------------
 # Session-scoped: built once per test run into pytest's temporary directory, then shared.
 # Tests must not modify these directories; copy them first (shutil.copytree) if they must.
 

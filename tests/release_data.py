@@ -83,7 +83,7 @@ def write_curated(root: Path, shards: list[list[dict]], clip: str | None = None)
 
 def record_outputs(root: Path) -> Path:
     """Record the files now in root/shards in root/manifest.json `outputs` the way curate does
-    (pipeline.state: name, path, sha256, rows); the release reads only recorded shards."""
+    (pipeline.curate.state: name, path, sha256, rows); the release reads only recorded shards."""
     outputs = []
     for path in sorted((root / "shards").glob("*.parquet")):
         outputs.append({"name": path.name, "path": f"shards/{path.name}",
@@ -107,7 +107,7 @@ def write_raw(path: Path, items: list[tuple[str, bytes | None]], status: str = "
 def scanned_rows(keys: list[str], images: list[str], emb, rank):
     """A pass-1 view (pipeline.release_io.ScannedRows) of kept, readable rows given directly:
     ``images`` stand for the image hashes, ``emb`` (N, D) for their embeddings, ``rank`` (N, 2)
-    for (best CLIP, best ITM). Lets the tests drive pipeline.release.decide without images."""
+    for (best CLIP, best ITM). Lets the tests drive pipeline.release.build.decide without images."""
     from capfilt.pipeline.release.shards import ScannedRows
 
     n = len(keys)

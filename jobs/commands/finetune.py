@@ -20,7 +20,7 @@ CAPTION_PROMPT = CaptionConfig.prompt  # BLIP's caption finetuning prompt is its
 DESCRIPTION = (
     "Finetune from a pretrained directory (--init: DIR/captioner + DIR/itm, or a single BLIP / "
     "BLIP-2 directory). --task caption trains the image-grounded decoder (LM with BLIP's prompt "
-    "'a picture of ', label smoothing 0.1) and writes OUT/captioner; --task retrieval trains "
+    f"{CAPTION_PROMPT!r}, label smoothing 0.1) and writes OUT/captioner; --task retrieval trains "
     "ITC + ITM (BLIP or BLIP-2) and writes OUT/itm."
 )
 

@@ -4,7 +4,7 @@
     capfilt models tokenizer --out models/tokenizer
 
 `init` writes a random-initialised directory that `from_pretrained` (BLIP kinds) or
-`open_clip.create_model_and_transforms("local-dir:DIR")` (clip) reads back; see model/tiny.py.
+`open_clip.create_model_and_transforms("local-dir:DIR")` (clip) reads back; see model/builders/tiny.py.
 A non-empty --out is refused unless --overwrite is given, which replaces it: writing one model
 into another's directory would mix their files (a clip directory holding a BLIP config.json).
 """

@@ -75,7 +75,7 @@ class PretrainModel:
                 "or a CLIP directory) instead of a tiny random model"})
     tokenizer: str | None = field(default=None, metadata={
         "help": "tokenizer directory for a fresh BLIP model (when absent, one is trained on the synthetic "
-                "corpus by model.tiny)"})
+                "corpus by model.builders.tiny)"})
     model_config: str | None = field(default=None, metadata={
         "help": 'JSON file deep-merged into the fresh model\'s config, e.g. {"vision_config": '
                 '{"num_hidden_layers": 12}}'})

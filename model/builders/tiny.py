@@ -179,7 +179,7 @@ def token_ids(tokenizer) -> dict:
     """The ids BLIP's text configs need, read from the tokenizer."""
     dec_id = tokenizer.convert_tokens_to_ids(BLIP_EXTRA_TOKENS[0])
     if dec_id is None or dec_id == tokenizer.unk_token_id:
-        raise ValueError("tokenizer has no [DEC] token; build it with model.tiny.train_tokenizer")
+        raise ValueError("tokenizer has no [DEC] token; build it with model.builders.tiny.train_tokenizer")
     return {
         "vocab_size": len(tokenizer),
         "pad_token_id": tokenizer.pad_token_id,

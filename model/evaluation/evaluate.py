@@ -9,7 +9,7 @@
   truth labels; or the ``web_itm`` column of curated shards, which curate already computed;
 * curated: ``metrics.curated_metrics`` over curated shards.
 
-The metric arithmetic is in ``model/metrics.py``. The filter classes expose the image side of
+The metric arithmetic is in ``model/evaluation/metrics.py``. The filter classes expose the image side of
 ITC (``encode_images``); the text side of the full N x N similarity matrix is computed here from
 the same sub-modules, because ``score`` pairs each text with one image only.
 

@@ -1,8 +1,8 @@
 """Evaluation metrics as pure functions: retrieval recall, caption metrics, filter quality and
-the correctness of curated captions. `model/evaluation.py` runs the models and calls these.
+the correctness of curated captions. `model/evaluation/evaluate.py` runs the models and calls these.
 
 What comes from libraries: BLEU-4 and CIDEr are pycocoevalcap's (with its PTB tokenizer, which
-runs Java), and captions are read back with ``transforms.synth.parse_caption``. What is ours,
+runs Java), and captions are read back with ``transforms.synth.scenes.parse_caption``. What is ours,
 because no library ships it for our data: Recall@K from a similarity matrix with BLIP's
 ITM re-ranking of the ITC top-k (BLIP's version lives inside a training script), and the
 precision/recall of the filter and the correctness of curated captions against the synthetic
@@ -152,7 +152,7 @@ def attribute_accuracy(captions: Sequence[str], scenes: Sequence[Scene]) -> dict
     (each stated object used once); an unmatched true object counts as wrong on every
     attribute. Returns per-attribute accuracy over true objects (``colour``, ``shape``,
     ``position``), their mean ``attribute_accuracy``, and ``exact``: the fraction of captions
-    that state exactly the scene's objects (``transforms.synth.caption_matches``).
+    that state exactly the scene's objects (``transforms.synth.scenes.caption_matches``).
     """
     if len(captions) != len(scenes):
         raise ValueError(f"{len(captions)} captions for {len(scenes)} scenes")

@@ -371,7 +371,7 @@ def collate_blip(processor, samples, max_text_len: int, prompt: str = "", prompt
 def build_blip(cfg: BlipTrainConfig, work_dir, init=None, seed: int = 0, tokenizer_dir=None,
                overrides: dict | None = None, vision_init: str | None = None) -> BlipTrainModel:
     """The training model: from `init` (see `find_model_dirs`), or fresh tiny models written to
-    ``work_dir/init/{itm,captioner}`` by `model.tiny.init_model` (config `overrides` merged in),
+    ``work_dir/init/{itm,captioner}`` by `model.builders.tiny.init_model` (config `overrides` merged in),
     then optionally the vision tower from `vision_init` (`model.vision_init`)."""
     from capfilt.model.builders.tiny import init_model
     from capfilt.model.training.vision_init import init_vision_tower

@@ -5,7 +5,7 @@ them to the loop in `train.py` (collate / forward / export). Under DDP the loss 
 `ClipLoss(local_loss=True, gather_with_grad=True)`: each rank's rows against the whole global
 batch, which averages to the single-process loss of the same global batch.
 
-The export is the directory layout `capfilt models init --kind clip` writes (model/tiny.py):
+The export is the directory layout `capfilt models init --kind clip` writes (model/builders/tiny.py):
 ``DIR/clip/open_clip_model.safetensors`` + ``open_clip_config.json`` (``model_cfg`` and
 ``preprocess_cfg``), loadable with ``open_clip.create_model_and_transforms("local-dir:DIR/clip")``.
 """
@@ -80,7 +80,7 @@ class ClipTrainModel(nn.Module):
 
 def build_clip(work_dir, init=None, seed: int = 0, overrides: dict | None = None) -> ClipTrainModel:
     """From `init` (a CLIP directory or DIR/clip), or a fresh tiny CLIP written to
-    ``work_dir/init/clip`` by `model.tiny.init_model`."""
+    ``work_dir/init/clip`` by `model.builders.tiny.init_model`."""
     if init is None:
         from capfilt.model.builders.tiny import init_model
 

@@ -2,7 +2,7 @@
 
 transformers ships the BLIP/BLIP-2 networks but none of their pretraining objectives, so they
 are written here, as plain functions over logits and features (the models in
-`blip_pretrain.py` / `blip2_pretrain.py` call them):
+`training/blip.py` / `training/blip2.py` call them):
 
 * ITC: cross-entropy of similarity logits against one-hot targets, optionally mixed with the
   momentum model's softmax (soft targets, `alpha`), as in BLIP / ALBEF;

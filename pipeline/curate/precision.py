@@ -3,7 +3,7 @@
 ``--precision`` (``CurateConfig.precision``):
 
 * ``fp32``: every model in fp32.
-* ``bf16``: every model under bf16 (``model.device.inference_context``). Fastest, but it moves
+* ``bf16``: every model under bf16 (``model.inference.device.inference_context``). Fastest, but it moves
   decisions: bf16 changes 5-11 % of the sampled captions and the scores by ~3e-3, and with them
   12-25 % of the selections (docs/benchmarks/capfilt.md).
 * ``bf16-checked``: the captioner stays fp32, the filter and the ranker's image tower run in
@@ -27,7 +27,7 @@
   (``BREAK_EVEN``). Then that model scores its batches in fp32 directly, and tries bf16 again
   on every ``PROBE_EVERY``-th batch to see whether the data has changed.
 * ``auto`` (the default): ``bf16-checked`` where the hardware runs bf16 natively (a GPU with
-  bf16, a CPU with AVX512-BF16 or AMX: ``model.device.bf16_supported``), else ``fp32``.
+  bf16, a CPU with AVX512-BF16 or AMX: ``model.inference.device.bf16_supported``), else ``fp32``.
 
 No library offers a precision guard around a selection rule, so it is written here; the
 rule itself lives in ``pipeline.select``.
@@ -50,7 +50,7 @@ PROBE_EVERY = 8  # in fp32-first mode, every 8th batch tries bf16 again
 def resolve_precision(requested: str, device) -> str:
     """``auto`` -> ``bf16-checked`` where bf16 is native on ``device``, else ``fp32``; an
     explicit bf16 mode on hardware without bf16 falls back to ``fp32`` (with a warning, from
-    ``model.device.use_bf16``)."""
+    ``model.inference.device.use_bf16``)."""
     from capfilt.model.inference.device import bf16_supported, resolve_device, use_bf16
 
     if requested not in PRECISIONS:

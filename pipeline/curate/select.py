@@ -111,7 +111,7 @@ def _ranked(candidates: list[tuple], itm_threshold: float, use_filter: bool) -> 
     return sorted(unique, key=lambda c: (-c[4], c[0]))
 
 
-# -- how close a decision is to flipping (bf16 scores checked in fp32, pipeline/precision.py) ----
+# -- how close a decision is to flipping (bf16 scores checked in fp32, pipeline/curate/precision.py) ----
 
 def near_itm_threshold(itm_scores: Sequence[float | None], itm_threshold: float, margin: float) -> bool:
     """True when some score lies within ``margin`` of the threshold: an error of up to

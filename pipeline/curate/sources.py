@@ -86,7 +86,7 @@ def shard_ids(paths) -> dict[str, str]:
     downloads (``raw/**/*.parquet``) matches ``raw/a/00000.parquet`` and ``raw/b/00000.parquet``:
     then every id is the path below the shards' common directory (``a_00000``, ``b_00000``).
     The ids depend on the set of shards: when a later input makes a curated shard's id change,
-    curate drops its old output and curates it again (``pipeline.state.OutStore.without_renamed``).
+    curate drops its old output and curates it again (``pipeline.curate.state.OutStore.without_renamed``).
     """
     files = _shard_files(paths)
     ids = {p: _SAFE_ID.sub("_", posixpath.basename(os.path.splitext(p)[0])) for p in files}

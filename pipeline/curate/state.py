@@ -255,7 +255,7 @@ class OutStore:
         """The markers minus those of an input that is now curated under another shard id.
 
         Shard ids come from file names, and from the path below the common folder once two
-        inputs share a name (``pipeline.sources.shard_ids``): when ``raw/b/00000.parquet``
+        inputs share a name (``pipeline.curate.sources.shard_ids``): when ``raw/b/00000.parquet``
         arrives, ``raw/a/00000.parquet`` turns from ``00000`` into ``a_00000``. Its old outputs
         would count it twice beside the new ones, so its marker is dropped (``clean_incomplete``
         then deletes its files) and the input is curated again under its new id."""

@@ -1,7 +1,7 @@
 """Lineage and accounting of a release: ``manifest.json``, the count check and the dataset card.
 
 The manifest is what a scheduled job compares against to decide whether a release is stale
-(``jobs/run_job.py``), so it holds no timestamps: the same inputs and settings give the same
+(``jobs/scheduled/run_job.py``), so it holds no timestamps: the same inputs and settings give the same
 manifest, byte for byte. Model hashes and the code version come from the same functions the
 curate run record uses (``pipeline.curate.record``), so a model has one hash in both manifests.
 """
@@ -104,7 +104,7 @@ def count_steps(dec, reasons, outputs: dict) -> dict:
     removed = {r: dec.count(r) for r in reasons}
     n = len(dec.reason)
     steps, have = [], n
-    # Decontamination runs before dedup (pipeline.release.decide), so the steps chain in that order.
+    # Decontamination runs before dedup (pipeline.release.build.decide), so the steps chain in that order.
     for step, why in (("keep", ("not_kept", "unreadable")),
                       ("decontaminate", ("contaminated",)),
                       ("dedup", ("exact_duplicate", "duplicate_key", "near_duplicate"))):

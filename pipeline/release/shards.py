@@ -1,4 +1,4 @@
-"""Reading and writing for the release build (``pipeline.release``).
+"""Reading and writing for the release build (``pipeline.release.build``).
 
 * ``scan_rows``: pass 1 over the curated shards — keys, keep flags, the ranking scores of the
   selected captions, the SHA-256 of the image bytes and the image embedding of every kept row.
@@ -37,7 +37,7 @@ REMOVED_SCHEMA = pa.schema(
     [f for f in CURATED_SCHEMA if f.name != "jpg"]
     + [
         ("source", pa.string()),        # input shard the row came from
-        ("reason", pa.string()),        # one of pipeline.release.REASONS
+        ("reason", pa.string()),        # one of pipeline.release.build.REASONS
         ("detail", pa.string()),        # curate drop reason, decode error, eval file ...
         ("duplicate_of", pa.string()),  # key of the kept row, or of the eval image
         ("similarity", pa.float32()),   # cosine to that row / eval image

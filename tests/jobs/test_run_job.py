@@ -37,7 +37,7 @@ def snapshot(root: Path) -> dict:
 
 class FakeCurate:
     """Stands in for `capfilt curate`: one curated shard per raw shard, named by curate's own
-    shard ids (pipeline.sources.discover_shards, exit 2 when it refuses the input), a done
+    shard ids (pipeline.curate.sources.discover_shards, exit 2 when it refuses the input), a done
     marker per shard written last and holding the input's hash, done shards skipped, a changed
     input refused (exit 2) unless --overwrite, an output whose shard name changed curated again,
     the outputs recorded in manifest.json as curate records them."""

@@ -1,4 +1,4 @@
-"""`capfilt synth` writes its world whole or not at all (transforms/synth_world.py staging).
+"""`capfilt synth` writes its world whole or not at all (transforms/synth/world.py staging).
 
 A run interrupted in-process (KeyboardInterrupt) or killed with SIGKILL in a child process must
 leave --out as it was, and re-running the same command must give the bytes of an uninterrupted

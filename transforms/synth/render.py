@@ -1,4 +1,4 @@
-"""Drawing the synthetic world's scenes with PIL (see `transforms.synth` for the vocabulary).
+"""Drawing the synthetic world's scenes with PIL (see `transforms.synth.scenes` for the vocabulary).
 
 Shapes are drawn at 4x the output size and box-filtered down, so edges are anti-aliased the
 same way on every platform. Small random jitter (object centre, radius, colour, background

@@ -7,8 +7,8 @@ attributes back, which is how generated captions are scored for attribute accura
 
 The world is deliberately small (5 shapes, 8 well-separated colours, 2 sizes, 5 positions) so
 that tiny BLIP/CLIP models learn it in minutes on a CPU. No library generates such a world, so
-this module is ours. Rendering is in `transforms.synth_render`, shard writing in
-`transforms.synth_world`.
+this module is ours. Rendering is in `transforms.synth.render`, shard writing in
+`transforms.synth.world`.
 
 Positions are absolute (left/right/top/bottom/center), so images must never be flipped
 horizontally anywhere in the project: a flip would make "on the left" captions wrong.

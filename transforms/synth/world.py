@@ -3,7 +3,7 @@
     <out>/web/00000.parquet ...    noisy web split    (transforms.schemas.RAW_SCHEMA)
     <out>/human/00000.parquet ...  clean, COCO-like   (finetuning the captioner and filter)
     <out>/test/00000.parquet ...   clean, held out    (evaluation)
-    <out>/truth.parquet            one row per image   (transforms.synth.TRUTH_SCHEMA)
+    <out>/truth.parquet            one row per image   (transforms.synth.scenes.TRUTH_SCHEMA)
     <out>/synth_config.json        the settings and the realised counts
 
 Everything random about row `key` comes from `sample_seed(seed, key)`, and which web rows are

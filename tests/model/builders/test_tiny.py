@@ -1,4 +1,4 @@
-"""Tiny models and tokenizer (model/tiny.py) and `capfilt models`."""
+"""Tiny models and tokenizer (model/builders/tiny.py) and `capfilt models`."""
 import json
 
 import numpy as np

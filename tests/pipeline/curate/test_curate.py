@@ -249,7 +249,7 @@ def test_checked_bf16_keeps_every_decision_of_fp32(clean_run, inputs, tiny_model
         assert 0 < len(ranked) < len(rows)
         assert run["fp32_rescored"]["filter"] == len(rows)
         assert f"bf16-checked; images scored in fp32 by the check: filter {len(rows)}, rank" in stdout
-        # at least every ranking; more once a model goes fp32-first (pipeline/precision.py)
+        # at least every ranking; more once a model goes fp32-first (pipeline/curate/precision.py)
         assert len(ranked) <= run["fp32_rescored"]["rank"] <= len(rows)
         for key, row in rows.items():
             ref = rows32[key]

@@ -1,4 +1,4 @@
-"""Precision policy and the fp32 check of bf16 decisions (pipeline/precision.py, pipeline/select.py):
+"""Precision policy and the fp32 check of bf16 decisions (pipeline/curate/precision.py, pipeline/select.py):
 which model runs in bf16, when an image is re-scored in fp32, and that checked bf16 scoring makes
 the decisions fp32 makes, on tiny models with bf16 forced on (native or emulated)."""
 import math
