@@ -88,9 +88,11 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; only `command`'s options are declared (None: every command's), so that a
     command does not import what the others need to declare theirs."""
+    # No abbreviations anywhere: a typo (`--ou`, `--num-caption`) must not quietly set another option.
     parser = argparse.ArgumentParser(
         prog="capfilt",
         description="Curate web image-text data with BLIP's CapFilt bootstrapping.",
+        allow_abbrev=False,
     )
     parser.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS, metavar="LEVEL",
                         help=f"logging level, one of {', '.join(LOG_LEVELS)} in any case (default: INFO)")
@@ -98,10 +100,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sub.required = True
     for name, (module_name, help) in COMMANDS.items():
         if command not in (None, name):
-            sub.add_parser(name, help=help)
+            sub.add_parser(name, help=help, allow_abbrev=False)
             continue
         module = importlib.import_module(module_name)
-        p = sub.add_parser(name, help=help, description=getattr(module, "DESCRIPTION", help),
+        p = sub.add_parser(name, help=help, description=getattr(module, "DESCRIPTION", help), allow_abbrev=False,
                            formatter_class=HelpFormatter)
         module.add_arguments(p)
         p.set_defaults(_run=module.run)

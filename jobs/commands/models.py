@@ -63,11 +63,12 @@ def add_arguments(parser) -> None:
     )
     sub = parser.add_subparsers(dest="models_command", metavar="ACTION")
     sub.required = True
-    init = sub.add_parser("init", help="write a random-initialised tiny model directory",
+    init = sub.add_parser("init", help="write a random-initialised tiny model directory", allow_abbrev=False,
                           description="Write a random-initialised tiny model directory.", formatter_class=HelpFormatter)
     options.add_arguments(init, ModelInit)
     tok = sub.add_parser(
         "tokenizer",
+        allow_abbrev=False,
         help="train the WordPiece tokenizer on the synthetic corpus",
         description="Train the BLIP-layout WordPiece tokenizer ([DEC] bos, [ENC]) on the "
         "synthetic world's captions.",

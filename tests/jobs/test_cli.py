@@ -107,3 +107,20 @@ def test_an_unknown_log_level_is_an_error(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["--log-level", "debug", "synth", "--help"])  # any case
     assert exc.value.code == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["synth", "--ou", "OUT"], "the following arguments are required: --out"),
+    (["synth", "--out", "OUT", "--nois", "0.4"], "unrecognized arguments: --nois 0.4"),
+    (["models", "init", "--kin", "itm", "--out", "OUT"], "the following arguments are required: --kind"),
+    (["curate", "--inpu", "raw/*.parquet", "--out", "OUT"], "the following arguments are required: --input"),
+    (["--log-lev", "DEBUG", "synth", "--out", "OUT"], "invalid choice: 'DEBUG'"),
+])
+def test_abbreviated_options_are_refused_and_nothing_is_written(argv, message, capsys, tmp_path):
+    """argparse would take `--ou` for `--out`: a typo must not quietly set another option."""
+    argv = [str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
