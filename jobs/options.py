@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 from pathlib import Path
 
 _SCALARS = {"int": int, "float": float, "str": str, "Path": Path}
@@ -204,6 +205,13 @@ def argv(*configs) -> list[str]:
 def flags(keys) -> list[str]:
     """``["max_length"]`` -> ``["--max-length"]``: mapping keys as the options they name."""
     return ["--" + str(k).replace("_", "-") for k in keys]
+
+
+def did_you_mean(unknown, known) -> str:
+    """`` (did you mean num_captions?)`` for the unknown keys that are close to a known one, else ``""``."""
+    guesses = [f"{key} -> {match[0]}" for key in unknown
+               if (match := difflib.get_close_matches(str(key), [str(k) for k in known], n=1, cutoff=0.75))]
+    return f" (did you mean {', '.join(guesses)}?)" if guesses else ""
 
 
 def by_name(*classes) -> dict[str, dataclasses.Field]:

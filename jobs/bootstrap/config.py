@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from capfilt.jobs import options
 from capfilt.pipeline.curate.options import CurateConfig
 
 ABLATIONS = ("none", "filter", "captioner", "capfilt")
@@ -142,7 +143,8 @@ def _build(cls, value, where: str):
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(value) - set(names))
     if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in {where}; known: {sorted(names)}")
+        raise ValueError(f"unknown key(s) {unknown} in {where}{options.did_you_mean(unknown, names)}; "
+                         f"known: {sorted(names)}")
     kwargs = {}
     for key, item in value.items():
         nested = _NESTED.get((cls, key))
@@ -232,8 +234,6 @@ STAGE_COMMANDS = {"pretrain": "pretrain", "round0_pretrain": "pretrain", "finetu
 def stage_options(name: str, section) -> tuple[dict, dict]:
     """(the values of section `name`'s ``options`` by field name, the rest: curate's Beam
     options), checked the way the stage's command checks them."""
-    from capfilt.jobs import options
-
     command = STAGE_COMMANDS[name]
     try:
         values, unknown = options.check_mapping(section.options, *stage_classes(command))
@@ -247,7 +247,8 @@ def stage_options(name: str, section) -> tuple[dict, dict]:
         except ValueError as exc:
             raise ValueError(f"{name}.options: {exc}") from None
     elif unknown:
-        raise ValueError(f"{name}.options: unknown option(s) {options.flags(unknown)} for `capfilt {command}`")
+        raise ValueError(f"{name}.options: unknown option(s) {options.flags(unknown)} for `capfilt {command}`"
+                         f"{options.did_you_mean(unknown, options.by_name(*stage_classes(command)))}")
     return values, unknown
 
 

@@ -199,7 +199,8 @@ def _checked(command: str, mapping: dict, cls, hint: str = "") -> dict:
     except ValueError as err:
         raise JobError(EXIT_CONFIG, f"{command}: bad option in the job file ({err})") from err
     if unknown:
-        raise JobError(EXIT_CONFIG, f"{command}: unknown options {options.flags(unknown)} in the job file{hint}")
+        raise JobError(EXIT_CONFIG, f"{command}: unknown options {options.flags(unknown)} in the job file"
+                       f"{options.did_you_mean(unknown, options.by_name(cls))}{hint}")
     return values
 
 

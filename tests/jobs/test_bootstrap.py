@@ -463,3 +463,14 @@ def test_workers_end_when_the_bootstrap_process_is_killed(tmp_path):
     else:
         os.kill(worker, signal.SIGKILL)
         raise AssertionError(f"worker {worker} outlived the killed bootstrap process")
+
+
+@pytest.mark.parametrize("text, match", [
+    ("pretrain: {stepz: 10}", r"unknown key\(s\) \['stepz'\] in .*pretrain \(did you mean stepz -> steps\?\)"),
+    ("finetune_retrieval: {options: {warmpu: 10}}", r"\['--warmpu'\] for `capfilt finetune` \(did you mean warmpu -> warmup\?\)"),
+])
+def test_misspelt_config_keys_name_the_key_they_are_close_to(tmp_path, text, match):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=match):
+        load_config(path)

@@ -616,3 +616,12 @@ def test_state_of_a_run_stuck_by_an_earlier_kill_recovers(url_job, capsys):
     assert main(["run-job", str(path)]) == 0, capsys.readouterr().err
     assert [c["overwrite"] for c in fake.calls[-2:]] == [True, True]
     assert outcome(root / "out") == expected
+
+
+def test_a_misspelt_option_names_the_option_it_is_close_to(job, capsys):
+    path, fake = job
+    path.write_text(path.read_text().replace("num_captions: 3", "num_caption: 3"))
+    assert main(["run-job", str(path)]) == 2
+    assert "unknown options ['--num-caption'] in the job file (did you mean num_caption -> num_captions?)" in \
+        capsys.readouterr().err
+    assert fake.calls == []
