@@ -13,6 +13,10 @@ Every stage that touches pixels goes through :func:`decode_image`, so the rules 
   file is reported whatever the global says (it is never changed here).
 * **Orientation.** EXIF orientation is applied (``ImageOps.exif_transpose``), so a photo
   taken sideways reaches the captioner upright and ``width``/``height`` describe what it sees.
+* **Formats.** Only formats a web image comes in are opened (``WEB_FORMATS``, Pillow's
+  ``formats=``): Pillow also reads EPS (through Ghostscript, a program it runs), PSD, FITS and
+  some thirty more, none of which a crawl should hand to a decoder. Anything else is
+  ``not_an_image``; JPEG 2000 is named and ``unsupported``.
 * **Modes.** Palette, alpha (composited onto white, as a browser shows it on a white page),
   CMYK, LA, 1-bit, 16-bit (``I;16*``), 32-bit integer ``I`` and float ``F`` images become RGB.
 
@@ -33,6 +37,12 @@ DEFAULT_MIN_SIDE = 8  # smaller than a ViT patch: nothing a captioner can read
 DEFAULT_MAX_ASPECT = 20.0  # banners and spacer strips, not scenes
 
 REASONS = ("empty", "not_an_image", "truncated", "too_large", "too_small", "bad_aspect", "unsupported")
+
+Image.init()
+# MPO is how Pillow opens a JPEG with several pictures (camera files); AVIF where this Pillow has it.
+WEB_FORMATS = tuple(f for f in ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF") if f in Image.OPEN)
+# JPEG 2000: a file (jP box) or a bare codestream (SOC + SIZ markers).
+_JPEG2000_MAGIC = (b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"\xff\x4f\xff\x51")
 
 # Leading bytes of common formats: a file that starts like an image but that PIL cannot even
 # open was cut short (or damaged in its header), which is "truncated", not "not_an_image".
@@ -102,8 +112,11 @@ def _check_geometry(width: int, height: int, max_pixels: int, min_side: int, max
 
 def _open_header(stream: _EofTrackingStream, data: bytes) -> Image.Image:
     """``Image.open`` (header only), with its failures mapped to reasons."""
+    if data.startswith(_JPEG2000_MAGIC):
+        raise ImageDecodeError("unsupported", "JPEG 2000 is not among the web formats decoded here "
+                               f"({', '.join(WEB_FORMATS)})")
     try:
-        return Image.open(stream)
+        return Image.open(stream, formats=WEB_FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageDecodeError("too_large", f"rejected by Pillow's bomb check: {err}") from err
     except UnidentifiedImageError as err:

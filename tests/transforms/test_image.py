@@ -2,6 +2,7 @@
 EXIF orientation comes out as the right RGB pixels. Images are built in memory, a few pixels
 each; the "huge" images are hand-written headers, so nothing big is ever allocated."""
 import io
+import os
 import struct
 import warnings
 import zlib
@@ -285,3 +286,48 @@ def test_image_sha256():
     assert image_sha256(b"") == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
     assert image_sha256(_PNG) != image_sha256(_JPEG)
     assert len(image_sha256(_PNG)) == 64
+
+
+def _saved(fmt: str, **params) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 24), (200, 30, 30)).save(buf, format=fmt, **params)
+    return buf.getvalue()
+
+
+def test_postscript_is_not_an_image_and_ghostscript_never_runs(tmp_path, monkeypatch):
+    """Pillow renders EPS by running Ghostscript: bytes from the web must never start a program."""
+    from PIL import EpsImagePlugin
+
+    ran = tmp_path / "gs-ran"
+    gs = tmp_path / "bin" / "gs"
+    gs.parent.mkdir()
+    gs.write_text(f"#!/bin/sh\necho \"$@\" >> {ran}\nexit 1\n")
+    gs.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{gs.parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", None)  # Pillow looks for gs again
+    eps = _saved("EPS")
+    assert eps.startswith(b"%!PS-Adobe")
+    with pytest.raises(ImageDecodeError) as exc:
+        decode_image(eps)
+    assert exc.value.reason == "not_an_image"
+    assert not ran.exists()
+
+
+@pytest.mark.parametrize("fmt", ["PPM", "PCX", "TGA", "SGI", "ICO"])
+def test_formats_no_web_page_serves_as_a_photo_are_not_images(fmt):
+    with pytest.raises(ImageDecodeError) as exc:
+        decode_image(_saved(fmt))
+    assert exc.value.reason == "not_an_image"
+
+
+def test_jpeg2000_is_refused_as_unsupported_by_name():
+    with pytest.raises(ImageDecodeError) as exc:
+        decode_image(_saved("JPEG2000"))
+    assert exc.value.reason == "unsupported" and "JPEG 2000" in exc.value.message
+
+
+@pytest.mark.parametrize("fmt, params", [("JPEG", {}), ("PNG", {}), ("WEBP", {}), ("GIF", {}), ("BMP", {}),
+                                         ("TIFF", {})])
+def test_every_web_format_decodes(fmt, params):
+    img = decode_image(_saved(fmt, **params))
+    assert img.size == (32, 24) and img.mode == "RGB"
