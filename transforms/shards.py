@@ -36,6 +36,7 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 RAW_ROW_COLUMNS = ("key", "url", "caption", "status", "error_message", "sha256", "jpg")
 RAW_READ_BATCH = 256  # raw parquet rows per pyarrow batch: bounds memory on image-heavy shards
 READ_BATCH = 1024
+_END_OF_ARCHIVE = 1024  # two zero 512-byte blocks
 
 
 def local_open(path: str) -> BinaryIO:
@@ -190,29 +191,55 @@ def named_read_errors(path: str, rows):
 # --- webdataset tars -------------------------------------------------------------------------
 
 
+class _TailTracker:
+    """A binary file read through, keeping its last bytes. A tar ends with two zero blocks; one
+    cut at a member boundary lacks them, and ``tarfile`` takes the cut for the end."""
+
+    def __init__(self, raw: BinaryIO):
+        self.raw, self.tail = raw, b""
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        if data:
+            self.tail = (self.tail + data)[-_END_OF_ARCHIVE:]
+        return data
+
+    def ends_as_a_tar(self) -> bool:
+        while self.read(1 << 16):
+            pass
+        return self.tail == bytes(_END_OF_ARCHIVE)
+
+
 def tar_samples(path: str, with_data: bool = True, opener: Opener = local_open) -> Iterator[dict]:
     """Group a webdataset tar into samples ``{"__key__": key, suffix: bytes, ...}``: consecutive
-    members sharing a key (the basename up to its first dot). A member suffix seen twice starts
+    members sharing a key (the basename up to its first dot, as webdataset splits it:
+    ``photo.v2.jpg`` is key ``photo``, suffix ``v2.jpg``). A member suffix seen twice starts
     a new sample, so a repeated key becomes a second sample (a duplicate-key error downstream),
     not a lost shard. ``with_data=False`` leaves the values empty (counting). ValueError naming
-    the file when it is no tar or is cut short, or a sample has no image member."""
+    the file when it is no tar, is cut short (inside a member, or at a member boundary: no
+    end-of-archive blocks), or a sample has no image member."""
     current: dict | None = None
     try:
-        with opener(path) as f, tarfile.open(fileobj=f, mode="r|") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                base = posixpath.basename(member.name)
-                if base.startswith(".") or "." not in base:
-                    continue
-                key, suffix = base.split(".", 1)
-                key = posixpath.join(posixpath.dirname(member.name), key)
-                data = tar.extractfile(member).read() if with_data else b""
-                if current is None or current["__key__"] != key or suffix.lower() in current:
-                    if current is not None:
-                        yield _check_sample(path, current)
-                    current = {"__key__": key}
-                current[suffix.lower()] = data
+        with opener(path) as f:
+            tracked = _TailTracker(f)
+            with tarfile.open(fileobj=tracked, mode="r|") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    base = posixpath.basename(member.name)
+                    if base.startswith(".") or "." not in base:
+                        continue
+                    key, suffix = base.split(".", 1)
+                    key = posixpath.join(posixpath.dirname(member.name), key)
+                    data = tar.extractfile(member).read() if with_data else b""
+                    if current is None or current["__key__"] != key or suffix.lower() in current:
+                        if current is not None:
+                            yield _check_sample(path, current)
+                        current = {"__key__": key}
+                    current[suffix.lower()] = data
+            if not tracked.ends_as_a_tar():
+                raise ValueError(f"{path}: the tar ends without its end-of-archive blocks (cut short at a "
+                                 f"member boundary); download or copy it again")
     except tarfile.TarError as err:
         raise ValueError(f"{path}: not a readable tar file ({err})") from err
     if current is not None:
@@ -228,20 +255,35 @@ def _check_sample(path: str, sample: dict) -> dict:
     return sample
 
 
+def _sample_metadata(sample: dict) -> tuple[dict, str | None]:
+    """(the sample's json as a mapping, why it cannot be used or None). Unparseable JSON counts as
+    absent, as before; JSON that is not an object, or whose key/url/sha256/caption is not a
+    string, is a problem of this sample only."""
+    if "json" not in sample:
+        return {}, None
+    try:
+        meta = json.loads(sample["json"].decode("utf-8", errors="replace"))
+    except ValueError:
+        return {}, None
+    if not isinstance(meta, dict):
+        return {}, f"its json is {type(meta).__name__}, not an object"
+    for name in ("key", "url", "sha256", "caption"):
+        if meta.get(name) is not None and not isinstance(meta[name], str):
+            return {}, f"its json {name} is {type(meta[name]).__name__} {meta[name]!r:.80}, not a string"
+    return meta, None
+
+
 def tar_rows(path: str, opener: Opener = local_open) -> Iterator[dict]:
     """The samples of an img2dataset webdataset tar as raw-shard rows (RAW_ROW_COLUMNS, bytes
-    values; the key, url and sha256 from the sample's json, the caption from its txt)."""
+    values; the key, url and sha256 from the sample's json, the caption from its txt). A sample
+    whose json cannot be used keeps its tar key and carries ``read_error`` (error type,
+    message), which curate turns into an error row for that sample alone."""
     for sample in tar_samples(path, opener=opener):
-        meta = {}
-        if "json" in sample:
-            try:
-                meta = json.loads(sample["json"].decode("utf-8", errors="replace"))
-            except ValueError:
-                meta = {}
+        meta, problem = _sample_metadata(sample)
         image = next(sample[ext] for ext in IMAGE_EXTS if ext in sample)
         key = meta.get("key") or sample["__key__"]
-        yield {
-            "key": key.encode("utf-8") if isinstance(key, str) else key,
+        row = {
+            "key": key.encode("utf-8"),
             "url": (meta.get("url") or "").encode("utf-8") or None,
             "caption": sample.get("txt", (meta.get("caption") or "").encode("utf-8")),
             "status": b"success",
@@ -249,3 +291,6 @@ def tar_rows(path: str, opener: Opener = local_open) -> Iterator[dict]:
             "sha256": (meta.get("sha256") or "").encode("utf-8") or None,
             "jpg": image,
         }
+        if problem:
+            row["read_error"] = ("invalid_metadata", f"sample {sample['__key__']!r} of {path}: {problem}")
+        yield row

@@ -165,8 +165,10 @@ class RawRow:
 
 def to_sample(raw: RawRow) -> Sample:
     """The row as a Sample; StageError for an img2dataset failure (stage ``download``, type =
-    its status) or a row without a usable key (stage ``read``)."""
+    its status) or a row without a usable key or metadata (stage ``read``)."""
     values = raw.values
+    if "read_error" in values:  # a tar sample whose json cannot be used (transforms.shards.tar_rows)
+        raise StageError("read", *values["read_error"])
     try:
         key = None if values["key"] is None else values["key"].decode("utf-8")
     except UnicodeDecodeError:

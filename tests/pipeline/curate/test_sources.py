@@ -188,3 +188,35 @@ def test_decode_sample_sets_image_caption_and_seed():
     assert err == ErrorRow("k", None, "decode", "too_large", info.value.message, 0, 0)
     other = dead_letter_to_error((s, (KeyError, "KeyError('x')", [])), "decode")
     assert (other.stage, other.error_type, other.error_message) == ("decode", "KeyError", "KeyError('x')")
+
+
+def test_a_tar_cut_at_a_member_boundary_is_refused_up_front(tmp_path):
+    """tarfile takes a cut at a member boundary for the end: the shard would lose its last samples."""
+    whole = write_tar(tmp_path / "whole.tar", [("a.jpg", jpeg()), ("a.txt", b"one"), ("b.jpg", jpeg()),
+                                               ("b.txt", b"two")])
+    boundary = 512 + -(-len(jpeg()) // 512) * 512 + 512 + 512  # a.jpg and a.txt, header + padded data
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "00000.tar").write_bytes(whole.read_bytes()[:boundary])
+    with pytest.raises(ValueError, match=r"00000\.tar: the tar ends without its end-of-archive blocks"):
+        validate_shard(discover_shards([str(tmp_path / "cut" / "*.tar")])[0])
+    assert validate_shard(discover_shards([str(whole)])[0]).num_rows == 2
+
+
+@pytest.mark.parametrize("meta, problem", [
+    ([1, 2], "its json is list, not an object"),
+    (None, "its json is NoneType, not an object"),
+    ({"key": 7, "url": "http://h/b"}, "its json key is int 7, not a string"),
+    ({"key": "b", "url": ["http://h/b"]}, "its json url is list ['http://h/b'], not a string"),
+    ({"key": "b", "sha256": {"x": 1}}, "its json sha256 is dict {'x': 1}, not a string"),
+])
+def test_a_tar_sample_with_unusable_json_is_one_error_row(tmp_path, meta, problem):
+    members = [("a.jpg", jpeg()), ("a.json", json.dumps({"key": "a", "url": "http://h/a"}).encode()),
+               ("b.jpg", jpeg()), ("b.json", json.dumps(meta).encode()),
+               ("c.jpg", jpeg()), ("c.json", json.dumps({"key": "c", "url": "http://h/c"}).encode())]
+    write_tar(tmp_path / "00000.tar", members)
+    info = validate_shard(discover_shards([str(tmp_path / "00000.tar")])[0])
+    assert info.num_rows == 3
+    samples, errors = read_shard(info)
+    assert [(s.key, s.row) for s in samples] == [("a", 0), ("c", 2)]
+    assert [(e.key, e.row, e.stage, e.error_type) for e in errors] == [("b", 1, "read", "invalid_metadata")]
+    assert errors[0].error_message.endswith(problem) and "'b'" in errors[0].error_message

@@ -511,3 +511,15 @@ def test_an_eval_set_of_webdataset_tars_is_read_like_its_parquet_form(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(ValueError, match="notes.txt is neither a parquet shard nor a webdataset tar"):
         load_decontamination_set(str(tmp_path / "notes.txt"), pixel_embedder, 2)
+
+
+def test_decontamination_reads_an_eval_tar_whose_sample_json_is_unusable(tmp_path):
+    """A sample whose json is a list, or whose key is a number, keeps its image under its tar key."""
+    from capfilt.pipeline.release.shards import _eval_rows
+    from shard_data import write_tar
+
+    jpg = b"\xff\xd8\xff" + b"x" * 100
+    write_tar(tmp_path / "eval.tar", [("a.jpg", jpg), ("a.json", b"[1, 2]"), ("b.jpg", jpg), ("b.json", b'{"key": 5}'),
+                                      ("c.jpg", jpg), ("c.json", b'{"key": "c7"}')])
+    assert [(key, data == jpg, ok) for key, data, ok in _eval_rows(str(tmp_path / "eval.tar"))] == [
+        ("a", True, True), ("b", True, True), ("c7", True, True)]
