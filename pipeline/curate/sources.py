@@ -16,8 +16,10 @@ so ``gs://`` and other remote inputs work as local ones do. A row that cannot be
 """
 from __future__ import annotations
 
+import glob as globlib
 import os
 import posixpath
+import stat
 import re
 from dataclasses import dataclass
 
@@ -56,6 +58,7 @@ def discover_shards(patterns) -> list[ShardInfo]:
     """Expand the input globs into sorted shards; ValueError when nothing usable matches."""
     paths: dict[str, int] = {}
     for pattern in patterns:
+        _refuse_unreadable_local_matches(pattern)
         result = FileSystems.match([pattern])[0]
         if not result.metadata_list:
             raise ValueError(f"--input {pattern!r} matches no file")
@@ -75,6 +78,24 @@ def discover_shards(patterns) -> list[ShardInfo]:
     if not shards:
         raise ValueError(f"--input {list(patterns)} matches no .parquet or .tar shard")
     return shards
+
+
+def _refuse_unreadable_local_matches(pattern: str) -> None:
+    """ValueError naming a local glob match that is not a readable regular file or a directory:
+    Beam's match drops a dangling symlink without a word (its shard would be skipped) and lists
+    a FIFO, which would block the run on its first read."""
+    if "://" in pattern:
+        return
+    for path in globlib.iglob(pattern, recursive=True):
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            raise ValueError(f"--input {pattern!r} matches {path}, a symlink to nothing") from None
+        except OSError as err:
+            raise ValueError(f"--input {pattern!r} matches {path}, which cannot be read ({err})") from None
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise ValueError(f"--input {pattern!r} matches {path}, which is not a regular file "
+                             f"(a FIFO, socket or device would block or never end)")
 
 
 def shard_ids(paths) -> dict[str, str]:

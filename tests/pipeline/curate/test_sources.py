@@ -220,3 +220,21 @@ def test_a_tar_sample_with_unusable_json_is_one_error_row(tmp_path, meta, proble
     assert [(s.key, s.row) for s in samples] == [("a", 0), ("c", 2)]
     assert [(e.key, e.row, e.stage, e.error_type) for e in errors] == [("b", 1, "read", "invalid_metadata")]
     assert errors[0].error_message.endswith(problem) and "'b'" in errors[0].error_message
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("dangling", r"matches .*b\.parquet, a symlink to nothing"),
+    ("fifo", r"matches .*b\.parquet, which is not a regular file \(a FIFO"),
+])
+def test_inputs_that_beam_would_skip_or_block_on_are_named_up_front(tmp_path, kind, message):
+    import os
+
+    write_raw(tmp_path / "a.parquet", [raw_row("k1", jpg=jpeg())])
+    if kind == "dangling":
+        os.symlink(tmp_path / "gone.parquet", tmp_path / "b.parquet")
+    else:
+        os.mkfifo(tmp_path / "b.parquet")
+    with pytest.raises(ValueError, match=message):
+        discover_shards([str(tmp_path / "*.parquet")])
+    with pytest.raises(ValueError, match=message):  # a recursive glob meets it too
+        discover_shards([str(tmp_path / "**" / "*.parquet")])
