@@ -111,17 +111,23 @@ def shard_ids(paths) -> dict[str, str]:
     """
     files = _shard_files(paths)
     ids = {p: _SAFE_ID.sub("_", posixpath.basename(os.path.splitext(p)[0])) for p in files}
-    if len(set(ids.values())) < len(ids):
+    if len({output_name(i) for i in ids.values()}) < len(ids):
         ids = _relative_ids(files)
     seen: dict[str, str] = {}
     for path, shard_id in ids.items():
-        if shard_id in seen:
+        name = output_name(shard_id)  # ids that differ may still name one file (00000, part-00000)
+        if name in seen:
             raise ValueError(
-                f"input shards {seen[shard_id]} and {path} would both write output shard "
-                f"{shard_id!r}; rename one or curate them into separate --out directories"
+                f"input shards {seen[name]} and {path} would both write output shard "
+                f"{shard_id!r} ({name}); rename one or curate them into separate --out directories"
             )
-        seen[shard_id] = path
+        seen[name] = path
     return ids
+
+
+def output_name(shard_id: str) -> str:
+    """``part-<id>.parquet`` (an id that already starts with ``part-`` is used as is)."""
+    return f"part-{shard_id.removeprefix('part-')}.parquet"
 
 
 def _shard_files(paths) -> list[str]:

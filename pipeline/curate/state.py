@@ -32,7 +32,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from capfilt.pipeline.curate.record import check_identity, code_version, model_record
 from capfilt.pipeline.curate.sinks import check_schema, output_counts
-from capfilt.pipeline.curate.sources import ShardInfo
+from capfilt.pipeline.curate.sources import ShardInfo, output_name
 from capfilt.pipeline.files import BEAM, file_sha256
 from capfilt.transforms.files import atomic, locks
 from capfilt.transforms.schemas import CURATED_SCHEMA, ERROR_SCHEMA
@@ -48,11 +48,6 @@ def _same_path(path: str) -> str:
 
 def _join(*parts: str) -> str:
     return FileSystems.join(*parts)
-
-
-def output_name(shard_id: str) -> str:
-    """``part-<id>.parquet`` (an id that already starts with ``part-`` is used as is)."""
-    return f"part-{shard_id.removeprefix('part-')}.parquet"
 
 
 def read_json(path: str):

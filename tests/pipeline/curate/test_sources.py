@@ -238,3 +238,13 @@ def test_inputs_that_beam_would_skip_or_block_on_are_named_up_front(tmp_path, ki
         discover_shards([str(tmp_path / "*.parquet")])
     with pytest.raises(ValueError, match=message):  # a recursive glob meets it too
         discover_shards([str(tmp_path / "**" / "*.parquet")])
+
+
+def test_ids_that_name_one_output_file_are_told_apart_or_refused(tmp_path):
+    """00000 and part-00000 both write part-00000.parquet: each run overwrote the other's rows."""
+    clash = r"input shards r/00000\.parquet and r/part-00000\.parquet would both write output shard " \
+            r"'part-00000' \(part-00000\.parquet\)"
+    with pytest.raises(ValueError, match=clash):
+        shard_ids(["r/00000.parquet", "r/part-00000.parquet"])
+    ids = shard_ids(["r/a/00000.parquet", "r/b/part-00000.parquet"])  # told apart by their folders
+    assert ids == {"r/a/00000.parquet": "a_00000", "r/b/part-00000.parquet": "b_part-00000"}
