@@ -8,12 +8,29 @@ becomes a ValueError naming the spec. open_clip models are loaded by their users
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from capfilt.model.specs import ModelSpec, check_model_dir
+
+
+def loader_error(exc: Exception, limit: int | None = None) -> str:
+    """`exc` as a short quote: its type and what went wrong, without PyTorch's advice to re-run
+    ``torch.load`` with ``weights_only=False`` or to allowlist globals, which capfilt never does
+    and never suggests (transformers and open_clip pass that advice on in their own errors)."""
+    text = " ".join(str(exc).split())
+    detail = re.search(r"WeightsUnpickler error:\s*(.*?)\s*(?:Please use `torch\.serialization|"
+                       r"Check the documentation|$)", text)
+    if detail:
+        text = detail.group(1)
+    # any other sentence that recommends weights_only=False goes too
+    text = " ".join(s for s in re.split(r"(?<=\.) ", text)
+                    if not re.search(r"weights_only`? (set to `?False|=\s*False)", s))
+    text = text[:limit] if limit else text
+    return f"{type(exc).__name__}: {text or 'no detail'}"
 
 
 def _target(name_or_dir: str | Path, need_processor: bool) -> str:
@@ -32,7 +49,7 @@ def load_hf_config(name_or_dir: str | Path):
     try:
         return AutoConfig.from_pretrained(spec, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as exc:
-        raise ValueError(f"cannot read the model config of {name_or_dir!r}: {exc}") from exc
+        raise ValueError(f"cannot read the model config of {name_or_dir!r}: {loader_error(exc)}") from exc
 
 
 def load_hf_model(model_cls, processor_cls, name_or_dir: str | Path, device: torch.device) -> tuple[Any, Any]:
@@ -46,7 +63,7 @@ def load_hf_model(model_cls, processor_cls, name_or_dir: str | Path, device: tor
         model, info = model_cls.from_pretrained(spec, trust_remote_code=False, output_loading_info=True)
         processor = processor_cls.from_pretrained(spec, trust_remote_code=False)
     except Exception as exc:  # safetensors, json, hub and torch each raise their own error types
-        raise ValueError(f"cannot load {model_cls.__name__} from {name_or_dir!r}: {exc}") from exc
+        raise ValueError(f"cannot load {model_cls.__name__} from {name_or_dir!r}: {loader_error(exc)}") from exc
     missing = sorted(info.get("missing_keys") or [])
     mismatched = sorted(str(m) for m in (info.get("mismatched_keys") or []))
     if missing or mismatched:

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from capfilt.model.builders.out_dirs import check_output_dir, staged_dir
+from capfilt.model.loading import loader_error
 
 log = logging.getLogger(__name__)
 
@@ -105,20 +106,6 @@ def to_original_state_dict(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def _load_error(exc: Exception) -> str:
-    """`exc` as a short quote: its type and what went wrong, without PyTorch's advice to re-run
-    ``torch.load`` with ``weights_only=False`` or to allowlist globals, which capfilt never does."""
-    text = " ".join(str(exc).split())
-    detail = re.search(r"WeightsUnpickler error:\s*(.*?)\s*(?:Please use `torch\.serialization|"
-                       r"Check the documentation|$)", text)
-    if detail:
-        text = detail.group(1)
-    # any other sentence that recommends weights_only=False goes too
-    text = " ".join(s for s in re.split(r"(?<=\.) ", text)
-                    if not re.search(r"weights_only`? (set to `?False|=\s*False)", s))
-    return f"{type(exc).__name__}: {text[:200] or 'no detail'}"
-
-
 # Prefixes only transformers' BLIP / BLIP-2 classes use. The text modules keep BERT's names on
 # both sides (see the module docstring), so the vision tower is what tells the layouts apart.
 _HF_ONLY_PREFIXES = (_HF_VISION, "qformer.", "query_tokens", "language_model.")
@@ -142,13 +129,13 @@ def load_original_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             checkpoint = load_file(str(path), device="cpu")
         except Exception as exc:  # the header parser raises its own error types
-            raise ValueError(f"{path} is not a safetensors file ({_load_error(exc)})") from exc
+            raise ValueError(f"{path} is not a safetensors file ({loader_error(exc, limit=200)})") from exc
     else:
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # pickle/zip errors come in many types; all mean "not loadable"
             raise ValueError(f"{path} is not a PyTorch checkpoint torch.load(weights_only=True) can read "
-                             f"({_load_error(exc)})") from exc
+                             f"({loader_error(exc, limit=200)})") from exc
     for wrapper in ("model", "state_dict"):
         if isinstance(checkpoint, dict) and isinstance(checkpoint.get(wrapper), dict):
             checkpoint = checkpoint[wrapper]

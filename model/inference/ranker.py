@@ -47,6 +47,7 @@ from PIL import Image
 from capfilt.model.inference.device import check_images, inference_context, resolve_device, use_bf16
 from capfilt.model.inference.fastpath import FastPath, resolve_fast
 from capfilt.model.specs import open_clip_args
+from capfilt.model.loading import loader_error
 
 
 
@@ -79,7 +80,7 @@ class ClipRanker:
             )
             tokenizer = open_clip.get_tokenizer(name)
         except Exception as exc:  # open_clip, safetensors and the hub raise many error types
-            raise ValueError(f"cannot load CLIP model {spec!r}: {exc}") from exc
+            raise ValueError(f"cannot load CLIP model {spec!r}: {loader_error(exc)}") from exc
         return cls(model.eval(), preprocess, tokenizer, resolved, bf16=use_bf16(bf16, resolved), **options)
 
     def _cpu_bf16(self, bf16: bool | None) -> bool:

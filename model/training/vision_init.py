@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from capfilt.model.specs import LOCAL, OPEN_CLIP, TIMM, ModelSpec, parse_vision_init
+from capfilt.model.loading import loader_error
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +220,7 @@ class PenultimateTower(nn.Module):
                 model = open_clip.create_model(vs.name, pretrained=vs.weights, require_pretrained=True,
                                                weights_only=True)
             except Exception as err:  # open_clip, safetensors and the hub raise many error types
-                raise ValueError(f"--vision-init {spec}: cannot load it ({' '.join(str(err).split())[:300]})") from err
+                raise ValueError(f"--vision-init {spec}: cannot load it ({loader_error(err, limit=300)})") from err
             return cls(model.visual, "open_clip", spec)
         if vs.kind != TIMM:
             raise ValueError(f"PenultimateTower needs a timm or open_clip spec, got {spec!r}")
