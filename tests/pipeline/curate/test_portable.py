@@ -11,7 +11,6 @@
 """
 import contextlib
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -26,26 +25,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from capfilt.jobs.cli import main
 from capfilt.pipeline.curate.options import CurateConfig
 from capfilt.transforms.schemas import CURATED_SCHEMA
+from cli_run import error_line, run_cli
 
 FLOAT_COLUMNS = ("web_itm", "web_itc", "web_clip", "synthetic_itm", "synthetic_itc", "synthetic_clip")
 STUB = "curate_stub_runner"  # tests/pipeline/curate/curate_stub_runner.py, on sys.path under pytest
 SERVICE_START_S = 60
-
-
-def run_cli(argv):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(argv)
-    return code, out.getvalue(), err.getvalue()
-
-
-def error_line(stderr):
-    lines = [line for line in stderr.splitlines() if line.startswith("capfilt curate:")]
-    assert len(lines) == 1, stderr
-    return lines[0]
 
 
 def model_args(captioner, itm, clip):
@@ -119,8 +105,11 @@ def test_local_paths_become_absolute_and_urls_stay(tmp_path, monkeypatch):
     assert cfg.captioner == str(tmp_path / "m")
     assert cfg.filter == "Salesforce/blip-itm-large-coco"  # a hub id
     assert cfg.clip == "local-dir:" + str(tmp_path / "clipdir")
-    assert CurateConfig(inputs=("x",), out="s3://b/o", captioner="c", filter="f",
-                        clip="ViT-B-32:openai").absolute().clip == "ViT-B-32:openai"
+    (tmp_path / "w.pt").write_bytes(b"")
+    for clip, expected in (("ViT-B-32:openai", "ViT-B-32:openai"),  # a pretrained tag
+                           ("ViT-B-32:w.pt", f"ViT-B-32:{tmp_path / 'w.pt'}")):  # a weights file
+        cfg = CurateConfig(inputs=("x",), out="s3://b/o", captioner="c", filter="f", clip=clip).absolute()
+        assert (cfg.clip, cfg.out) == (expected, "s3://b/o")
 
 
 def snapshot(root: Path) -> dict:
