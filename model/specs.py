@@ -32,6 +32,7 @@ or of a local weights file (``transforms.files.hashing``); a hub id or pretraine
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -120,6 +121,19 @@ def _is_path(text: str, base) -> bool:
     if text.count("/") > 1:
         return True
     return base is not None and "/" in text and (Path(base) / text.split("/")[0]).is_dir()
+
+
+def absolute_spec(spec: str) -> str:
+    """``spec`` with its local path (a directory, or an open_clip/timm weights file) made
+    absolute against the working directory; a hub id or pretrained tag as written. A process
+    elsewhere (a Beam worker) resolves it to the same files."""
+    parsed = ModelSpec.parse(spec)
+    if parsed.local and parsed.name:
+        return str(dataclasses.replace(parsed, name=os.path.abspath(parsed.name)))
+    if parsed.kind in (OPEN_CLIP, TIMM) and parsed.weights and os.path.isfile(os.path.expanduser(parsed.weights)):
+        weights = os.path.abspath(os.path.expanduser(parsed.weights))
+        return ":".join(p for p in (parsed.scheme, parsed.name, weights) if p)
+    return str(spec)
 
 
 def is_local_spec(spec: str | Path) -> bool:

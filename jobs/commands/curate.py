@@ -62,9 +62,14 @@ def summary_table(result) -> str:
         lines.append(f"  {'this run':<22}{run.get('input_rows', 0):>10} rows in {run.get('elapsed_s', 0):.1f} s "
                      f"= {run.get('rows_per_s', 0):.2f} rows/s ({run.get('runner')}, {run.get('workers')} worker(s))")
         if run.get("precision"):
-            rescored = run.get("fp32_rescored") or {}
-            checked = (f"; images scored in fp32 by the check: filter {rescored.get('filter', 0)}, "
-                       f"rank {rescored.get('rank', 0)}") if run["precision"] == "bf16-checked" else ""
+            rescored = run.get("fp32_rescored")
+            if run["precision"] != "bf16-checked":
+                checked = ""
+            elif rescored is None:  # a runner without Metrics
+                checked = "; images scored in fp32 by the check: not reported by the runner"
+            else:
+                checked = (f"; images scored in fp32 by the check: filter {rescored.get('filter', 0)}, "
+                           f"rank {rescored.get('rank', 0)}")
             lines.append(f"  {'precision':<22}{run['precision']:>10}{checked}")
     return "\n".join(lines)
 

@@ -10,7 +10,8 @@ marker exists, which is written last:
 
 1. the pipeline writes the shard's curated and error files under ``<out>/_staging/``;
 2. after the pipeline has succeeded, their schemas are checked, their rows counted, and
-   ``input rows == kept + dropped + errors`` is checked against both the files and Metrics;
+   ``input rows == kept + dropped + errors`` is checked against the files (which decide) and
+   against Metrics where the runner reports them;
 3. the two files are renamed into ``shards/`` and ``errors/`` (same names on every run);
 4. ``_state/<shard>.json`` is written (to a temporary name, then renamed).
 
@@ -22,6 +23,11 @@ output (once the models, the device and the new input have passed their checks) 
 again. Settings that change rows (models and their hashes, thresholds, seeds, precision, ...)
 are recorded at the first run; resuming with different ones is refused once a shard is done.
 A non-empty ``--out`` that no curate run wrote is refused unless ``--overwrite`` is given.
+
+Other runners. Local paths are made absolute before anything else (workers have their own
+working directories), and the runner is created before --out is touched, so a refused runner
+leaves no trace; with a runner that is not local, the workers decide --device and "auto"
+precision (options.py, model_checks.py).
 """
 from __future__ import annotations
 
@@ -38,8 +44,13 @@ from capfilt.pipeline.curate import progress, state
 from capfilt.pipeline.curate.model_checks import check_models
 from capfilt.pipeline.curate.decode import DecodeImages, ResolveDuplicateKeys
 from capfilt.pipeline.curate.inference import CaptionHandler, FilterHandler, InferStage, RankHandler
-from capfilt.pipeline.curate.options import is_local_runner, make_pipeline_options, num_workers, runner_name
-from capfilt.pipeline.curate.precision import resolve_precision
+from capfilt.pipeline.curate.options import (
+    is_local_runner,
+    make_pipeline_options,
+    make_runner,
+    num_workers,
+    runner_name,
+)
 from capfilt.pipeline.curate.curated import SelectCaptions
 from capfilt.pipeline.curate.record import build_stats, check_identity, metric_counters
 from capfilt.pipeline.curate.sinks import WriteShards, error_records
@@ -130,17 +141,19 @@ def _auto_threads(cfg, options):
 def run_curate(cfg, beam_args: list[str] | None = None) -> CurateResult:
     """Curate every input shard not yet done in ``cfg.out``; returns the run's stats."""
     options = make_pipeline_options(beam_args)
-    cfg = _auto_threads(cfg, options)
+    make_runner(options)  # a runner that cannot be created is refused before --out is touched
+    local = is_local_runner(options)
+    cfg = _auto_threads(cfg.absolute(), options)
     started = time.monotonic()
     store = state.OutStore(cfg.out)
     # Before --out is created, locked or cleaned: a model or device that cannot work would
     # otherwise fail the run only after --overwrite had deleted the previous output.
-    check_models(cfg)
+    check_models(cfg, local)
     if not cfg.overwrite:  # before the lock file: a refused directory is left as it was
         store.check_is_curate_output()
     with store.locked():
         shards = discover_shards(cfg.inputs)
-        settings = state.settings_record(cfg)
+        settings = state.settings_record(cfg, local)
         # A marker counts only while its output files are intact; the others are redone.
         done = {} if cfg.overwrite else store.without_renamed(store.intact(store.markers()), shards)
         if not cfg.overwrite:
@@ -160,14 +173,15 @@ def run_curate(cfg, beam_args: list[str] | None = None) -> CurateResult:
         total = sum(s.num_rows for s in pending)
         LOG.info("curate: %d input shards, %d done earlier, %d to do (%d rows); runner %s, %d worker(s)",
                  len(shards), len(skipped), len(pending), total, runner_name(options), num_workers(options))
-        reporter = progress.Reporter(total, cfg.progress_every) if is_local_runner(options) else None
+        reporter = progress.Reporter(total, cfg.progress_every) if local else None
         try:
             for group in _groups(pending, cfg.shards_per_pipeline):
                 counts = _run_group(group, cfg, options, store, reporter)
                 for k in run_counts:
                     run_counts[k] += counts[k]
-                for k in rescored:
-                    rescored[k] += counts["fp32_rescored"][k]
+                for k in rescored:  # unknown (None) once a group had no Metrics
+                    got = counts["fp32_rescored"]
+                    rescored[k] = None if rescored[k] is None or got is None else rescored[k] + got[k]
         finally:
             if reporter:
                 reporter.stop()
@@ -176,7 +190,7 @@ def run_curate(cfg, beam_args: list[str] | None = None) -> CurateResult:
                    elapsed_s=round(elapsed, 3),
                    rows_per_s=round(run_counts["input_rows"] / elapsed, 3) if elapsed > 0 else 0.0,
                    runner=runner_name(options), workers=num_workers(options), batch_size=cfg.batch_size,
-                   precision=resolve_precision(cfg.precision, cfg.device), fp32_rescored=rescored)
+                   precision=settings["settings"]["precision"], fp32_rescored=rescored)
         store.remove(store.staging_root)
         markers = list(store.markers().values())
         stats = build_stats(markers, run if pending else store.last_run() or run)
@@ -188,8 +202,8 @@ def run_curate(cfg, beam_args: list[str] | None = None) -> CurateResult:
 
 
 # Runners whose committed Metrics miss increments: BundleBasedDirectRunner keeps the counter
-# updates of one bundle per step (a Flatten of 3 + 2 elements counts 3), so its counts are
-# taken from the written files, which are checked against every input shard's row count.
+# updates of one bundle per step (a Flatten of 3 + 2 elements counts 3), so its Metrics are
+# not compared with the written files (which are checked against every input shard's row count).
 METRICS_INCOMPLETE = ("BundleBasedDirectRunner",)
 
 
@@ -204,29 +218,28 @@ def _run_group(group, cfg, options, store, reporter) -> dict:
     if reporter:
         reporter.watch(progress_dir)
     try:
-        pipeline = beam.Pipeline(options=options)
+        pipeline = beam.Pipeline(runner=make_runner(options), options=options)
         _ = pipeline | "CapFilt" >> CurateShards(group, cfg, targets, prior_curated, prior_errors, progress_dir)
         result = pipeline.run()
         result.wait_until_finish()
         if reporter:
             reporter.unwatch(progress_dir)
-        metrics = metric_counters(result)
-        counts = {"input_rows": metrics.get("input_rows", 0), "kept": metrics.get("kept", 0),
-                  "dropped": metrics.get("dropped", 0), "errors": metrics.get("errors", 0)}
+        metrics = metric_counters(result)  # None: the runner reports none
         # Each shard's files against its input row count: the check that decides.
         files = {s.shard_id: state.staged_counts(s, *[p + ".parquet" for p in targets[s.ordinal]]) for s in group}
-        if runner_name(options) in METRICS_INCOMPLETE:
-            counts = {key: sum(c[key] for c in files.values()) for key in counts}
-        check_identity(counts, f"Beam Metrics of shards {[s.path for s in group]}")
-        for key in counts:
-            from_files = sum(c[key] for c in files.values())
-            if from_files != counts[key]:
-                raise RuntimeError(f"{key}: Beam Metrics count {counts[key]} but the written files hold "
-                                   f"{from_files} (shards {[s.path for s in group]})")
+        counts = {key: sum(c[key] for c in files.values()) for key in ("input_rows", "kept", "dropped", "errors")}
+        if metrics is not None and runner_name(options) not in METRICS_INCOMPLETE:
+            from_metrics = {key: metrics.get(key, 0) for key in counts}
+            check_identity(from_metrics, f"Beam Metrics of shards {[s.path for s in group]}")
+            for key in counts:
+                if from_metrics[key] != counts[key]:
+                    raise RuntimeError(f"{key}: Beam Metrics count {from_metrics[key]} but the written files "
+                                       f"hold {counts[key]} (shards {[s.path for s in group]})")
         for shard in group:
             store.complete(shard, *[p + ".parquet" for p in targets[shard.ordinal]], files[shard.shard_id],
                            input_sha256=file_sha256(shard.path))
-        counts["fp32_rescored"] = {k: metrics.get(f"{k}_fp32_rescored", 0) for k in ("filter", "rank")}
+        counts["fp32_rescored"] = (None if metrics is None else
+                                   {k: metrics.get(f"{k}_fp32_rescored", 0) for k in ("filter", "rank")})
         return counts
     finally:
         store.remove(staging)

@@ -3,18 +3,20 @@
 A failed ``--overwrite`` would otherwise delete the old output for nothing, and a typo in a
 hub id would surface only in a Beam worker's traceback. Hub ids are resolved (their config
 through ``AutoConfig``, which fails at once offline) and open_clip specs looked up; the
-weights themselves are read by the workers.
+weights themselves are read by the workers. --device is checked only for a local runner: on
+any other the workers run on other machines, which decide (a CPU-only launcher can start a
+GPU run).
 """
 from __future__ import annotations
 
 import os
 
 
-def check_models(cfg) -> None:
-    """--device and every model must be usable before --out is touched (a failed
-    ``--overwrite`` would otherwise have deleted the old output for nothing): ValueError naming
-    the option. Hub ids are resolved too (their config through ``AutoConfig``, which fails at
-    once offline); the weights themselves are read by the workers."""
+def check_models(cfg, local_runner: bool = True) -> None:
+    """--device (with a `local_runner` only) and every model must be usable before --out is
+    touched (a failed ``--overwrite`` would otherwise have deleted the old output for
+    nothing): ValueError naming the option. Hub ids are resolved too (their config through
+    ``AutoConfig``, which fails at once offline); the weights themselves are read by the workers."""
     from capfilt.model.inference.device import resolve_device
     from capfilt.model.loading import load_hf_config
     from capfilt.model.specs import ModelSpec, check_model_dir
@@ -25,7 +27,8 @@ def check_models(cfg) -> None:
             check_model_dir(parsed.path)
         load_hf_config(spec)
 
-    _named("--device", cfg.device, resolve_device)
+    if local_runner:
+        _named("--device", cfg.device, resolve_device)
     if cfg.use_captioner:
         _named("--captioner", cfg.captioner, check_blip)
     if cfg.use_filter:

@@ -6,6 +6,8 @@ the local runner, Dataflow, Flink or Spark. Two things are added on the Beam sid
 
 * the runner defaults to ``FnApiRunner`` named explicitly: Beam's own default on a machine
   without a runner configured tries to download the Prism binary;
+* a runner named by its full class path (``--runner my.module.MyRunner``) has its module
+  imported first, so that the options classes it declares are known;
 * arguments that no Beam options class knows are an error, not a warning. Everything our
   parser does not recognise ends up here, so a mistyped capfilt option (``--num-caption``)
   would otherwise be silently dropped.
@@ -13,6 +15,7 @@ the local runner, Dataflow, Flink or Spark. Two things are added on the Beam sid
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 from dataclasses import dataclass, field
 
@@ -163,9 +166,25 @@ class CurateConfig:
     def use_filter(self) -> bool:
         return not self.no_filter
 
-    def fingerprint(self) -> dict:
+    def absolute(self) -> "CurateConfig":
+        """The same run with every local path (input globs, --out, model paths) absolute: Beam
+        workers run in their own processes and working directories. URLs stay as written."""
+        from capfilt.model.specs import absolute_spec
+
+        def path(p: str) -> str:
+            return p if "://" in p else os.path.abspath(os.path.expanduser(p))
+
+        def model(spec: str | None) -> str | None:
+            return None if spec is None else absolute_spec(spec)
+
+        return self.replace(inputs=tuple(path(p) for p in self.inputs), out=path(self.out),
+                            captioner=model(self.captioner), filter=model(self.filter), clip=model(self.clip))
+
+    def fingerprint(self, resolve: bool = True) -> dict:
         """The settings that decide the curated rows (written to the manifest and compared
-        when a run resumes into an existing --out)."""
+        when a run resumes into an existing --out). ``resolve``: the launcher runs where the
+        workers do (a local runner), so "auto" precision is resolved here; else it is recorded
+        as asked and the workers decide."""
         keys = (
             "captioner", "filter", "clip", "num_captions", "prompt", "top_p", "max_length",
             "min_length", "repetition_penalty", "itm_threshold", "keep_top", "seed", "round",
@@ -176,8 +195,8 @@ class CurateConfig:
         # Resolved, not as asked: "auto" means bf16-checked on one machine and fp32 on another,
         # and a resume must not mix their rows (bf16 scores differ in the last digits; plain
         # bf16 also changes captions). The margins decide which bf16 scores are redone in fp32.
-        fp["precision"] = resolve_precision(self.precision, self.device)
-        checked = fp["precision"] == "bf16-checked"
+        fp["precision"] = resolve_precision(self.precision, self.device) if resolve else self.precision
+        checked = fp["precision"] in ("bf16-checked", "auto")
         fp["itm_margin"] = self.itm_margin if checked and self.use_filter else None
         fp["clip_margin"] = self.clip_margin if checked else None
         if self.no_synthetic:  # sampling settings are irrelevant without a captioner
@@ -209,6 +228,7 @@ def make_pipeline_options(beam_args: list[str] | None) -> PipelineOptions:
     Raises ValueError listing any argument that no Beam options class declares.
     """
     args = list(beam_args or [])
+    _import_runner_module(args)
     _reject_unknown(args)
     options = PipelineOptions(args)
     std = options.view_as(StandardOptions)
@@ -221,9 +241,26 @@ def make_pipeline_options(beam_args: list[str] | None) -> PipelineOptions:
     return options
 
 
-def runner_name(options: PipelineOptions) -> str:
+def make_runner(options: PipelineOptions):
+    """A new instance of the ``--runner`` of `options` (a name Beam knows or a full class
+    path); ValueError naming it when it cannot be created. Called before --out is touched,
+    so a refused runner leaves no trace."""
+    from apache_beam.runners.runner import PipelineRunner, create_runner
+
     runner = options.view_as(StandardOptions).runner
-    return runner if isinstance(runner, str) else type(runner).__name__
+    if isinstance(runner, PipelineRunner):
+        return runner
+    try:
+        return create_runner(runner)
+    except Exception as err:  # unknown name, failed import, a constructor that raises
+        message = " ".join(str(err).split())
+        raise ValueError(f"--runner {runner}: cannot create it ({type(err).__name__}: {message})") from err
+
+
+def runner_name(options: PipelineOptions) -> str:
+    """The runner's class name (a full class path without its module)."""
+    runner = options.view_as(StandardOptions).runner
+    return runner.rsplit(".", 1)[-1] if isinstance(runner, str) else type(runner).__name__
 
 
 def is_local_runner(options: PipelineOptions) -> bool:
@@ -237,6 +274,23 @@ def num_workers(options: PipelineOptions) -> int:
     if workers is None:
         return 1
     return int(workers) if int(workers) > 0 else (os.cpu_count() or 1)
+
+
+def _import_runner_module(args: list[str]) -> None:
+    """Import the module of a runner named by its full class path, so that the options
+    classes it declares are registered before :func:`_reject_unknown` reads them."""
+    import argparse
+
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--runner")
+    runner = parser.parse_known_args(args)[0].runner
+    if not runner or "." not in runner:
+        return
+    module = runner.rsplit(".", 1)[0]
+    try:
+        importlib.import_module(module)
+    except ImportError as err:
+        raise ValueError(f"--runner {runner}: cannot import {module} ({err})") from err
 
 
 def _reject_unknown(args: list[str]) -> None:

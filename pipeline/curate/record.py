@@ -1,5 +1,9 @@
 """The run record's pieces: Beam Metrics of a finished pipeline, the counts identity, a model's
-content hash, the code version, and stats.json built from the done markers."""
+content hash, the code version, and stats.json built from the done markers.
+
+Metrics are optional: a runner may not report them (its result's ``metrics()`` raises
+NotImplementedError). The written files decide the counts; Metrics, where there are any, are a
+second check and the source of the fp32 re-score counts."""
 from __future__ import annotations
 
 import os
@@ -12,10 +16,15 @@ from capfilt.pipeline.curate.errors import NAMESPACE
 from capfilt.model.specs import identity
 
 
-def metric_counters(result) -> dict[str, int]:
-    """Committed ``capfilt`` counters of a finished pipeline, summed over steps."""
+def metric_counters(result) -> dict[str, int] | None:
+    """Committed ``capfilt`` counters of a finished pipeline, summed over steps; None when the
+    runner reports no Metrics."""
+    try:
+        metrics = result.metrics()
+    except NotImplementedError:
+        return None
     totals: Counter = Counter()
-    for counter in result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]:
+    for counter in metrics.query(MetricsFilter().with_namespace(NAMESPACE))["counters"]:
         totals[counter.key.metric.name] += int(counter.committed or 0)
     return dict(totals)
 
@@ -58,7 +67,7 @@ def code_version() -> str:
 
 def build_stats(markers: list[dict], run: dict) -> dict:
     """stats.json: totals over every completed shard (from the files) plus this run's part
-    (from Beam Metrics). Raises when either side breaks the identity."""
+    (`run`). Raises when the totals break the identity."""
     totals = {"input_rows": 0, "kept": 0, "dropped": 0, "errors": 0}
     reasons: Counter = Counter()
     kinds: Counter = Counter()

@@ -68,11 +68,12 @@ def staged_counts(shard: ShardInfo, curated: str, errors: str) -> dict:
     return counts
 
 
-def settings_record(cfg) -> dict:
+def settings_record(cfg, local_runner: bool = True) -> dict:
     """What decides the rows: the settings and each model's content hash (call
-    :func:`check_models` first)."""
+    :func:`check_models` first). The precision is resolved here only for a `local_runner`
+    (``CurateConfig.fingerprint``)."""
     return {
-        "settings": cfg.fingerprint(),
+        "settings": cfg.fingerprint(resolve=local_runner),
         "models": {
             "captioner": model_record(cfg.captioner if cfg.use_captioner else None),
             "filter": model_record(cfg.filter if cfg.use_filter else None),

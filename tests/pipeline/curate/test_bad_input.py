@@ -1,6 +1,5 @@
 """Bad input through the whole curate pipeline: every kind becomes a clear error row or a clear
 up-front error, and no row is lost."""
-import contextlib
 import io
 import json
 import re
@@ -14,12 +13,12 @@ from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
-from capfilt.jobs.cli import main
 from capfilt.pipeline.curate.inference import CaptionHandler, InferStage
 from capfilt.pipeline.curate.options import CurateConfig
 from capfilt.transforms.rows import Sample
 from capfilt.transforms.image import encode_jpeg
 from capfilt.transforms.schemas import CURATED_SCHEMA, ERROR_SCHEMA, RAW_SCHEMA
+from cli_run import run_cli
 
 
 def png(image):
@@ -71,13 +70,6 @@ def bad_shard(path):
     table = table.set_column(2, "caption", pa.array(captions, pa.binary()).view(pa.string()))
     pq.write_table(table, path)
     return len(rows)
-
-
-def run_cli(argv):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(argv)
-    return code, out.getvalue(), err.getvalue()
 
 
 def curate(tmp_path, tiny_models, pattern, *extra):

@@ -7,9 +7,7 @@ with it. The selection rule is checked
 against scores recomputed directly with the model classes (no Beam), and the ITM threshold is
 set between those scores so that some captions pass and some fail.
 """
-import contextlib
 import hashlib
-import io
 import json
 import re
 import os
@@ -28,8 +26,8 @@ import pytest
 from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from capfilt.jobs.cli import main
 from capfilt.transforms.schemas import CURATED_SCHEMA, ERROR_SCHEMA
+from cli_run import run_cli
 
 REPO = Path(__file__).resolve().parents[3]
 SEED = 3
@@ -93,14 +91,6 @@ def direct(inputs, tiny_models):
     threshold = float((values[mid - 1] + values[mid]) / 2)
     return {"keys": keys, "webs": webs, "synthetic": synthetic, "itm": itm, "clip": clip,
             "threshold": f"{threshold:.9f}"}
-
-
-def run_cli(argv):
-    """main(argv) with stdout/stderr captured: (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(argv)
-    return code, out.getvalue(), err.getvalue()
 
 
 def curate_argv(inputs, out, tiny_models, direct, *extra):

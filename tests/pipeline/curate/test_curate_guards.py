@@ -3,9 +3,7 @@ settings fingerprint, --out paths that cannot hold a curate output, unreadable s
 done markers whose outputs are gone (pipeline/options.py, pipeline/state.py, pipeline/curate.py,
 pipeline/sources.py). End-to-end resume cases with full runs are in tests/test_curate.py."""
 import argparse
-import contextlib
 import hashlib
-import io
 import json
 import math
 from pathlib import Path
@@ -14,23 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from capfilt.jobs.cli import main
 from capfilt.pipeline.curate.options import CurateConfig
 from capfilt.transforms.schemas import RAW_SCHEMA
-
-
-def run_cli(argv):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(argv)
-    return code, out.getvalue(), err.getvalue()
-
-
-def error_line(stderr):
-    """The one ``capfilt curate: error: ...`` line (log lines may surround it)."""
-    lines = [line for line in stderr.splitlines() if line.startswith("capfilt curate:")]
-    assert len(lines) == 1, stderr
-    return lines[0]
+from cli_run import error_line, run_cli
 
 
 def model_args(tiny_models):

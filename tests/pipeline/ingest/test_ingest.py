@@ -9,7 +9,6 @@ import hashlib
 import http.server
 import importlib
 import inspect
-import io
 import json
 import math
 import os
@@ -26,10 +25,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from capfilt.jobs.cli import main
 from capfilt.pipeline.ingest.download import list_columns, parse_img2dataset_options
 from capfilt.pipeline.curate.sources import discover_shards, validate_shard
 from shard_data import read_shard
+from cli_run import run_cli
 
 N_IMAGES = 5
 
@@ -85,13 +84,6 @@ def url_rows(server):
     rows = [(base + path, captions[path]) for path in images]
     rows += [(base + "/missing.jpg", "a 404"), (base + "/page.html", "an html page"), (closed, "refused")]
     return rows
-
-
-def run_cli(argv):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(argv)
-    return code, out.getvalue(), err.getvalue()
 
 
 IMG2DATASET = ["--processes_count", "1", "--thread_count", "4", "--timeout", "5", "--retries", "0",
