@@ -19,6 +19,8 @@ import importlib
 import logging
 import sys
 
+from capfilt.transforms.files.locks import Busy
+
 # Subcommand name -> (module, one line for `capfilt --help`). Order is the order shown there;
 # only the module of the command that runs is imported.
 COMMANDS = {
@@ -61,7 +63,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # Errors that mean "this input or option is wrong": the user fixes the command and re-runs.
 USAGE_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
                 PermissionError)
-EXIT_USAGE, EXIT_FAILURE, EXIT_INTERRUPTED = 2, 1, 130
+EXIT_USAGE, EXIT_FAILURE, EXIT_BUSY, EXIT_INTERRUPTED = 2, 1, 5, 130
 
 
 class UsageError(SystemExit, ValueError):
@@ -114,6 +116,8 @@ def exit_code(exc: BaseException) -> int:
     """The exit code of a command that raised `exc`."""
     if isinstance(exc, KeyboardInterrupt):
         return EXIT_INTERRUPTED
+    if isinstance(exc, Busy):  # another run holds --out's lock: try again later
+        return EXIT_BUSY
     code = getattr(exc, "exit_code", None)  # run-job's JobError
     if isinstance(code, int):
         return code
@@ -134,7 +138,8 @@ def error_line(command: str | None, exc: BaseException) -> str:
     prefix = f"capfilt {command}" if command else "capfilt"
     if command == "report" and type(exc) is ValueError:
         return f"{prefix}: {message}"
-    return f"{prefix}: {'error' if exit_code(exc) == EXIT_USAGE else 'failed'}: {message}"
+    word = "busy" if isinstance(exc, Busy) else "error" if exit_code(exc) == EXIT_USAGE else "failed"
+    return f"{prefix}: {word}: {message}"
 
 
 def _report(command: str | None, exc: BaseException) -> int:

@@ -123,7 +123,7 @@ class OutStore:
             os.makedirs(self.out, exist_ok=True)
             lock = locks.acquire(os.path.join(self.out, LOCK_NAME))
         except locks.Busy as err:
-            raise RuntimeError(f"{self.out}: another curate run is working in this directory") from err
+            raise locks.Busy(err.path, f"{self.out}: another curate run is working in this directory") from None
         except OSError as err:
             raise ValueError(f"--out {self.out}: cannot create the output directory ({err})") from err
         try:

@@ -15,10 +15,11 @@ import filelock
 
 
 class Busy(Exception):
-    """Another process holds the lock at ``path``."""
+    """Another process holds the lock at ``path`` (`message`: the holder's own words for it).
+    ``capfilt`` exits 5 on it: not a failure, and retrying later may succeed."""
 
-    def __init__(self, path: str):
-        super().__init__(f"{path} is locked by another process")
+    def __init__(self, path: str, message: str | None = None):
+        super().__init__(message or f"{path} is locked by another process")
         self.path = path
 
 

@@ -463,3 +463,21 @@ def test_duplicate_key_rows_do_not_depend_on_shards_per_pipeline(tmp_path, synth
     key, url = rows.column("key")[1].as_py(), rows.column("url")[1].as_py()
     assert [(e["key"], e["error_type"], e["input_row"]) for e in errors[0]] == [(key, "duplicate_key", 0)]
     assert errors[0][0]["error_message"] == f"key {key!r} already seen (the first row, url {url!r}, is kept)"
+
+
+def test_a_second_curate_on_a_busy_out_exits_5_and_touches_nothing(tmp_path, tiny_models, two_rows):
+    """Another run holding --out's lock is not a failure of this one: its own exit code (5), and
+    the holder's files stay as they are."""
+    from capfilt.transforms.files import locks
+
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = locks.acquire(out / ".lock")
+    try:
+        before = snapshot(out)
+        code, stdout, stderr = run_cli(["curate", "--input", str(two_rows), "--out", str(out), *model_args(tiny_models)])
+    finally:
+        holder.release()
+    assert code == 5 and stdout == ""
+    assert error_line(stderr) == f"capfilt curate: busy: {out}: another curate run is working in this directory"
+    assert snapshot(out) == before
