@@ -201,6 +201,8 @@ def to_sample(raw: RawRow) -> Sample:
     except UnicodeDecodeError:
         raise StageError("read", "invalid_key", "key is not valid UTF-8") from None
     status = _text(values["status"])
+    if status is not None and not status.strip():  # an error row needs a type: img2dataset never writes ""
+        raise StageError("download", "invalid_status", "status is empty (img2dataset writes success or a failure)")
     if status is not None and status != "success":
         raise StageError("download", status, _text(values["error_message"]) or f"img2dataset status {status!r}")
     if not key:

@@ -248,3 +248,13 @@ def test_ids_that_name_one_output_file_are_told_apart_or_refused(tmp_path):
         shard_ids(["r/00000.parquet", "r/part-00000.parquet"])
     ids = shard_ids(["r/a/00000.parquet", "r/b/part-00000.parquet"])  # told apart by their folders
     assert ids == {"r/a/00000.parquet": "a_00000", "r/b/part-00000.parquet": "b_part-00000"}
+
+
+def test_an_empty_status_is_an_error_row_with_a_named_type(tmp_path):
+    path = write_raw(tmp_path / "00000.parquet", [raw_row("a", jpg=jpeg()), raw_row("b", jpg=jpeg(), status=""),
+                                                  raw_row("c", jpg=jpeg(), status="failed_to_download")])
+    samples, errors = read_shard(validate_shard(discover_shards([str(path)])[0]))
+    assert [s.key for s in samples] == ["a"]
+    assert [(e.key, e.stage, e.error_type) for e in errors] == [
+        ("b", "download", "invalid_status"), ("c", "download", "failed_to_download")]
+    assert errors[0].error_message == "status is empty (img2dataset writes success or a failure)"
