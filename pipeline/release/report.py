@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import html
+import re
 import io
 import json
 import logging
@@ -220,12 +221,22 @@ def thumbnail(data: bytes | None) -> str | None:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+# C0/C1 controls and the bidi embedding, override and isolate marks: a key or caption holding them
+# would hide text or reverse what follows it on the page. They are shown as \uXXXX instead.
+_INVISIBLE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def escape(text: str) -> str:
+    """``text`` for HTML: escaped, with control and bidi characters made visible."""
+    return _INVISIBLE.sub(lambda m: f"\\u{ord(m.group()):04x}", html.escape(text))
+
+
 def _fmt(v) -> str:
     return "–" if v is None or not np.isfinite(v) else f"{v:.3f}"
 
 
 def _card(row: dict, thumb: str | None) -> str:
-    e = html.escape
+    e = escape
     img = (f'<img src="{thumb}" alt="{e(str(row["key"]))}">' if thumb
            else '<div class="noimg">image not available</div>')
     selected = "".join(f"<li><span class=src>{e(str(s))}</span> {e(str(c))}</li>"
@@ -263,9 +274,9 @@ def render(data: ReportData, samples: int = 12, title: str | None = None) -> str
     sampled = kept_rows + dropped_rows
     rows = dict(zip(sampled, t.take(pa.array(sampled, pa.int64())).to_pylist()))  # only the shown rows
     order = [k for k in COUNT_ORDER if k in data.counts] + sorted(set(data.counts) - set(COUNT_ORDER))
-    counts = "".join(f"<tr><th>{html.escape(k)}</th><td>{data.counts[k]}</td></tr>" for k in order
+    counts = "".join(f"<tr><th>{escape(k)}</th><td>{data.counts[k]}</td></tr>" for k in order
                      if isinstance(data.counts[k], (int, float)))
-    e = html.escape
+    e = escape
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>capfilt report: {e(title or str(data.root))}</title>
 <style>{CSS}</style></head><body>

@@ -131,3 +131,13 @@ def test_report_renders_in_headless_chromium(curate_dir, tmp_path):
     assert pixels.shape == (1600, 1200)
     assert pixels.std() > 20  # text and plots, not a blank page
     assert (pixels < 128).mean() > 0.005  # a real amount of dark ink
+
+
+def test_control_and_bidi_characters_in_keys_are_shown_not_obeyed(tmp_path):
+    """A key holding NUL or a right-to-left override would hide or reverse text on the page."""
+    key = "abc\u202ejpg.exe\x00x"
+    out = write_curated(tmp_path / "cur", [[row(key, image_bytes(1)), row("plain", image_bytes(2))]])
+    assert main(["report", str(out), "--samples", "4"]) == 0
+    text = (out / "report.html").read_text(encoding="utf-8")
+    assert "\u202e" not in text and "\x00" not in text
+    assert "abc\\u202ejpg.exe\\u0000x" in text
