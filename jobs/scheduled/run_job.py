@@ -43,7 +43,8 @@ from pathlib import Path
 from capfilt.jobs import options
 from capfilt.jobs.options import Call
 from capfilt.jobs.scheduled.job_file import (
-    EXIT_ACCOUNTING, EXIT_BUSY, EXIT_CODES, EXIT_CONFIG, EXIT_OK, EXIT_STEP, Job, JobError, load_job, release_config,
+    EXIT_ACCOUNTING, EXIT_BUSY, EXIT_CODES, EXIT_CONFIG, EXIT_OK, EXIT_STEP, Job, JobError, check_environment,
+    load_job, release_config,
 )
 from capfilt.transforms.files import atomic, locks
 from capfilt.transforms.files.hashing import file_sha256, json_sha256
@@ -65,6 +66,10 @@ class RunJobOptions:
         "help": "the job file (paths in it are relative to it)", "positional": True, "flag": "JOB.yaml",
         "type": Path})
     dry_run: bool = dataclasses.field(default=False, metadata={"help": "say which steps would run, run none"})
+    allow_process_environment: bool = dataclasses.field(default=False, metadata={
+        "help": "let the job file's curate.beam_options start Beam's SDK workers by running a command "
+                "(--environment_type PROCESS, the subprocess harness); without it a job file cannot make "
+                "run-job execute a program"})
 
 
 def add_arguments(parser) -> None:
@@ -320,6 +325,7 @@ def _checkpoint(job: Job, state: dict) -> None:
 
 def run(args) -> int:
     job = load_job(Path(args.job))
+    check_environment(job.beam_argv, args.allow_process_environment)
     with _locked(job.root):
         state_path = job.root / STATE_FILE
         state = json.loads(state_path.read_text()) if state_path.is_file() else {}

@@ -625,3 +625,22 @@ def test_a_misspelt_option_names_the_option_it_is_close_to(job, capsys):
     assert "unknown options ['--num-caption'] in the job file (did you mean num_caption -> num_captions?)" in \
         capsys.readouterr().err
     assert fake.calls == []
+
+
+@pytest.mark.parametrize("beam, what", [
+    ('["--environment_type=PROCESS", "--environment_config={\\"command\\": \\"touch PWNED\\"}"]',
+     "--environment_type PROCESS"),
+    ('["--environment_type=beam:env:harness_subprocess_python:v1", "--environment_config=touch PWNED"]',
+     "--environment_type beam:env:harness_subprocess_python:v1"),
+    ('["--environment_type=EXTERNAL", "--environment_options=process_command=touch PWNED"]',
+     "process_command=touch PWNED"),
+])
+def test_a_job_file_cannot_make_beam_run_a_command_unless_the_operator_allows_it(job, capsys, beam, what):
+    path, fake = job
+    path.write_text(path.read_text().replace('beam_options: ["--direct_num_workers=1"]', f"beam_options: {beam}"))
+    assert main(["run-job", str(path)]) == 2
+    assert (f"curate.beam_options: {what} makes Beam run a command on this machine; a job file may not ask for "
+            f"that (pass --allow-process-environment to run-job to allow it)") in capsys.readouterr().err
+    assert fake.calls == [] and not (path.parent / "out").exists() and not (path.parent / "PWNED").exists()
+    assert main(["run-job", str(path), "--allow-process-environment"]) == 0  # the operator's choice
+    assert len(fake.calls) == 1
