@@ -213,23 +213,15 @@ def _check_beam(beam: list[str]) -> None:
         raise JobError(EXIT_CONFIG, f"curate.beam_options: {err}") from err
 
 
-# Beam environments that start SDK workers by running a command on the machine: a job file that
-# could choose them could run any program with the scheduler's rights.
-_COMMAND_ENVIRONMENTS = ("PROCESS", "BEAM:ENV:PROCESS:V1", "BEAM:ENV:HARNESS_SUBPROCESS_PYTHON:V1")
-
-
 def check_environment(beam: list[str], allowed: bool) -> None:
     """Refuse ``curate.beam_options`` that make Beam run a command (``--environment_type
     PROCESS``, the subprocess harness, a ``process_command`` environment option) unless the
     operator passed ``--allow-process-environment`` on run-job's command line. A job file is
     data a scheduler reads; the commands it may start are the operator's decision."""
-    from apache_beam.options.pipeline_options import PipelineOptions
+    from capfilt.pipeline.curate.options import command_environment
 
-    opts = PipelineOptions(beam).get_all_options(drop_default=True)
-    kind = str(opts.get("environment_type") or "").upper()
-    commands = [o for o in opts.get("environment_options") or [] if str(o).startswith("process_command")]
-    if (kind in _COMMAND_ENVIRONMENTS or commands) and not allowed:
-        what = f"--environment_type {opts['environment_type']}" if kind in _COMMAND_ENVIRONMENTS else commands[0]
+    what = command_environment(beam)
+    if what and not allowed:
         raise JobError(EXIT_CONFIG, f"curate.beam_options: {what} makes Beam run a command on this machine; a job "
                                     f"file may not ask for that (pass --allow-process-environment to run-job to "
                                     f"allow it)")

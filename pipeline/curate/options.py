@@ -241,6 +241,22 @@ def make_pipeline_options(beam_args: list[str] | None) -> PipelineOptions:
     return options
 
 
+# Beam environments that start SDK workers by running a command on this machine.
+_COMMAND_ENVIRONMENTS = ("PROCESS", "BEAM:ENV:PROCESS:V1", "BEAM:ENV:HARNESS_SUBPROCESS_PYTHON:V1")
+
+
+def command_environment(beam_args: list[str]) -> str | None:
+    """The Beam option among `beam_args` that makes Beam run a command to start its SDK workers
+    (``--environment_type PROCESS``, the subprocess harness, a ``process_command`` environment
+    option), or None."""
+    opts = PipelineOptions(list(beam_args)).get_all_options(drop_default=True)
+    kind = str(opts.get("environment_type") or "")
+    if kind.upper() in _COMMAND_ENVIRONMENTS:
+        return f"--environment_type {kind}"
+    return next((str(o) for o in opts.get("environment_options") or [] if str(o).startswith("process_command")),
+                None)
+
+
 def make_runner(options: PipelineOptions):
     """A new instance of the ``--runner`` of `options` (a name Beam knows or a full class
     path); ValueError naming it when it cannot be created. Called before --out is touched,
