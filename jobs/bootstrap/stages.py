@@ -8,7 +8,6 @@ one pipeline, torch none), so they live here, in a marker file per stage
 """
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -86,14 +85,16 @@ def write_record(path: Path, data: dict) -> None:
     atomic.write_json(path, data, indent=2)
 
 
+_UNREADABLE = object()
+
+
 def _read_marker(marker: Path) -> dict | None:
     """A stage's done marker, or None when there is none or it cannot be read (cut short, or
     edited by hand): the stage then runs again."""
     if not marker.is_file():
         return None
-    try:
-        done = json.loads(marker.read_text())
-    except ValueError:
+    done = atomic.read_json(marker, default=_UNREADABLE)
+    if done is _UNREADABLE:
         log.warning("%s is not a readable stage marker: the stage runs again", marker)
         return None
     return done if isinstance(done, dict) and {"key", "stamp", "seconds"} <= set(done) else None
