@@ -36,6 +36,9 @@ def loader_error(exc: Exception, limit: int | None = None) -> str:
 def _target(name_or_dir: str | Path, need_processor: bool) -> str:
     """What ``from_pretrained`` is given: a checked local directory, else the spec as written."""
     spec = ModelSpec.parse(name_or_dir)
+    if spec.remote:
+        raise ValueError(f"{spec.text}: a model on object storage is read by curate only (it copies it to a "
+                         f"local cache first); copy it to a local directory for this command")
     if spec.local:
         return str(check_model_dir(spec.path, need_processor=need_processor))
     return spec.text

@@ -10,6 +10,9 @@ is one of:
 * ``open_clip``: ``NAME:PRETRAINED`` or ``open_clip:NAME:PRETRAINED``, an open_clip
   architecture plus a pretrained tag or weights file (``ViT-L-14:openai``);
 * ``timm``: ``timm:NAME[:FILE]``, a timm model with FILE's weights, else its pretrained tag's;
+* ``remote``: ``s3://...``, ``gs://...`` (any ``SCHEME://``), a model directory on object
+  storage. Curate copies it once per worker into a local cache, checked by content hash
+  (``capfilt.pipeline.models``); other commands take local directories and hub ids only;
 * ``hub``: anything else, a transformers hub id (``NAME`` or ``ORG/NAME``).
 
 Which kinds a role takes is checked where the role is: ``parse_clip`` (the ranker, release:
@@ -35,12 +38,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from capfilt.transforms.files.hashing import dir_sha256, file_sha256
 
-LOCAL, HUB, OPEN_CLIP, OPEN_CLIP_HUB, TIMM = "local", "hub", "open_clip", "open_clip_hub", "timm"
+LOCAL, HUB, OPEN_CLIP, OPEN_CLIP_HUB, TIMM, REMOTE = "local", "hub", "open_clip", "open_clip_hub", "timm", "remote"
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 _SCHEMES = {"local-dir": LOCAL, "hf": LOCAL, "hf-hub": OPEN_CLIP_HUB, "open_clip": OPEN_CLIP, "timm": TIMM}
 VISION_INIT_SCHEMES = ("timm", "open_clip", "hf")
 
@@ -75,6 +80,8 @@ class ModelSpec:
         """The spec's kind and parts (table in the module docstring). ``base``: the directory
         relative paths are relative to (a job file's), else the working directory."""
         text = str(spec)
+        if _URL.match(text):  # s3://, gs://, ...: a directory on object storage
+            return cls(text, REMOTE, text.rstrip("/"), scheme=text.split(":", 1)[0])
         scheme, sep, rest = text.partition(":")
         if sep and scheme in _SCHEMES:
             kind = _SCHEMES[scheme]
@@ -94,6 +101,10 @@ class ModelSpec:
     @property
     def local(self) -> bool:
         return self.kind == LOCAL
+
+    @property
+    def remote(self) -> bool:
+        return self.kind == REMOTE
 
     @property
     def path(self) -> Path | None:

@@ -42,6 +42,8 @@ class Sample:
     synthetic_itm: list[float] | None = None
     synthetic_itc: list[float] | None = None
     synthetic_clip: list[float] | None = None
+    # (stage, "device/precision") of each model stage that ran on it, as its worker resolved them
+    ran_on: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)

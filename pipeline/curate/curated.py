@@ -50,11 +50,11 @@ def curated_record(sample: Sample, cfg) -> dict:
 def _finish(sample: Sample, cfg):
     record = curated_record(sample, cfg)
     Metrics.counter(NAMESPACE, "kept" if record["keep"] else "dropped").inc()
-    return sample.shard, sample.row, record
+    return sample.shard, sample.row, record, sample.ran_on
 
 
 class SelectCaptions(beam.PTransform):
-    """PCollection[Sample] -> ((shard, row, curated record), ErrorRows)."""
+    """PCollection[Sample] -> ((shard, row, curated record, ran_on), ErrorRows)."""
 
     def __init__(self, cfg):
         super().__init__()

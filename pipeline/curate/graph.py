@@ -39,6 +39,7 @@ import uuid
 from dataclasses import dataclass
 
 import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
 
 from capfilt.pipeline.curate import progress, state
 from capfilt.pipeline.curate.model_checks import check_models
@@ -49,14 +50,13 @@ from capfilt.pipeline.curate.options import (
     make_pipeline_options,
     make_runner,
     num_workers,
+    processes_per_machine,
     runner_name,
 )
 from capfilt.pipeline.curate.curated import SelectCaptions
 from capfilt.pipeline.curate.record import build_stats, check_identity, metric_counters
 from capfilt.pipeline.curate.sinks import WriteShards, error_records
 from capfilt.pipeline.curate.sources import ReadRows, discover_shards, validate_shard
-from capfilt.pipeline.files import file_sha256
-from capfilt.transforms.schemas import CURATED_SCHEMA, ERROR_SCHEMA
 
 LOG = logging.getLogger(__name__)
 
@@ -65,20 +65,21 @@ class CurateRows(beam.PTransform):
     """PCollection[Sample] (read, deduplicated) -> ((shard, row, curated record), ErrorRows):
     decode, then the model stages, then the selection rule."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, model_hashes=None):
         super().__init__()
         self._cfg = cfg
+        self._hashes = model_hashes or {}  # {spec: sha256} of models copied from object storage
 
     def expand(self, samples):
-        cfg = self._cfg
+        cfg, hashes = self._cfg, self._hashes
         samples, decode_errors = samples | "Decode" >> DecodeImages(cfg)
         errors = [decode_errors]
         stages = []
         if cfg.use_captioner:
-            stages.append(("Caption", CaptionHandler(cfg.captioner, cfg)))
+            stages.append(("Caption", CaptionHandler(cfg.captioner, cfg, hashes.get(cfg.captioner))))
         if cfg.use_filter:
-            stages.append(("Filter", FilterHandler(cfg.filter, cfg)))
-        stages.append(("Rank", RankHandler(cfg.clip, cfg)))
+            stages.append(("Filter", FilterHandler(cfg.filter, cfg, hashes.get(cfg.filter))))
+        stages.append(("Rank", RankHandler(cfg.clip, cfg, hashes.get(cfg.clip))))
         for name, handler in stages:
             samples, stage_errors = samples | name >> InferStage(handler)
             errors.append(stage_errors)
@@ -88,14 +89,15 @@ class CurateRows(beam.PTransform):
 
 
 class CurateShards(beam.PTransform):
-    """PBegin -> PDone: read `shards`, curate, write one curated + one error file per shard
-    to ``targets[ordinal] = (curated prefix, errors prefix)``."""
+    """PBegin -> shard ids written: read `shards`, curate, write one curated + one error file
+    and a receipt per shard to ``targets[ordinal]`` (``sinks.ShardTarget``)."""
 
-    def __init__(self, shards, cfg, targets, prior_curated=(), prior_errors=(), progress_dir=None):
+    def __init__(self, shards, cfg, targets, prior_curated=(), prior_errors=(), progress_dir=None, model_hashes=None):
         super().__init__()
         self._shards, self._cfg, self._targets = list(shards), cfg, targets
         self._prior = (list(prior_curated), list(prior_errors))
         self._progress_dir = progress_dir
+        self._model_hashes = model_hashes or {}
 
     def expand(self, pbegin):
         samples, read_errors = (
@@ -107,14 +109,13 @@ class CurateShards(beam.PTransform):
         samples, dup_errors = samples | "Dedup" >> ResolveDuplicateKeys(*self._prior)
         # Spread rows over workers before the heavy stages (a shard is read by one worker).
         samples = samples | "SpreadRows" >> beam.Reshuffle()
-        curated, stage_errors = samples | "Curate" >> CurateRows(self._cfg)
+        curated, stage_errors = samples | "Curate" >> CurateRows(self._cfg, self._model_hashes)
         errors = (read_errors, dup_errors, stage_errors) | "AllErrors" >> beam.Flatten()
         records = error_records(errors)
         if self._progress_dir:
             curated = curated | "ProgressKept" >> beam.ParDo(progress.Tap(self._progress_dir, "curated"))
             records = records | "ProgressErrors" >> beam.ParDo(progress.Tap(self._progress_dir, "errors"))
-        curated | "WriteCurated" >> WriteShards({o: t[0] for o, t in self._targets.items()}, CURATED_SCHEMA)
-        return records | "WriteErrors" >> WriteShards({o: t[1] for o, t in self._targets.items()}, ERROR_SCHEMA)
+        return (curated, records) | "Write" >> WriteShards(self._targets)
 
 
 @dataclass
@@ -130,30 +131,23 @@ def _groups(items, size):
         yield items[start:start + size]
 
 
-def _auto_threads(cfg, options):
-    """One torch thread per core share when Beam runs several worker processes."""
-    workers = num_workers(options)
-    if cfg.torch_threads or workers <= 1:
-        return cfg
-    return cfg.replace(torch_threads=max(1, (os.cpu_count() or 1) // workers))
-
-
 def run_curate(cfg, beam_args: list[str] | None = None) -> CurateResult:
     """Curate every input shard not yet done in ``cfg.out``; returns the run's stats."""
     options = make_pipeline_options(beam_args)
     make_runner(options)  # a runner that cannot be created is refused before --out is touched
+    FileSystems.set_options(options)  # the launcher's own reads and writes (s3 endpoint, credentials)
     local = is_local_runner(options)
-    cfg = _auto_threads(cfg.absolute(), options)
+    cfg = cfg.absolute().replace(worker_processes=processes_per_machine(options))
     started = time.monotonic()
     store = state.OutStore(cfg.out)
     # Before --out is created, locked or cleaned: a model or device that cannot work would
     # otherwise fail the run only after --overwrite had deleted the previous output.
-    check_models(cfg, local)
+    model_hashes = check_models(cfg, local)
     if not cfg.overwrite:  # before the lock file: a refused directory is left as it was
         store.check_is_curate_output()
     with store.locked():
         shards = discover_shards(cfg.inputs)
-        settings = state.settings_record(cfg, local)
+        settings = state.settings_record(cfg, local, model_hashes)
         # A marker counts only while its output files are intact; the others are redone.
         done = {} if cfg.overwrite else store.without_renamed(store.intact(store.markers()), shards)
         if not cfg.overwrite:
@@ -176,7 +170,7 @@ def run_curate(cfg, beam_args: list[str] | None = None) -> CurateResult:
         reporter = progress.Reporter(total, cfg.progress_every) if local else None
         try:
             for group in _groups(pending, cfg.shards_per_pipeline):
-                counts = _run_group(group, cfg, options, store, reporter)
+                counts = _run_group(group, cfg, options, store, reporter, model_hashes)
                 for k in run_counts:
                     run_counts[k] += counts[k]
                 for k in rescored:  # unknown (None) once a group had no Metrics
@@ -207,9 +201,9 @@ def run_curate(cfg, beam_args: list[str] | None = None) -> CurateResult:
 METRICS_INCOMPLETE = ("BundleBasedDirectRunner",)
 
 
-def _run_group(group, cfg, options, store, reporter) -> dict:
+def _run_group(group, cfg, options, store, reporter, model_hashes) -> dict:
     staging = store.staging_dir(uuid.uuid4().hex[:12])
-    targets = {s.ordinal: store.staged_paths(staging, s) for s in group}
+    targets = {s.ordinal: store.target(staging, s) for s in group}
     prior_curated, prior_errors = store.completed_files()
     progress_dir = None
     if reporter:  # inside the staging dir when local, so a killed run's counters are cleaned too
@@ -219,15 +213,16 @@ def _run_group(group, cfg, options, store, reporter) -> dict:
         reporter.watch(progress_dir)
     try:
         pipeline = beam.Pipeline(runner=make_runner(options), options=options)
-        _ = pipeline | "CapFilt" >> CurateShards(group, cfg, targets, prior_curated, prior_errors, progress_dir)
+        _ = pipeline | "CapFilt" >> CurateShards(group, cfg, targets, prior_curated, prior_errors, progress_dir,
+                                                 model_hashes)
         result = pipeline.run()
         result.wait_until_finish()
         if reporter:
             reporter.unwatch(progress_dir)
         metrics = metric_counters(result)  # None: the runner reports none
-        # Each shard's files against its input row count: the check that decides.
-        files = {s.shard_id: state.staged_counts(s, *[p + ".parquet" for p in targets[s.ordinal]]) for s in group}
-        counts = {key: sum(c[key] for c in files.values()) for key in ("input_rows", "kept", "dropped", "errors")}
+        # Each shard's receipt against the plan and its files' listed sizes: the check that decides.
+        markers = {s.shard_id: store.commit(targets[s.ordinal]) for s in group}
+        counts = {key: sum(m["counts"][key] for m in markers.values()) for key in ("input_rows", "kept", "dropped", "errors")}
         if metrics is not None and runner_name(options) not in METRICS_INCOMPLETE:
             from_metrics = {key: metrics.get(key, 0) for key in counts}
             check_identity(from_metrics, f"Beam Metrics of shards {[s.path for s in group]}")
@@ -235,9 +230,6 @@ def _run_group(group, cfg, options, store, reporter) -> dict:
                 if from_metrics[key] != counts[key]:
                     raise RuntimeError(f"{key}: Beam Metrics count {from_metrics[key]} but the written files "
                                        f"hold {counts[key]} (shards {[s.path for s in group]})")
-        for shard in group:
-            store.complete(shard, *[p + ".parquet" for p in targets[shard.ordinal]], files[shard.shard_id],
-                           input_sha256=file_sha256(shard.path))
         counts["fp32_rescored"] = (None if metrics is None else
                                    {k: metrics.get(f"{k}_fp32_rescored", 0) for k in ("filter", "rank")})
         return counts

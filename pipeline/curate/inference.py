@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import os
 import threading
 import uuid
 
@@ -45,6 +46,18 @@ _LOADED: dict[str, tuple[tuple, object]] = {}
 _LOADED_LOCK = threading.Lock()
 
 
+def thread_share(processes: int | None) -> int | None:
+    """Torch threads for one of ``processes`` SDK processes on this worker machine: its share
+    of the cores this process may use (at least 1); None (torch's default) when unknown.
+    ``processes`` -1: one process per core."""
+    if not processes:
+        return None
+    if processes < 0:
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // processes)
+
+
 def candidates(sample: Sample) -> list[str]:
     """The captions a sample is scored on: the web caption (when not empty), then every
     synthetic caption, in that order. Scores come back in the same order."""
@@ -56,20 +69,22 @@ class _SampleHandler(ModelHandler):
 
     stage = ""
 
-    def __init__(self, spec: str, cfg):
+    def __init__(self, spec: str, cfg, sha256: str | None = None):
         super().__init__()
         self._spec = spec
+        self._sha256 = sha256  # a model on object storage: the hash its local copy must have
         self._cfg = cfg
         self._batch_size: int | None = None  # None: --batch-size
         self._precision: str | None = None  # resolved on first use, in the worker process
 
     # -- what RunInference asks --------------------------------------------------------
     def load_model(self):
-        if self._cfg.torch_threads:
+        threads = self._cfg.torch_threads or thread_share(self._cfg.worker_processes)
+        if threads:
             import torch
 
-            torch.set_num_threads(self._cfg.torch_threads)
-        ident = (self._spec, self._cfg.device, self._cfg.precision)
+            torch.set_num_threads(threads)
+        ident = (self._spec, self._sha256, self._cfg.device, self._cfg.precision)
         with _LOADED_LOCK:
             cached = _LOADED.get(self.stage)
             if cached is not None and cached[0] == ident:
@@ -82,13 +97,15 @@ class _SampleHandler(ModelHandler):
     def run_inference(self, batch, model, inference_args=None):
         batch = list(batch)
         try:
-            return self.infer(batch, model)
+            done = self.infer(batch, model)
         except Exception as err:  # noqa: BLE001 - any failure goes to the dead letter as a StageError
             Metrics.counter(NAMESPACE, f"{self.stage}_failed_batches").inc()
             if len(batch) > 1:
                 LOG.warning("%s batch of %d failed (%s: %s); retrying element by element",
                             self.stage, len(batch), type(err).__name__, err)
             raise StageError(self.stage, type(err).__name__, str(err) or repr(err)) from err
+        used = (self.stage, self.ran_on())
+        return [dataclasses.replace(s, ran_on=s.ran_on + (used,)) for s in done]
 
     def batch_elements_kwargs(self):
         size = self._batch_size or self._cfg.batch_size
@@ -114,6 +131,12 @@ class _SampleHandler(ModelHandler):
     def load(self):
         raise NotImplementedError
 
+    def model_path(self) -> str:
+        """The spec to load: as given, or the local copy of a model on object storage."""
+        from capfilt.pipeline.models import local_spec
+
+        return local_spec(self._spec, self._sha256)
+
     def precision(self) -> str:
         """``--precision`` resolved once, on the worker (its hardware decides ``auto``)."""
         if self._precision is None:
@@ -124,6 +147,12 @@ class _SampleHandler(ModelHandler):
         state = dict(self.__dict__)
         state["_precision"] = None  # a worker on other hardware resolves ``auto`` again
         return state
+
+    def ran_on(self) -> str:
+        """``device/precision`` as this worker resolved them (recorded per shard in its marker)."""
+        from capfilt.model.inference.device import resolve_device
+
+        return f"{resolve_device(self._cfg.device)}/{self.precision()}"
 
     def bf16(self) -> bool:
         """Whether this stage's model runs in bf16 (``pipeline.precision``)."""
@@ -145,7 +174,7 @@ class CaptionHandler(_SampleHandler):
     def load(self):
         from capfilt.model.inference.captioner import Captioner
 
-        return Captioner.from_pretrained(self._spec, device=self._cfg.device, bf16=self.bf16())
+        return Captioner.from_pretrained(self.model_path(), device=self._cfg.device, bf16=self.bf16())
 
     def infer(self, batch, model):
         cfg = self._cfg
@@ -188,7 +217,7 @@ class FilterHandler(_SampleHandler):
     def load(self):
         from capfilt.model.inference.filter import load_filter
 
-        return load_filter(self._spec, device=self._cfg.device, bf16=self.bf16())
+        return load_filter(self.model_path(), device=self._cfg.device, bf16=self.bf16())
 
     def infer(self, batch, model):
         todo = _with_candidates(batch)
@@ -217,7 +246,7 @@ class RankHandler(_SampleHandler):
         from capfilt.model.inference.ranker import ClipRanker
 
         # bf16-checked sizes its CLIP margin for a bf16 image tower; the text stays fp32
-        return ClipRanker.load(self._spec, device=self._cfg.device, bf16=self.bf16(), bf16_text=not self.checked())
+        return ClipRanker.load(self.model_path(), device=self._cfg.device, bf16=self.bf16(), bf16_text=not self.checked())
 
     def infer(self, batch, model):
         cfg = self._cfg

@@ -12,16 +12,30 @@ from __future__ import annotations
 import os
 
 
-def check_models(cfg, local_runner: bool = True) -> None:
+def check_models(cfg, local_runner: bool = True) -> dict[str, str]:
     """--device (with a `local_runner` only) and every model must be usable before --out is
     touched (a failed ``--overwrite`` would otherwise have deleted the old output for
     nothing): ValueError naming the option. Hub ids are resolved too (their config through
-    ``AutoConfig``, which fails at once offline); the weights themselves are read by the workers."""
+    ``AutoConfig``, which fails at once offline); the weights themselves are read by the workers.
+    A model on object storage is copied to the local cache and its copy checked
+    (``capfilt.pipeline.models``). Returns {spec: sha256} of those models (the hash every
+    worker's copy must have)."""
     from capfilt.model.inference.device import resolve_device
     from capfilt.model.loading import load_hf_config
     from capfilt.model.specs import ModelSpec, check_model_dir
+    from capfilt.pipeline.models import is_remote_spec, local_copy
+
+    hashes: dict[str, str] = {}
+
+    def copied(spec):  # a model on object storage: its local copy, whose hash the workers check
+        if not is_remote_spec(spec):
+            return spec
+        path = local_copy(ModelSpec.parse(spec).name)
+        hashes[spec] = os.path.basename(path)
+        return path
 
     def check_blip(spec) -> None:  # a local directory's files, then its config (a hub id's too)
+        spec = copied(spec)
         parsed = ModelSpec.parse(spec)
         if parsed.local:
             check_model_dir(parsed.path)
@@ -33,7 +47,8 @@ def check_models(cfg, local_runner: bool = True) -> None:
         _named("--captioner", cfg.captioner, check_blip)
     if cfg.use_filter:
         _named("--filter", cfg.filter, check_blip)
-    _named("--clip", cfg.clip, _check_clip)
+    _named("--clip", cfg.clip, lambda spec: _check_clip(copied(spec)))
+    return hashes
 
 
 def _named(flag: str, spec, check) -> None:

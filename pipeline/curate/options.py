@@ -20,6 +20,7 @@ import os
 from dataclasses import dataclass, field
 
 from apache_beam.options.pipeline_options import (
+    DebugOptions,
     DirectOptions,
     PipelineOptions,
     StandardOptions,
@@ -118,6 +119,9 @@ class CurateConfig:
     progress_every: float = field(default=5.0, metadata=_opt(
         RUN, "seconds between progress lines", metavar="SECONDS"))
     extra: dict = field(default_factory=dict)
+    # Set by the launcher, not by a flag: SDK processes per worker machine as the runner's
+    # options say (torch threads default to each one's share of the cores, on the worker).
+    worker_processes: int | None = None
 
     def __post_init__(self):
         if not self.inputs:
@@ -290,6 +294,26 @@ def num_workers(options: PipelineOptions) -> int:
     if workers is None:
         return 1
     return int(workers) if int(workers) > 0 else (os.cpu_count() or 1)
+
+
+PER_CORE = -1  # processes_per_machine: one SDK process per core
+
+
+def processes_per_machine(options: PipelineOptions) -> int | None:
+    """SDK worker processes per worker machine, as far as the runner's options say: the local
+    runners' ``--direct_num_workers``; the portable runners' (Flink, Spark, the job service)
+    ``--sdk_worker_parallelism`` (0 or unset: one process, or the runner's choice); Dataflow
+    starts one Python process per vCPU (:data:`PER_CORE`). None: unknown (torch keeps its
+    default)."""
+    from apache_beam.options.pipeline_options import PortableOptions
+
+    name = runner_name(options)
+    if name in LOCAL_RUNNERS:
+        return num_workers(options)
+    if name in ("DataflowRunner", "TestDataflowRunner"):
+        return None if options.view_as(DebugOptions).lookup_experiment("no_use_multiple_sdk_containers") else PER_CORE
+    parallelism = options.view_as(PortableOptions).sdk_worker_parallelism
+    return int(parallelism) if parallelism and int(parallelism) > 0 else 1
 
 
 def _import_runner_module(args: list[str]) -> None:

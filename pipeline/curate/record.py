@@ -40,10 +40,13 @@ def check_identity(counts: dict, where: str) -> None:
         )
 
 
-def model_record(spec: str | None) -> dict | None:
-    """A model's id and content hash (``capfilt.model.specs.identity``); None when there is no model."""
+def model_record(spec: str | None, hashes: dict | None = None) -> dict | None:
+    """A model's id and content hash (``capfilt.model.specs.identity``; for a model on object
+    storage, the hash of its checked local copy from ``hashes``); None when there is no model."""
     if spec is None:
         return None
+    if hashes and spec in hashes:
+        return {"id": spec, "sha256": hashes[spec], "kind": "directory"}
     return identity(spec)
 
 

@@ -1,61 +1,152 @@
-"""Rows out: curated and error shards through ``WriteToParquet``, and their counts read back.
+"""Rows out: one curated and one error parquet file per input shard, each written by the worker
+that holds the shard's rows, with a receipt of what it wrote.
 
-Each input shard gets exactly one curated shard and one error shard, in
-``transforms.schemas.CURATED_SCHEMA`` / ``ERROR_SCHEMA``. Rows are grouped per input shard and
-sorted by input row before ``WriteToParquet`` (one file per shard), so the files do not depend
-on batch size, worker count or bundle order. Files are written to a staging prefix;
-:mod:`pipeline.curate` moves them into place once the pipeline has succeeded, after
-:func:`check_schema` and :func:`output_counts` have read them back.
+Each input shard gets exactly one curated file and one error file, in
+``transforms.schemas.CURATED_SCHEMA`` / ``ERROR_SCHEMA``, under their final names
+(``shards/part-<id>.parquet``, ``errors/part-<id>.parquet``). Rows are grouped per input shard
+and sorted by input row, so the files do not depend on batch size, worker count or bundle
+order. The worker then writes the shard's *receipt* (``_staging/<run>/receipts/<id>.json``):
+the input's size, sha256 and row count, each file's size, sha256 and row count, the counts
+(``input rows == kept + dropped + errors`` checked here, on the rows written), and the device
+and precision each model stage ran with. The launcher turns receipts into done markers once
+the pipeline has succeeded (``pipeline.curate.state``): it never reads a data byte itself.
+
+Why not ``parquetio.WriteToParquet``: its finalize step renames temporary files into place,
+which on object stores is a copy and a delete (not atomic, and every byte again); it knows
+nothing of input shards, so one file per shard took a sink per shard; and it reports no
+checksum of what it wrote. Here pyarrow's ``ParquetWriter`` streams each shard's rows through
+``pipeline.files.written``, which hashes the bytes on their way to Beam's ``FileSystems``.
 """
 from __future__ import annotations
 
+import os
+import socket
 from collections import Counter
+from dataclasses import dataclass
 
 import apache_beam as beam
+import pyarrow as pa
 import pyarrow.parquet as pq
-from apache_beam.io.filesystems import FileSystems
-from apache_beam.io.parquetio import WriteToParquet
 
+from capfilt.pipeline.curate.record import check_identity
+from capfilt.pipeline.curate.sources import ShardInfo
+from capfilt.pipeline.files import BEAM, file_sha256, written
+from capfilt.transforms.files import atomic
 from capfilt.transforms.rows import ErrorRow
+from capfilt.transforms.schemas import CURATED_SCHEMA, ERROR_SCHEMA
+
+ROW_GROUP = 512  # rows per parquet row group (images included: about 15 MB at 30 kB each)
+COUNT_KEYS = ("input_rows", "kept", "dropped", "errors", "drop_reasons", "error_types")
 
 
-def _sorted_records(item):
-    _shard, rows = item
-    for _row, record in sorted(rows, key=lambda r: r[0]):
-        yield record
+@dataclass(frozen=True)
+class ShardTarget:
+    """Where one input shard's outputs go: its two files (final names) and its receipt."""
+
+    shard: ShardInfo
+    curated: str
+    errors: str
+    receipt: str
+
+
+def write_parquet(path: str, records: list[dict], schema: pa.Schema) -> dict:
+    """Write ``records`` (in order) to ``path`` as one parquet file; its size, sha256 and rows,
+    counted on the way out. A list without records gives a file with the schema and no rows."""
+    with written(path) as stream:
+        with pq.ParquetWriter(stream, schema, compression="none") as writer:
+            for start in range(0, len(records), ROW_GROUP):
+                writer.write_table(pa.Table.from_pylist(records[start:start + ROW_GROUP], schema=schema))
+            if not records:
+                writer.write_table(schema.empty_table())
+    return {"size": stream.size, "sha256": stream.sha256, "rows": len(records)}
+
+
+def record_counts(curated: list[dict], errors: list[dict], input_rows: int) -> dict:
+    """The counts of a shard's rows as written."""
+    reasons = Counter(r["drop_reason"] for r in curated if r["drop_reason"])
+    kinds = Counter(f"{e['stage']}/{e['error_type']}" for e in errors)
+    kept = sum(1 for r in curated if r["keep"])
+    return {
+        "input_rows": input_rows,
+        "kept": kept,
+        "dropped": len(curated) - kept,
+        "errors": len(errors),
+        "drop_reasons": dict(sorted(reasons.items())),
+        "error_types": dict(sorted(kinds.items())),
+    }
+
+
+class WriteShardFn(beam.DoFn):
+    """(shard ordinal, tagged rows) -> the shard's two files and its receipt; yields the shard id.
+
+    A retried bundle writes the same bytes again (rows are sorted, models are seeded), so a
+    retry or a duplicate attempt leaves the same files."""
+
+    def __init__(self, targets: dict[int, ShardTarget]):
+        self._targets = targets
+
+    def process(self, item):
+        ordinal, tagged = item
+        target = self._targets[ordinal]
+        shard = target.shard
+        curated, errors, ran_on = [], [], {}
+        for tag, row, record, stages in tagged:
+            if tag == "curated":
+                curated.append((row, record))
+                for stage, used in stages:
+                    ran_on.setdefault(stage, set()).add(used)
+            elif tag == "error":
+                errors.append((row, record))
+        curated = [r for _, r in sorted(curated, key=lambda t: t[0])]
+        errors = [r for _, r in sorted(errors, key=lambda t: t[0])]
+        counts = record_counts(curated, errors, shard.num_rows)
+        check_identity(counts, f"shard {shard.path}")
+        receipt = {
+            "shard_id": shard.shard_id,
+            "input": {"path": shard.path, "name": os.path.basename(shard.path.rstrip("/")), "size": shard.size,
+                      "sha256": file_sha256(shard.path), "rows": shard.num_rows, "format": shard.fmt},
+            "curated": dict(write_parquet(target.curated, curated, CURATED_SCHEMA),
+                            name=os.path.basename(target.curated), path=f"shards/{os.path.basename(target.curated)}"),
+            "errors": dict(write_parquet(target.errors, errors, ERROR_SCHEMA),
+                           name=os.path.basename(target.errors), path=f"errors/{os.path.basename(target.errors)}"),
+            "counts": counts,
+            "ran_on": {stage: sorted(used) for stage, used in sorted(ran_on.items())},
+            "written_by": f"{socket.gethostname()}:{os.getpid()}",
+        }
+        atomic.write_json(target.receipt, receipt, BEAM, indent=2, sort_keys=True, end="\n")
+        yield shard.shard_id
+
+
+def _curated_item(t):
+    shard, row, record, ran_on = t
+    return shard, ("curated", row, record, ran_on)
+
+
+def _error_item(t):
+    shard, row, record = t
+    return shard, ("error", row, record, ())
 
 
 class WriteShards(beam.PTransform):
-    """Write one parquet file per input shard.
+    """(curated (shard, row, record, ran_on), error records (shard, row, record)) -> shard ids
+    written. Every target shard is written, also one without rows (empty files)."""
 
-    ``targets``: {shard ordinal: file path without suffix}; ``.parquet`` is appended. Input:
-    (shard ordinal, row index, record dict). A shard without rows gets an empty file.
-    """
-
-    def __init__(self, targets: dict[int, str], schema):
+    def __init__(self, targets: dict[int, ShardTarget]):
         super().__init__()
-        self._order = sorted(targets)
         self._targets = targets
-        self._schema = schema
 
-    def expand(self, rows):
-        index = {ordinal: i for i, ordinal in enumerate(self._order)}
-        parts = (
-            rows
-            | "ByShard" >> beam.Map(lambda t: (t[0], (t[1], t[2])))
-            | "GroupShard" >> beam.GroupByKey()
-            | "Split" >> beam.Partition(lambda kv, n: index[kv[0]], len(self._order))
+    def expand(self, pcolls):
+        curated, errors = pcolls
+        every = (curated.pipeline
+                 | "EveryShard" >> beam.Create([(o, ("shard", -1, None, ())) for o in sorted(self._targets)]))
+        return (
+            (curated | "TagCurated" >> beam.Map(_curated_item),
+             errors | "TagErrors" >> beam.Map(_error_item),
+             every)
+            | "AllRows" >> beam.Flatten()
+            | "ByShard" >> beam.GroupByKey()
+            | "Write" >> beam.ParDo(WriteShardFn(self._targets))
         )
-        for i, ordinal in enumerate(self._order):
-            _ = (
-                parts[i]
-                | f"Sort{ordinal}" >> beam.FlatMap(_sorted_records)
-                | f"Write{ordinal}" >> WriteToParquet(
-                    self._targets[ordinal], schema=self._schema, num_shards=1,
-                    shard_name_template="", file_name_suffix=".parquet",
-                )
-            )
-        return beam.pvalue.PDone(rows.pipeline)
 
 
 def _error_record(e: ErrorRow):
@@ -65,29 +156,3 @@ def _error_record(e: ErrorRow):
 def error_records(errors):
     """PCollection[ErrorRow] -> (shard, row, record) for WriteShards."""
     return errors | "ErrorRecords" >> beam.Map(_error_record)
-
-
-def output_counts(curated_path: str, errors_path: str) -> dict:
-    """Counts read back from one shard's written files (not from the pipeline)."""
-    with FileSystems.open(curated_path) as f:
-        cur = pq.read_table(f, columns=["keep", "drop_reason"])
-    with FileSystems.open(errors_path) as f:
-        err = pq.read_table(f, columns=["stage", "error_type"])
-    keep = cur.column("keep").to_pylist()
-    reasons = Counter(r for r in cur.column("drop_reason").to_pylist() if r)
-    kinds = Counter(f"{s}/{t}" for s, t in zip(err.column("stage").to_pylist(), err.column("error_type").to_pylist()))
-    return {
-        "curated_rows": cur.num_rows,
-        "kept": sum(1 for k in keep if k),
-        "dropped": sum(1 for k in keep if not k),
-        "errors": err.num_rows,
-        "drop_reasons": dict(sorted(reasons.items())),
-        "error_types": dict(sorted(kinds.items())),
-    }
-
-
-def check_schema(path: str, schema) -> None:
-    with FileSystems.open(path) as f:
-        have = pq.read_schema(f)
-    if not have.equals(schema, check_metadata=False):
-        raise RuntimeError(f"{path}: written schema differs from the contract:\n{have}\nexpected:\n{schema}")

@@ -5,16 +5,23 @@ Layout of ``--out``::
     shards/part-<shard>.parquet    curated rows of input shard <shard>
     errors/part-<shard>.parquet    error rows of input shard <shard>
     _state/<shard>.json            done marker: input (path, size, sha256, rows), outputs
-                                   (name, size, sha256, rows), counts; written last
+                                   (name, size, sha256, rows), counts, the device/precision
+                                   each model stage ran with; written last, by the launcher
     _state/settings.json           the settings that decide rows (refused if they change
                                    while a shard is done); also what marks a curate output
-    _staging/<run>/                pipeline output before it is final (deleted on every run)
+    _staging/<run>/receipts/       what the workers wrote for each shard (sizes, sha256s,
+                                   counts), turned into markers once the pipeline succeeded
     stats.json  manifest.json      the run record
     .lock                          held while a run works here (local directories)
 
-A done marker counts only while its two output files exist with the recorded size (or, for a
-marker that records no size, the recorded sha256): a deleted or truncated output makes its
-shard pending again instead of silently missing from the totals.
+The workers write each shard's two files under their final names (no rename: object stores
+have none that is atomic) and its receipt; the launcher checks the receipts and writes the
+markers. A file in ``shards/`` or ``errors/`` that no marker names is a killed run's and is
+deleted by the next run; readers (release, run-job) read only the files the markers (and the
+manifest built from them) name. A done marker counts only while its two output files exist
+with the recorded size: a deleted or truncated output makes its shard pending again instead
+of silently missing from the totals. The launcher reads listings, markers and receipts, never
+a data byte.
 
 Paths go through Beam's ``FileSystems`` so the layout works on any filesystem Beam knows;
 the lock only where the directory is local.
@@ -31,11 +38,10 @@ import shutil
 from apache_beam.io.filesystems import FileSystems
 
 from capfilt.pipeline.curate.record import check_identity, code_version, model_record
-from capfilt.pipeline.curate.sinks import check_schema, output_counts
+from capfilt.pipeline.curate.sinks import ShardTarget
 from capfilt.pipeline.curate.sources import ShardInfo, output_name
-from capfilt.pipeline.files import BEAM, file_sha256
+from capfilt.pipeline.files import BEAM, file_sha256, listed_size
 from capfilt.transforms.files import atomic, locks
-from capfilt.transforms.schemas import CURATED_SCHEMA, ERROR_SCHEMA
 
 LOG = logging.getLogger(__name__)
 LOCK_NAME = ".lock"
@@ -59,25 +65,16 @@ def write_json(path: str, obj) -> None:
     atomic.write_json(path, obj, BEAM, indent=2, sort_keys=True, end="\n")
 
 
-def staged_counts(shard: ShardInfo, curated: str, errors: str) -> dict:
-    """Counts of one shard's staged files, after checking their schemas and the identity."""
-    check_schema(curated, CURATED_SCHEMA)
-    check_schema(errors, ERROR_SCHEMA)
-    counts = dict(output_counts(curated, errors), input_rows=shard.num_rows)
-    check_identity(counts, f"shard {shard.path}")
-    return counts
-
-
-def settings_record(cfg, local_runner: bool = True) -> dict:
+def settings_record(cfg, local_runner: bool = True, hashes: dict | None = None) -> dict:
     """What decides the rows: the settings and each model's content hash (call
     :func:`check_models` first). The precision is resolved here only for a `local_runner`
     (``CurateConfig.fingerprint``)."""
     return {
         "settings": cfg.fingerprint(resolve=local_runner),
         "models": {
-            "captioner": model_record(cfg.captioner if cfg.use_captioner else None),
-            "filter": model_record(cfg.filter if cfg.use_filter else None),
-            "clip": model_record(cfg.clip),
+            "captioner": model_record(cfg.captioner if cfg.use_captioner else None, hashes),
+            "filter": model_record(cfg.filter if cfg.use_filter else None, hashes),
+            "clip": model_record(cfg.clip, hashes),
         },
     }
 
@@ -93,7 +90,18 @@ def manifest(cfg, settings: dict, markers: list[dict]) -> dict:
         "round": cfg.round,
         "inputs": [m["input"] for m in markers],
         "outputs": [o for m in markers for o in (m["curated"], m["errors"])],
+        "ran_on": ran_on(markers),
     }
+
+
+def ran_on(markers: list[dict]) -> dict:
+    """{model stage: sorted "device/precision" values} over the done shards, as the workers
+    that curated them resolved --device and --precision."""
+    out: dict[str, set] = {}
+    for marker in markers:
+        for stage, used in marker.get("ran_on", {}).items():
+            out.setdefault(stage, set()).update(used)
+    return {stage: sorted(used) for stage, used in sorted(out.items())}
 
 
 class OutStore:
@@ -146,7 +154,7 @@ class OutStore:
     def check_is_curate_output(self) -> None:
         """Refuse a non-empty --out that no curate run wrote (no ``_state/settings.json``):
         cleaning up a killed run would delete its files. ``--overwrite`` skips this check."""
-        if FileSystems.exists(self.settings_path) or not FileSystems.exists(self.out):
+        if FileSystems.exists(self.settings_path) or not self._has(self.out):
             return
         if self.local and not os.path.isdir(self.out):
             return  # locked() refuses it, naming the path
@@ -163,15 +171,26 @@ class OutStore:
             )
 
     def _ensure(self, path: str) -> None:
-        if not FileSystems.exists(path):
-            FileSystems.mkdirs(path)
+        if self.local and not os.path.isdir(path):
+            FileSystems.mkdirs(path)  # object stores have no folders: a key's prefix is enough
+
+    def _has(self, folder: str) -> bool:
+        """Whether a folder exists: locally a directory; on object stores, any key below it."""
+        if self.local:
+            return os.path.isdir(folder)
+        return bool(FileSystems.match([_join(folder, "**")], limits=[1])[0].metadata_list)
 
     def _list(self, pattern: str) -> list[str]:
         return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
 
     def remove(self, path: str) -> None:
+        """Delete a file or a folder with everything in it (on object stores: every key below)."""
         if FileSystems.exists(path):
             FileSystems.delete([path])
+        elif not self.local:
+            below = self._list(_join(path, "**"))
+            if below:
+                FileSystems.delete(below)
 
     def reset(self) -> None:
         """--overwrite: delete everything a previous run wrote."""
@@ -203,7 +222,7 @@ class OutStore:
         write_json(path, settings)  # differs only when no shard is done (check_settings)
 
     def markers(self) -> dict[str, dict]:
-        if not FileSystems.exists(self.state_dir):
+        if not self._has(self.state_dir):
             return {}
         out = {}
         for path in self._list(_join(self.state_dir, "*.json")):
@@ -290,7 +309,7 @@ class OutStore:
         keep = {m[kind]["name"] for m in markers.values() for kind in ("curated", "errors")}
         keep_markers = {f"{shard_id}.json" for shard_id in markers} | {"settings.json"}
         for folder in (self.shards_dir, self.errors_dir, self.state_dir):
-            if not FileSystems.exists(folder):
+            if not self._has(folder):
                 continue
             for path in self._list(_join(folder, "*")):
                 name = posixpath.basename(path)
@@ -308,28 +327,34 @@ class OutStore:
         self._ensure(path)
         return path
 
-    def staged_paths(self, staging: str, shard: ShardInfo) -> tuple[str, str]:
-        stem = output_name(shard.shard_id).removesuffix(".parquet")
-        return _join(staging, "curated", stem), _join(staging, "errors", stem)
-
-    def complete(self, shard: ShardInfo, curated: str, errors: str, counts: dict, input_sha256: str) -> dict:
-        """Move a shard's staged files into place, then write its done marker (last)."""
+    def target(self, staging: str, shard: ShardInfo) -> ShardTarget:
+        """Where the pipeline writes a shard: its files under their final names (nothing is
+        renamed: on object stores a rename is a copy) and its receipt in the run's staging."""
         name = output_name(shard.shard_id)
-        self._ensure(self.shards_dir)
-        self._ensure(self.errors_dir)
-        final_cur, final_err = _join(self.shards_dir, name), _join(self.errors_dir, name)
-        FileSystems.rename([curated, errors], [final_cur, final_err])
-        marker = {
-            "shard_id": shard.shard_id,
-            "input": {"path": shard.path, "name": posixpath.basename(shard.path), "size": shard.size,
-                      "sha256": input_sha256, "rows": shard.num_rows, "format": shard.fmt},
-            "curated": {"name": name, "path": f"shards/{name}", "sha256": file_sha256(final_cur),
-                        "size": _size(final_cur), "rows": counts["curated_rows"]},
-            "errors": {"name": name, "path": f"errors/{name}", "sha256": file_sha256(final_err),
-                       "size": _size(final_err), "rows": counts["errors"]},
-            "counts": {k: counts[k] for k in ("input_rows", "kept", "dropped", "errors",
-                                              "drop_reasons", "error_types")},
-        }
+        return ShardTarget(shard, _join(self.shards_dir, name), _join(self.errors_dir, name),
+                           _join(staging, "receipts", f"{shard.shard_id}.json"))
+
+    def commit(self, target: ShardTarget) -> dict:
+        """Turn a shard's receipt into its done marker, after checking the receipt against
+        the shard as planned and the two files against the receipt (their listed sizes: no
+        data byte is read here). The marker is written last: before it, the files count as
+        left by a killed run."""
+        shard = target.shard
+        if not FileSystems.exists(target.receipt):
+            raise RuntimeError(f"shard {shard.path}: the pipeline finished but left no receipt of its "
+                               f"outputs ({target.receipt})")
+        receipt = read_json(target.receipt)
+        counts = receipt["counts"]
+        check_identity(counts, f"shard {shard.path} (receipt)")
+        if counts["input_rows"] != shard.num_rows or receipt["input"]["size"] != shard.size:
+            raise RuntimeError(f"shard {shard.path}: its receipt records {counts['input_rows']} rows and "
+                               f"{receipt['input']['size']} bytes, the run planned {shard.num_rows} and {shard.size}")
+        for kind, path in (("curated", target.curated), ("errors", target.errors)):
+            listed = listed_size(path)
+            if listed != receipt[kind]["size"]:
+                raise RuntimeError(f"{path}: {'missing' if listed is None else f'{listed} bytes'} after the "
+                                   f"pipeline, its receipt says {receipt[kind]['size']} bytes")
+        marker = {key: receipt[key] for key in ("shard_id", "input", "curated", "errors", "counts", "ran_on")}
         write_json(_join(self.state_dir, f"{shard.shard_id}.json"), marker)
         self._output_problems.pop(shard.shard_id, None)
         return marker
@@ -352,10 +377,6 @@ class OutStore:
             if FileSystems.exists(path) and read_json(path) == json.loads(json.dumps(obj)):
                 continue
             write_json(path, obj)
-
-
-def _size(path: str) -> int:
-    return FileSystems.match([path])[0].metadata_list[0].size_in_bytes
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:

@@ -5,7 +5,8 @@ A reader sees the old file or the new one, never half of one. The temporary name
 one behind, which the next local write of the same file deletes once process PID is gone.
 
 The steps go through a small file-system object (``open``, ``create``, ``rename``, ``exists``,
-``delete``) so that the one algorithm serves local files (:data:`LOCAL`, on ``os``) and the
+``delete``; optionally ``renames_atomically(path)``: where it says no, an object store, the file
+is written once under its own name, since an object appears whole when closed) so that the one algorithm serves local files (:data:`LOCAL`, on ``os``) and the
 remote-capable Beam ``FileSystems`` that curate uses (``capfilt.pipeline.files.BEAM``); this
 layer imports no Beam. No library offers this over both: ``os.replace`` is the whole primitive
 locally, and Beam has rename but no atomic write.
@@ -92,6 +93,11 @@ def dead_temps(path: str | os.PathLike) -> list[str]:
 def write_bytes(path: str | os.PathLike, data: bytes, fs: Files = LOCAL) -> None:
     """Write ``data`` to ``path`` whole or not at all (see the module docstring)."""
     path = os.fspath(path)
+    if not getattr(fs, "renames_atomically", lambda _p: True)(path):
+        # an object store: no atomic rename, but an object appears whole when it is closed
+        with fs.create(path) as f:
+            f.write(data)
+        return
     if fs is LOCAL:
         for stale in dead_temps(path):
             with contextlib.suppress(OSError):

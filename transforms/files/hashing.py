@@ -27,16 +27,34 @@ def file_sha256(path: str | os.PathLike, fs: Files = LOCAL) -> str:
     return digest.hexdigest()
 
 
-def dir_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 over a local directory: every file's path relative to ``path`` and the hex
-    SHA-256 of its bytes, in walk order with names sorted (renaming or editing a file changes it)."""
+def dir_sha256(path: str | os.PathLike, files: list[str] | None = None, fs: Files = LOCAL) -> str:
+    """Hex SHA-256 over a directory: every file's path relative to ``path`` ('/'-separated) and
+    the hex SHA-256 of its bytes, by folder and then name (renaming or editing a file changes
+    it). ``files``: the relative paths (``local_files`` of a local directory by default; a
+    remote prefix lists its own, ``capfilt.pipeline.files.list_files``), read through ``fs``."""
+    root = os.fspath(path)
     digest = hashlib.sha256()
-    for root, _dirs, files in sorted(os.walk(path)):
-        for name in sorted(files):
-            full = os.path.join(root, name)
-            digest.update(os.path.relpath(full, path).encode("utf-8") + b"\0")
-            digest.update(file_sha256(full).encode("ascii"))
+    for rel in local_files(root) if files is None else files:
+        digest.update(rel.encode("utf-8") + b"\0")
+        full = os.path.join(root, *rel.split("/")) if fs is LOCAL else root.rstrip("/") + "/" + rel
+        digest.update(file_sha256(full, fs).encode("ascii"))
     return digest.hexdigest()
+
+
+def local_files(root: str | os.PathLike) -> list[str]:
+    """The files below local ``root``, relative and '/'-separated, in :func:`ordered` order."""
+    out = []
+    for folder, _dirs, names in os.walk(root):
+        rel = os.path.relpath(folder, root)
+        for name in names:
+            out.append(name if rel == "." else "/".join(rel.split(os.sep) + [name]))
+    return ordered(out)
+
+
+def ordered(rel_paths) -> list[str]:
+    """Relative paths sorted by folder, then by name (``sorted(os.walk(root))`` order: the
+    folder strings sort as the walk's root paths do)."""
+    return sorted(rel_paths, key=lambda p: (p.rpartition("/")[0], p.rpartition("/")[2]))
 
 
 def json_sha256(obj) -> str:

@@ -1,4 +1,5 @@
-"""One process at a time in a directory: an exclusive lock on a local file, never waited for.
+"""One process at a time in a directory: an exclusive lock on a local file, not waited for
+(except by :func:`waited`).
 
 ``filelock`` holds an OS lock (``flock`` on POSIX, falling back to a lock file where the file
 system has none); the kernel releases it when its holder dies, so a killed run leaves nothing to
@@ -48,3 +49,11 @@ def hold(path: str | os.PathLike, busy: Callable[[], BaseException] | None = Non
         yield
     finally:
         lock.release()
+
+
+@contextlib.contextmanager
+def waited(path: str | os.PathLike) -> Iterator[None]:
+    """Hold the lock at ``path`` for the block, waiting for another holder to finish (a
+    shared cache filled once per machine, where waiting is right and ``Busy`` is not)."""
+    with filelock.FileLock(os.fspath(path), thread_local=False):
+        yield

@@ -204,20 +204,69 @@ def test_a_done_shard_with_a_missing_or_changed_output_is_not_done(tmp_path, dam
     assert sorted(p.name for p in (tmp_path / "out").rglob("*") if p.is_file()) == []
 
 
-def test_complete_records_output_sizes(tmp_path):
+def _curated(key, keep, reason=None):
+    from capfilt.transforms.schemas import CURATED_SCHEMA
+
+    row = dict.fromkeys(CURATED_SCHEMA.names)
+    row.update(key=key, keep=keep, drop_reason=reason, synthetic_captions=[], captions=[], caption_sources=[])
+    return row
+
+
+def test_workers_write_files_and_receipt_and_the_launcher_commits_markers(tmp_path):
+    """A shard's files are written under their final names by the worker, which also records
+    their sizes, sha256s and counts (and the input's sha256) in a receipt; the launcher checks
+    the receipt against the plan and the listed sizes, and only then writes the marker."""
+    from capfilt.pipeline.curate.sinks import WriteShardFn
+    from capfilt.pipeline.curate.sources import ShardInfo
+    from capfilt.pipeline.curate.state import OutStore
+    from capfilt.transforms.rows import ErrorRow
+
+    raw = tmp_path / "in" / "00000.parquet"
+    raw.parent.mkdir()
+    raw.write_bytes(b"input bytes")
+    shard = ShardInfo(str(raw), 0, "00000", "parquet", raw.stat().st_size, num_rows=4)
+    store = OutStore(str(tmp_path / "out"))
+    target = store.target(store.staging_dir("run1"), shard)
+    error = ErrorRow("b", None, "decode", "truncated", "cut short", 0, 1).record()
+    rows = [("curated", 3, _curated("d", False, "below_threshold"), (("rank", "cpu/fp32"),)),
+            ("error", 1, error, ()), ("shard", -1, None, ()),
+            ("curated", 0, _curated("a", True), (("rank", "cpu/fp32"), ("filter", "cpu/bf16-checked"))),
+            ("curated", 2, _curated("c", True), (("rank", "cpu/fp32"),))]
+    assert list(WriteShardFn({0: target}).process((0, rows))) == ["00000"]
+    curated = tmp_path / "out" / "shards" / "part-00000.parquet"
+    assert pq.read_table(curated).column("key").to_pylist() == ["a", "c", "d"]  # sorted by input row
+    marker = store.commit(target)
+    assert marker["counts"] == {"input_rows": 4, "kept": 2, "dropped": 1, "errors": 1,
+                                "drop_reasons": {"below_threshold": 1}, "error_types": {"decode/truncated": 1}}
+    assert marker["curated"]["size"] == curated.stat().st_size
+    assert marker["curated"]["sha256"] == hashlib.sha256(curated.read_bytes()).hexdigest()
+    assert marker["input"]["sha256"] == hashlib.sha256(b"input bytes").hexdigest()
+    assert marker["ran_on"] == {"filter": ["cpu/bf16-checked"], "rank": ["cpu/fp32"]}
+    assert json.loads((tmp_path / "out" / "_state" / "00000.json").read_text()) == marker
+    assert store.is_done(shard, store.markers())
+
+
+def test_commit_refuses_a_receipt_that_does_not_match(tmp_path):
+    from capfilt.pipeline.curate.sinks import WriteShardFn
+    from capfilt.pipeline.curate.sources import ShardInfo
     from capfilt.pipeline.curate.state import OutStore
 
+    raw = tmp_path / "00000.parquet"
+    raw.write_bytes(b"x")
+    shard = ShardInfo(str(raw), 0, "00000", "parquet", 1, num_rows=1)
     store = OutStore(str(tmp_path / "out"))
-    staged = tmp_path / "staged"
-    staged.mkdir()
-    (staged / "c.parquet").write_bytes(b"12345")
-    (staged / "e.parquet").write_bytes(b"123")
-    counts = {"input_rows": 2, "kept": 1, "dropped": 0, "errors": 1, "curated_rows": 1,
-              "drop_reasons": {}, "error_types": {"x": 1}}
-    marker = store.complete(_shard(), str(staged / "c.parquet"), str(staged / "e.parquet"), counts, "ab" * 32)
-    assert (marker["curated"]["size"], marker["errors"]["size"]) == (5, 3)
-    assert json.loads((tmp_path / "out" / "_state" / "00000.json").read_text()) == marker
-    assert store.is_done(_shard(), store.markers())
+    target = store.target(store.staging_dir("r"), shard)
+    with pytest.raises(RuntimeError, match="left no receipt"):
+        store.commit(target)
+    # a worker that lost a row: the identity fails where the rows are written
+    with pytest.raises(RuntimeError, match="accounting mismatch in shard .*input_rows 1 != kept 0"):
+        list(WriteShardFn({0: target}).process((0, [("shard", -1, None, ())])))
+    list(WriteShardFn({0: target}).process((0, [("curated", 0, _curated("a", True), ())])))
+    with open(target.curated, "ab") as f:  # changed after the worker wrote it
+        f.write(b"junk")
+    with pytest.raises(RuntimeError, match=r"part-00000.parquet: \d+ bytes after the pipeline, its receipt says"):
+        store.commit(target)
+    assert not (tmp_path / "out" / "_state" / "00000.json").exists()
 
 
 # --- --out paths --------------------------------------------------------------------------------
