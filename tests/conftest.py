@@ -45,3 +45,25 @@ def synth_world(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth_world")
     write_world(out, SynthConfig(n=48, human=16, test=16, noise=0.45, seed=0, rows_per_shard=32))
     return out
+
+
+# --- a local S3 (tests/s3_server.py) ------------------------------------------------------------------
+# One moto server on 127.0.0.1 for the whole run; each test gets its own prefix in the bucket.
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A running local S3 (`s3_server.S3Server`: endpoint_url, bucket, args for Beam, url(key));
+    Beam's FileSystems point at it. Stopped at the end of the run."""
+    from s3_server import s3_server as start
+
+    with start() as server:
+        yield server
+
+
+@pytest.fixture
+def s3_root(s3_server, request):
+    """``s3://BUCKET/TEST-NAME``: a prefix no other test writes under. Re-points Beam's
+    FileSystems at the server (a Beam pipeline run in between may have changed its options)."""
+    s3_server.use()
+    name = "".join(c if c.isalnum() or c in "-_." else "-" for c in request.node.nodeid)
+    return s3_server.url(name).rstrip("/")
