@@ -9,10 +9,11 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: venv test test-all demo bench clean
 
-$(STAMP): requirements.txt setup.py
+# The runtime pins plus the test tools: `make test` and CI need both.
+$(STAMP): requirements.txt requirements-dev.txt setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet -r requirements-dev.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

@@ -1,7 +1,8 @@
 """Install the `capfilt` distribution and its console script. The four layer folders
 (transforms, model, pipeline, jobs) install under the one import name `capfilt`
 (`capfilt.model`, ...); nothing installs a bare `model` or `pipeline`.
-`requirements.txt` pins the exact working set for CI."""
+`requirements.txt` pins the exact runtime set (what a Beam SDK worker installs) and
+`requirements-dev.txt` adds the test tools; the ranges here are what the code needs."""
 from setuptools import find_packages, setup
 
 LAYERS = ("transforms", "model", "pipeline", "jobs")
@@ -24,12 +25,15 @@ setup(
         "transformers>=5.0,<6",
         "tokenizers",
         "safetensors",
+        "huggingface_hub",
         "apache-beam>=2.60",
         "pyarrow>=17",
         "filelock>=4",
         "numpy>=1.26",
         "pillow",
         "img2dataset>=1.45",
+        "pandas",
+        "webdataset",
         "open_clip_torch>=3.0",
         "timm>=1.0",
         "pycocoevalcap",
@@ -40,7 +44,10 @@ setup(
     extras_require={
         "cpu": ["faiss-cpu>=1.8"],
         "gpu": ["faiss-gpu>=1.8"],
-        "dev": ["pytest>=8", "pytest-timeout", "faiss-cpu>=1.8"],
+        # s3:// and gs:// paths through Beam's FileSystems
+        "aws": ["apache-beam[aws]>=2.60"],
+        "gcp": ["apache-beam[gcp]>=2.60"],
+        "dev": ["pytest>=8", "pytest-timeout", "moto[server]>=5", "faiss-cpu>=1.8"],
     },
     entry_points={"console_scripts": ["capfilt=capfilt.jobs.cli:main_entry"]},
 )
