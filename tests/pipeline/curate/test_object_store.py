@@ -135,3 +135,58 @@ def test_curate_s3_to_s3_with_models_on_s3(remote, reference, s3_server, tiny_mo
     after = {n: s3_server.boto3_client().head_object(Bucket=s3_server.bucket, Key=prefix + n)["ETag"]
              for n in listing(s3_server, prefix)}
     assert after == before
+
+
+def test_a_launcher_killed_mid_run_then_rerun_gives_the_same_rows(remote, reference, s3_server, tmp_path):
+    """kill -9 of the launcher once the first output object exists (files under their final
+    names, with or without their marker), then a re-run: the same rows, no stray object."""
+    prefix = remote.split("/", 3)[3] + "/out/"
+    cmd = [sys.executable, "-c", "import sys; from capfilt.jobs.cli import main_entry; sys.argv[0] = 'capfilt'; "
+           "main_entry()", *argv(remote, s3_server), "--shards-per-pipeline", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ))
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            if any(n.startswith(("shards/", "errors/")) for n in listing(s3_server, prefix)):
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read().decode()[-2000:]
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    left = listing(s3_server, prefix)
+    assert "stats.json" not in left and any(n.startswith(("shards/", "errors/")) for n in left), left
+    code, stdout, stderr = run_cli(argv(remote, s3_server))
+    assert code == 0, stderr
+    local = tmp_path / "out"
+    download_dir(f"{remote}/out", local)
+    assert_same_rows(local, reference)
+    stats = json.loads((local / "stats.json").read_text())
+    assert (stats["input_rows"], stats["shards"]) == (12, 3)
+    assert stats["input_rows"] == stats["kept"] + stats["dropped"] + stats["errors"]
+    names = listing(s3_server, prefix)
+    assert sorted(n for n in names if not n.startswith("_state/")) == sorted(
+        ["manifest.json", "stats.json"] + [f"{d}/part-{i:05d}.parquet" for d in ("shards", "errors") for i in range(3)])
+
+
+def test_a_model_on_object_storage_is_copied_once_and_checked_by_hash(s3_root, tiny_models, tmp_path, monkeypatch):
+    from capfilt.pipeline.models import local_copy
+    from capfilt.transforms.files.hashing import dir_sha256
+
+    monkeypatch.setenv("CAPFILT_MODEL_CACHE", str(tmp_path / "cache"))
+    url = f"{s3_root}/models/clip"
+    upload_dir(tiny_models["clip"], url)
+    path = local_copy(url)
+    expected = dir_sha256(tiny_models["clip"])
+    assert path == str(tmp_path / "cache" / expected) and dir_sha256(path) == expected
+    assert local_copy(url, expected) == path  # cached: no second copy
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir() if p.is_dir()) == [expected]
+    # the model changes on the store after the run started: a worker's fresh copy is refused
+    monkeypatch.setenv("CAPFILT_MODEL_CACHE", str(tmp_path / "other_machine"))
+    upload_dir(tiny_models["captioner"], url)  # more files under the same prefix
+    with pytest.raises(ValueError, match=f"{url}: its files now hash to [0-9a-f]{{64}}, the run started with {expected}"):
+        local_copy(url, expected)
+    assert [p.name for p in (tmp_path / "other_machine").iterdir() if p.is_dir()] == []  # nothing half-copied
+    with pytest.raises(ValueError, match="no model files there"):
+        local_copy(f"{s3_root}/models/none")
