@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +41,8 @@ import pyarrow.parquet as pq
 
 from capfilt.pipeline.release import dedup, manifest as release_manifest
 from capfilt.pipeline.release.out_dir import check_release_out, stage_dir, swap_into_place
-from capfilt.pipeline.files import file_sha256
+from capfilt.pipeline.files import file_sha256, is_remote
+from capfilt.pipeline.release.remote import as_given, local_inputs
 from capfilt.pipeline.release.shards import (
     CURATED_READ_SCHEMA, PROGRESS_EVERY_S, REMOVED_SCHEMA, DecontaminationSet, ShardWriter, check_input_schema,
     load_decontamination_set, scan_rows,
@@ -87,7 +89,8 @@ class ReleaseConfig:
     report: bool = field(default=True, metadata={"help": "skip report.html", "flag": "--no-report"})
 
     def __post_init__(self):
-        self.inputs = [Path(p) for p in self.inputs]
+        # s3:// and gs:// curate outputs stay URLs (copied at build time: pipeline/release/remote.py)
+        self.inputs = [str(p) if is_remote(str(p)) else Path(p) for p in self.inputs]
         self.out = Path(self.out)
         if not self.inputs:
             raise ValueError("release needs at least one --input curate directory")
@@ -107,15 +110,15 @@ class ReleaseConfig:
         swap at the end. Compared as resolved paths, so `C1`, `./C1/` and a symlink are one."""
         seen: dict[Path, Path] = {}
         for given in self.inputs:
-            real = given.resolve()
+            real = given.rstrip("/") if isinstance(given, str) else given.resolve()  # a URL as written
             if real in seen:
                 same = "" if str(seen[real]) == str(given) else f" (as {seen[real]} and {given})"
                 raise ValueError(f"input {seen[real]} given twice{same}")
             seen[real] = given
         out = self.out.resolve()
         for real, given in seen.items():
-            relation = ("is" if out == real else "is inside" if real in out.parents
-                        else "contains" if out in real.parents else None)
+            relation = (None if isinstance(real, str) else "is" if out == real else "is inside"
+                        if real in out.parents else "contains" if out in real.parents else None)
             if relation:
                 raise ValueError(f"--out {self.out} {relation} --input {given}: a release never writes over its inputs")
 
@@ -359,8 +362,14 @@ def build_release(cfg: ReleaseConfig, embedder: Embedder | None = None) -> dict:
     ``cfg.clip`` (or the curate manifest) loaded through ``model.ranker.ClipRanker``."""
     t0 = time.time()
     check_release_out(cfg.out, cfg.overwrite, cfg.decontaminate)
-    files, sources, hashes = list_input_shards(cfg.inputs)
-    lineage = release_manifest.curate_lineage(cfg.inputs)
+    with tempfile.TemporaryDirectory(prefix="capfilt-release-inputs-") as workdir:
+        return _build(cfg, embedder, t0, *local_inputs(cfg.inputs, Path(workdir)))
+
+
+def _build(cfg: ReleaseConfig, embedder, t0: float, inputs: list[Path], names: dict[str, str]) -> dict:
+    files, sources, hashes = list_input_shards(inputs)
+    lineage = release_manifest.curate_lineage(inputs)
+    sources, lineage = as_given(sources, lineage, names)  # remote inputs named by their URLs
     if embedder is None:
         cfg.clip = cfg.clip or release_manifest.default_clip(lineage)
     # Before the model is loaded and the images embedded: an unwritable --out fails now.
