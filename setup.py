@@ -40,6 +40,7 @@ setup(
     extras_require={
         "cpu": ["faiss-cpu>=1.8"],
         "gpu": ["faiss-gpu>=1.8"],
+        "spark": ["pyspark>=4.0"],  # capfilt ingest --distributor pyspark (Spark 4 runs on Java 17+)
         "dev": ["pytest>=8", "pytest-timeout", "faiss-cpu>=1.8"],
     },
     entry_points={"console_scripts": ["capfilt=capfilt.jobs.cli:main_entry"]},
