@@ -47,7 +47,8 @@ setup(
         # s3:// and gs:// paths through Beam's FileSystems
         "aws": ["apache-beam[aws]>=2.60"],
         "gcp": ["apache-beam[gcp]>=2.60"],
-        "dev": ["pytest>=8", "pytest-timeout", "moto[server]>=5", "faiss-cpu>=1.8"],
+        "spark": ["pyspark>=4.0"],  # capfilt ingest --distributor pyspark (Spark 4 runs on Java 17+)
+        "dev": ["pytest>=8", "pytest-timeout", "moto[server]>=5", "faiss-cpu>=1.8", "pyspark>=4.0"],
     },
     entry_points={"console_scripts": ["capfilt=capfilt.jobs.cli:main_entry"]},
 )

@@ -2,6 +2,8 @@
 
     capfilt ingest --url-list urls.parquet --out raw [--output-format webdataset] \\
         --image_size 384 --resize_mode keep_ratio --processes_count 4 --thread_count 64
+    capfilt ingest --url-list urls.parquet --out /shared/raw --distributor pyspark \\
+        --spark-master spark://HOST:7077
 
 Options this command does not declare are img2dataset ``download`` options (either spelling,
 ``--image_size`` or ``--image-size``). See docs/curate.md.
@@ -15,6 +17,8 @@ DESCRIPTION = (
     "columns) into img2dataset shards that `capfilt curate` reads: parquet with the image bytes "
     "in `jpg` (default) or webdataset tars. Every img2dataset option passes through, e.g. "
     "--image_size 384 --resize_mode keep_ratio --processes_count 4 --thread_count 64 --retries 2. "
+    "--distributor pyspark downloads on a Spark cluster instead (--spark-master; a SparkSession is "
+    "started for the download and stopped after it). "
     "Failed downloads stay in the shards with status != success (curate reports them as error "
     "rows). After the download every shard is checked against the URL list (readable, its row count "
     "that of its stats, each URL once under its key); a mismatch is an error. One ingest at a time per "

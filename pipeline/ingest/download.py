@@ -16,7 +16,9 @@ incremental mode); this module
   and refuses an ``--out`` downloaded with other settings; after ``download`` returns, checks
   the output against the URL list (:func:`verify_output`): img2dataset reports success even when
   a shard failed or a foreign process wrote into its file;
-* sums img2dataset's per-shard ``*_stats.json`` into one summary.
+* sums img2dataset's per-shard ``*_stats.json`` into one summary;
+* with ``--distributor pyspark``, runs ``download`` with a SparkSession of its own on
+  ``--spark-master`` (:mod:`capfilt.pipeline.ingest.spark`).
 
 Why code of our own around img2dataset: it starts its processes with the ``spawn`` method (no
 file descriptor, so no ``flock``, reaches them) and offers no hook in them, so neither a lock
@@ -30,6 +32,7 @@ its error output, so nothing in the URL list is lost.
 """
 from __future__ import annotations
 
+import functools
 import glob
 import inspect
 import json
@@ -47,6 +50,7 @@ import pyarrow.parquet as pq
 
 from capfilt.pipeline.ingest.check import ShardLayout, download_settings, prepare_out, read_input_urls, verify_output
 from capfilt.pipeline.ingest.lock import OutLock, run_download
+from capfilt.pipeline.ingest.spark import download_on_spark, require_pyspark
 
 LOG = logging.getLogger(__name__)
 
@@ -57,9 +61,11 @@ INPUT_FORMATS = {
     ".jsonl.gz": "jsonl.gz",
 }
 OUTPUT_FORMATS = ("parquet", "webdataset")
+DISTRIBUTORS = ("multiprocessing", "pyspark")  # img2dataset's names
 # download() arguments that IngestConfig sets from our own options
 OWN_ARGUMENTS = {"url_list": "--url-list", "output_folder": "--out", "output_format": "--output-format",
-                 "input_format": "--input-format", "url_col": "--url-col", "caption_col": "--caption-col"}
+                 "input_format": "--input-format", "url_col": "--url-col", "caption_col": "--caption-col",
+                 "distributor": "--distributor"}
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,15 @@ class IngestConfig:
         "help": "img2dataset input format (parquet, csv, tsv, txt, json, ...); None: from the file name"})
     url_col: str = field(default="url", metadata={"help": "column holding the URLs"})
     caption_col: str | None = field(default="caption", metadata={"help": "column holding the captions ('' for none)"})
+    distributor: str = field(default="multiprocessing", metadata={
+        "help": "img2dataset's distributor: multiprocessing (--processes_count processes on this machine) or "
+                "pyspark (one Spark task per shard, on --spark-master; needs pip install 'capfilt[spark]')",
+        "choices": DISTRIBUTORS})
+    spark_master: str | None = field(default=None, metadata={
+        "help": "with --distributor pyspark: the Spark master URL (spark://HOST:7077, local[4], yarn, ...); "
+                "default: Spark's own (spark.master in $SPARK_CONF_DIR/spark-defaults.conf, else $MASTER, "
+                "else local[*]). Workers write the shards: --out must be at its path on every worker (a shared mount)",
+        "metavar": "URL"})
     options: dict = field(default_factory=dict)  # further img2dataset.download arguments
 
     def __post_init__(self):
@@ -82,6 +97,12 @@ class IngestConfig:
             raise ValueError(f"--url-list {self.url_list}: no such file")
         if self.output_format not in OUTPUT_FORMATS:
             raise ValueError(f"--output-format {self.output_format!r}: curate reads {OUTPUT_FORMATS}")
+        if self.distributor not in DISTRIBUTORS:
+            raise ValueError(f"--distributor {self.distributor!r}: one of {DISTRIBUTORS}")
+        if self.distributor == "pyspark":
+            require_pyspark()
+        elif self.spark_master is not None:
+            raise ValueError(f"--spark-master {self.spark_master}: only with --distributor pyspark")
         check_download_options(self.options)
 
 
@@ -243,11 +264,14 @@ def run_ingest(cfg: IngestConfig) -> dict:
     urls = read_input_urls(cfg.url_list, input_format, cfg.url_col)
     kwargs.update(url_list=cfg.url_list, output_folder=cfg.out, output_format=cfg.output_format,
                   input_format=input_format, url_col=cfg.url_col, caption_col=cfg.caption_col or None,
+                  distributor=cfg.distributor,
                   # prepare_out did what overwrite needs (img2dataset's would remove the lock too)
                   incremental_mode="extend" if mode == "extend" else "incremental")
     os.makedirs(cfg.out, exist_ok=True)
     with OutLock(cfg.out) as lock:
         first, redone = prepare_out(cfg.out, mode, layout, download_settings(download, kwargs, cfg.url_list), urls)
+        if cfg.distributor == "pyspark":
+            download = functools.partial(download_on_spark, download, cfg.spark_master)
         run_download(download, kwargs, lock)
         verify_output(cfg.out, layout, urls, first)
     return {**summarize(cfg.out), "url_list_rows": len(urls), "redone": redone}

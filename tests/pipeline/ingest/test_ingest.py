@@ -1,23 +1,19 @@
-"""`capfilt ingest` end to end against an HTTP server on 127.0.0.1 (a thread in this test) that
-serves the synthetic images, 404s and an HTML page, plus a URL on a closed port (refused); a
-`kill -9` mid-download; and, with stand-ins for img2dataset's `download` that write its layout
+"""`capfilt ingest` end to end against an HTTP server on 127.0.0.1 (a thread in this test,
+`ingest_data.image_server`) that serves the synthetic images, 404s and an HTML page, plus a URL
+on a closed port (refused); a `kill -9` mid-download; and, with stand-ins for img2dataset's `download` that write its layout
 and then break it, the checks of its output, the lock on --out and resuming."""
 import contextlib
 import fcntl
 import gzip
 import hashlib
-import http.server
 import importlib
 import inspect
 import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
-import time
 import uuid
 from pathlib import Path
 
@@ -29,65 +25,7 @@ from capfilt.pipeline.ingest.download import list_columns, parse_img2dataset_opt
 from capfilt.pipeline.curate.sources import discover_shards, validate_shard
 from shard_data import read_shard
 from cli_run import run_cli
-
-N_IMAGES = 5
-
-
-@pytest.fixture(scope="module")
-def server(synth_world):
-    """(base url, {path: image bytes}, closed-port url); shut down after the module."""
-    rows = pq.read_table(sorted((synth_world / "web").glob("*.parquet"))[0]).slice(0, N_IMAGES).to_pylist()
-    images = {f"/img/{r['key']}.jpg": r["jpg"] for r in rows}
-    captions = {f"/img/{r['key']}.jpg": r["caption"] for r in rows}
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        timeout = 10  # a stuck client cannot hold a server thread
-
-        def do_GET(self):
-            path = self.path
-            if path.startswith("/slow/"):  # slow enough to kill a download midway
-                time.sleep(0.4)
-                path = path[len("/slow"):]
-            if path in images:
-                self._send(200, "image/jpeg", images[path])
-            elif path == "/page.html":
-                self._send(200, "text/html", b"<!doctype html><html><body>not an image</body></html>")
-            else:
-                self.send_error(404)
-
-        def _send(self, code, ctype, body):
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
-    thread.start()
-    with socket.socket() as s:  # a port nobody listens on: connection refused
-        s.bind(("127.0.0.1", 0))
-        closed = f"http://127.0.0.1:{s.getsockname()[1]}/gone.jpg"
-    base = f"http://127.0.0.1:{httpd.server_address[1]}"
-    yield base, images, captions, closed
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(timeout=10)
-
-
-def url_rows(server):
-    base, images, captions, closed = server
-    rows = [(base + path, captions[path]) for path in images]
-    rows += [(base + "/missing.jpg", "a 404"), (base + "/page.html", "an html page"), (closed, "refused")]
-    return rows
-
-
-IMG2DATASET = ["--processes_count", "1", "--thread_count", "4", "--timeout", "5", "--retries", "0",
-               "--resize_mode", "no", "--skip-reencode", "--number_sample_per_shard", "4"]
+from ingest_data import IMG2DATASET, N_IMAGES, processes_with, url_rows, wait_for
 
 
 def read_everything(pattern):
@@ -195,31 +133,6 @@ def test_img2dataset_options_are_typed_from_its_signature():
 
 # --- a kill -9 mid-download ----------------------------------------------------------------------
 
-def _processes_with(marker):
-    """Live (not zombie) pids whose environment holds ``marker``: capfilt and every process it
-    started, wherever they were re-parented."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                env = f.read()
-            with open(f"/proc/{pid}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if marker.encode() in env and state not in ("Z", "X"):
-            found.append(int(pid))
-    return found
-
-
-def _wait_for(condition, what, deadline_s=120):
-    end = time.monotonic() + deadline_s
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError(f"gave up waiting for {what} after {deadline_s} s")
-        time.sleep(0.02)
-
-
 def test_kill_9_mid_download_leaves_no_process_and_the_rerun_converges(server, tmp_path):
     """The crash audit's case: img2dataset's logger and pool workers outlived a killed capfilt
     and kept writing; the re-run then shared shard files with them."""
@@ -239,16 +152,16 @@ def test_kill_9_mid_download_leaves_no_process_and_the_rerun_converges(server, t
                             cwd=Path(__file__).parents[3])
     try:
         # kill once the first shard is finished: the second one is being written
-        _wait_for(lambda: (out / "00000_stats.json").exists() or proc.poll() is not None, "the first shard")
+        wait_for(lambda: (out / "00000_stats.json").exists() or proc.poll() is not None, "the first shard")
         assert proc.poll() is None, (tmp_path / "killed.log").read_text()
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         with contextlib.suppress(AssertionError):
-            _wait_for(lambda: not _processes_with(marker), "the killed ingest's processes to end", deadline_s=60)
-        assert _processes_with(marker) == []
+            wait_for(lambda: not processes_with(marker), "the killed ingest's processes to end", deadline_s=60)
+        assert processes_with(marker) == []
     finally:
         log.close()
-        for pid in _processes_with(marker):  # the old behaviour: don't leave them running
+        for pid in processes_with(marker):  # the old behaviour: don't leave them running
             os.kill(pid, signal.SIGKILL)
 
     code, stdout, stderr = run_cli(argv)
