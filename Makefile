@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM := false
 .PHONY: venv test test-all demo bench clean
 
 # The runtime pins plus the test tools: `make test` and CI need both.
-$(STAMP): requirements.txt requirements-dev.txt setup.py
+$(STAMP): requirements.txt requirements-dev.txt requirements-spark.txt setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
