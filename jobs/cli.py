@@ -64,6 +64,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 USAGE_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
                 PermissionError)
 EXIT_USAGE, EXIT_FAILURE, EXIT_BUSY, EXIT_INTERRUPTED = 2, 1, 5, 130
+_USAGE_NAMES = frozenset(e.__name__ for e in USAGE_ERRORS)
 
 
 class UsageError(SystemExit, ValueError):
@@ -113,7 +114,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def exit_code(exc: BaseException) -> int:
-    """The exit code of a command that raised `exc`."""
+    """The exit code of a command that raised `exc`. A failed Beam job (``worker_error``: the
+    class name of the worker's exception) gets the code that exception would get here."""
     if isinstance(exc, KeyboardInterrupt):
         return EXIT_INTERRUPTED
     if isinstance(exc, Busy):  # another run holds --out's lock: try again later
@@ -125,6 +127,9 @@ def exit_code(exc: BaseException) -> int:
         from capfilt.jobs.commands.release import EXIT_ACCOUNTING
 
         return EXIT_ACCOUNTING
+    worker_error = getattr(exc, "worker_error", None)  # a Beam job's failure: the worker's exception class
+    if isinstance(worker_error, str):
+        return EXIT_USAGE if worker_error in _USAGE_NAMES else EXIT_FAILURE
     return EXIT_USAGE if isinstance(exc, USAGE_ERRORS) else EXIT_FAILURE
 
 

@@ -81,19 +81,30 @@ def run(args) -> int:
 def curate(cfg, beam_args: list[str], quiet: bool = True) -> int:
     """Run one curate and print its summary table (what `capfilt curate`, the bootstrap and
     run-job call). `beam_args`: Beam's own options, in Beam's command-line syntax."""
+    from capfilt.pipeline.curate.failures import HideJobMessages, job_failure
     from capfilt.pipeline.curate.graph import run_curate
 
     # Beam logs every bundle and stage at INFO; our progress line replaces that. Beam logs a
-    # failing DoFn's traceback at ERROR and then re-raises the error to us (jobs.cli prints it
-    # in one line). The levels are put back afterwards: a bootstrap or run-job runs other
-    # stages in this process.
+    # failing DoFn's traceback at ERROR (PortableRunner: the job's messages, on the root logger)
+    # and then raises the failure to us, which becomes one line naming the stage and the
+    # worker's error (pipeline.curate.failures; jobs.cli prints it). The levels are put back
+    # afterwards: a bootstrap or run-job runs other stages in this process.
     levels = {"apache_beam": logging.WARNING, "apache_beam.runners.common": logging.CRITICAL} if quiet else {}
     before = {name: logging.getLogger(name).level for name in levels}
+    hide = HideJobMessages()
     try:
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
+        if quiet:
+            logging.getLogger().addFilter(hide)
         result = run_curate(cfg, list(beam_args))
+    except Exception as err:
+        failure = job_failure(err, beam_args)
+        if failure is None:
+            raise
+        raise failure from err
     finally:
+        logging.getLogger().removeFilter(hide)
         for name, level in before.items():
             logging.getLogger(name).setLevel(level)
     print(summary_table(result))

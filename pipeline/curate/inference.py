@@ -4,9 +4,13 @@ Each handler takes ``Sample`` s (already decoded) and returns updated copies, an
 ``KeyedModelHandler`` so elements travel as ``(sample key, Sample)``. Beam supplies the rest:
 
 * **One model per worker process.** ``RunInference`` loads the model through its shared
-  handle once per process and hands it to every thread; with
-  ``--share-model-across-processes`` Beam's ``MultiProcessShared`` serves one copy per
-  machine instead (for models that do not fit once per worker).
+  handle once per process and hands it to every thread. With ``--share-model-across-processes``
+  (or ``--large-model``, or ``--model-copies N``) the handler tells Beam so
+  (``share_model_across_processes()``, ``model_copies()``, set through ``ModelHandler``'s own
+  ``large_model`` and ``model_copies``): Beam's ``MultiProcessShared`` then keeps one (or N)
+  copies per machine, in the worker process that loaded them, and the other processes call
+  them through a proxy, in turn. The proxy exposes methods only, so the handlers call the
+  models' methods and never read their attributes.
 * **Batching** comes from ``batch_elements_kwargs`` (``--batch-size``, fixed, so every batch
   but a bundle's last is full).
 * **A failed batch is retried element by element.** ``run_inference`` raises for a batch that
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import logging
 import os
 import threading
@@ -44,6 +49,9 @@ LOG = logging.getLogger(__name__)
 # with the in-process FnApiRunner, would otherwise reload every model for every group.
 _LOADED: dict[str, tuple[tuple, object]] = {}
 _LOADED_LOCK = threading.Lock()
+# Part of every model tag made in this (launcher) process: the pipelines of one run share their
+# models (see InferStage), another launcher's run on the same machine does not.
+_LAUNCH = uuid.uuid4().hex[:12]
 
 
 def thread_share(processes: int | None) -> int | None:
@@ -70,7 +78,7 @@ class _SampleHandler(ModelHandler):
     stage = ""
 
     def __init__(self, spec: str, cfg, sha256: str | None = None):
-        super().__init__()
+        super().__init__(large_model=cfg.large_model, model_copies=cfg.model_copies)
         self._spec = spec
         self._sha256 = sha256  # a model on object storage: the hash its local copy must have
         self._cfg = cfg
@@ -84,6 +92,12 @@ class _SampleHandler(ModelHandler):
             import torch
 
             torch.set_num_threads(threads)
+        if self.share_model_across_processes():
+            # One load per copy, kept by Beam's MultiProcessShared under the run's model tag;
+            # the process-wide cache would hand every copy the same object.
+            LOG.info("loading %s model %s (one of %d copies per machine)", self.stage, self._spec,
+                     self.model_copies())
+            return self.load()
         ident = (self._spec, self._sha256, self._cfg.device, self._cfg.precision)
         with _LOADED_LOCK:
             cached = _LOADED.get(self.stage)
@@ -118,7 +132,8 @@ class _SampleHandler(ModelHandler):
         return other
 
     def share_model_across_processes(self) -> bool:
-        return bool(self._cfg.share_model_across_processes)
+        # Beam's own answer covers --large-model and --model-copies; ours adds the plain flag.
+        return super().share_model_across_processes() or bool(self._cfg.share_model_across_processes)
 
     def get_num_bytes(self, batch) -> int:
         # The default pickles the batch (PIL images included) just to measure it.
@@ -222,7 +237,8 @@ class FilterHandler(_SampleHandler):
     def infer(self, batch, model):
         todo = _with_candidates(batch)
         result = checked_filter_scores(model, [s.image for s in todo], [candidates(s) for s in todo],
-                                       check=self.checked(), itm_threshold=self._cfg.itm_threshold, margin=self._cfg.itm_margin)
+                                       check=self.checked() and self.bf16(), itm_threshold=self._cfg.itm_threshold,
+                                       margin=self._cfg.itm_margin)
         Metrics.counter(NAMESPACE, "filter_fp32_rescored").inc(len(result.rescored))
         out = []
         for s, sc in zip(batch, _by_sample(batch, todo, result.scores)):
@@ -256,7 +272,7 @@ class RankHandler(_SampleHandler):
             itm = [_joined_scores(s, s.web_itm, s.synthetic_itm) for s in todo]
         result = checked_rank_scores(
             model, [s.image for s in todo], [candidates(s) for s in todo], itm,
-            check=self.checked(), itm_threshold=cfg.itm_threshold,
+            check=self.checked() and self.bf16(), itm_threshold=cfg.itm_threshold,
             keep_top=cfg.keep_top, margin=cfg.clip_margin,
         )
         Metrics.counter(NAMESPACE, "rank_fp32_rescored").inc(len(result.rescored))
@@ -271,6 +287,16 @@ def _keyed(sample: Sample):
     return sample.key, sample
 
 
+def model_tag(handler: _SampleHandler) -> str:
+    """The ``model_identifier`` of a stage's two RunInference transforms (batches, and rows
+    retried alone), so they share one model. It is the same for every pipeline of one run
+    (same launcher process, model, device and precision): with shared models, the copies Beam
+    loaded for the first pipeline serve the next ones instead of new copies piling up."""
+    cfg = handler._cfg
+    ident = hashlib.sha256(repr((handler._spec, cfg.device, cfg.precision)).encode()).hexdigest()[:12]
+    return f"{NAMESPACE}-{handler.stage}-{_LAUNCH}-{ident}"
+
+
 class InferStage(beam.PTransform):
     """PCollection[Sample] -> (updated Samples, ErrorRows) through one RunInference stage."""
 
@@ -279,8 +305,7 @@ class InferStage(beam.PTransform):
         self._handler = handler
 
     def expand(self, samples):
-        # one model for both RunInference transforms (Beam shares it by this identifier)
-        model_id = f"{NAMESPACE}-{self._handler.stage}-{uuid.uuid4().hex}"
+        model_id = model_tag(self._handler)
         results, failed = (
             samples
             | "Key" >> beam.Map(_keyed)

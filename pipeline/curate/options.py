@@ -54,7 +54,7 @@ class CurateConfig:
 
     Fields that change the curated rows (models, sampling, thresholds, seed, round, ablations,
     decode limits, precision) form the run's fingerprint (:meth:`fingerprint`); the others (batch size,
-    grouping, progress) only change how fast the rows are produced.
+    grouping, progress, model sharing) only change how fast the rows are produced.
     """
 
     inputs: tuple[str, ...] = field(metadata=_opt(
@@ -108,8 +108,16 @@ class CurateConfig:
         MODELS, "bf16-checked: ITM scores within E of --itm-threshold are recomputed in fp32", metavar="E"))
     clip_margin: float = field(default=DEFAULT_CLIP_MARGIN, metadata=_opt(  # CLIP error assumed per score
         MODELS, "bf16-checked: CLIP rankings with neighbours within 2E are recomputed in fp32", metavar="E"))
+    # Beam's ModelHandler options for several SDK worker processes on one GPU (docs/curate.md).
     share_model_across_processes: bool = field(default=False, metadata=_opt(
-        RUN, "one model copy per machine instead of per worker process"))
+        RUN, "one copy of each model per machine, served to all its worker processes (Beam's "
+        "multi_process_shared) instead of one per process; copies: --model-copies"))
+    model_copies: int | None = field(default=None, metadata=_opt(
+        RUN, "N copies of each model per machine, shared by its worker processes in turn (implies "
+        "--share-model-across-processes; default 1 when shared)", metavar="N"))
+    large_model: bool = field(default=False, metadata=_opt(
+        RUN, "Beam's large_model: each model fits once per machine, so one shared copy serves every "
+        "worker process (as --share-model-across-processes; refuses --model-copies above 1)"))
     torch_threads: int | None = field(default=None, metadata=_opt(  # None: torch's default
         RUN, "torch threads per worker process (default: cores / workers)"))
     shards_per_pipeline: int = field(default=8, metadata=_opt(
@@ -155,12 +163,30 @@ class CurateConfig:
         _check_min("--max-aspect", self.max_aspect, 1)  # longer side / shorter side is never below 1
         if self.torch_threads is not None:
             _check_min("--torch-threads", self.torch_threads, 1)
+        if self.model_copies is not None:
+            _check_range("--model-copies", self.model_copies, 1, 1000)
+            if self.large_model and self.model_copies > 1:
+                raise ValueError(f"--model-copies {self.model_copies} with --large-model: a large model is loaded "
+                                 f"once per machine; drop one of the two")
         if self.precision not in PRECISIONS:
             raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         _check_range("--itm-margin", self.itm_margin, 0.0, 1.0)
         _check_range("--clip-margin", self.clip_margin, 0.0, 2.0)
         if self.progress_every <= 0:
             raise ValueError(f"--progress-every must be > 0 seconds, got {self.progress_every}")
+
+    @property
+    def shares_models(self) -> bool:
+        """Whether each model is loaded once (or ``--model-copies`` times) per machine and served
+        to every worker process, as Beam's ``ModelHandler`` decides from the three options."""
+        return self.share_model_across_processes or self.large_model or self.model_copies is not None
+
+    def model_sharing(self) -> dict:
+        """How the models are held (not a row setting: the fingerprint leaves it out), for the
+        run record: ``{"per": "process"}`` or ``{"per": "machine", "copies": N}``."""
+        if not self.shares_models:
+            return {"per": "process"}
+        return {"per": "machine", "copies": self.model_copies or 1}
 
     @property
     def use_captioner(self) -> bool:

@@ -124,9 +124,11 @@ def _checked(model, images: Sequence, captions: Sequence[Sequence[str]], unsure_
 
 def checked_filter_scores(model, images: Sequence, captions: Sequence[Sequence[str]], *, check: bool,
                           itm_threshold: float, margin: float = DEFAULT_ITM_MARGIN) -> CheckedScores:
-    """``model.score`` (a filter, in its own precision); with ``check`` and a bf16 model, the
-    images with an ITM score within ``margin`` of the threshold are scored again in fp32."""
-    if not (check and model.bf16):
+    """``model.score`` (a filter, in its own precision); with ``check`` (the caller's: the model
+    runs in bf16 and its decisions are checked), the images with an ITM score within ``margin``
+    of the threshold are scored again in fp32. Only the model's methods are called: it may be a
+    proxy to a model in another process (``--share-model-across-processes``)."""
+    if not check:
         return CheckedScores(model.score(images, captions), [])
     return _checked(model, images, captions, lambda b, sc: near_itm_threshold(sc.itm, itm_threshold, margin))
 
@@ -134,14 +136,14 @@ def checked_filter_scores(model, images: Sequence, captions: Sequence[Sequence[s
 def checked_rank_scores(model, images: Sequence, captions: Sequence[Sequence[str]],
                         itm: Sequence[Sequence[float]] | None, *, check: bool, itm_threshold: float,
                         keep_top: int, margin: float = DEFAULT_CLIP_MARGIN) -> CheckedScores:
-    """``model.score`` (a ranker, in its own precision); with ``check`` and a bf16 model, the images
+    """``model.score`` (a ranker, in its own precision); with ``check`` (as for the filter), the images
     whose selection could change under an error of ``margin`` per CLIP score are scored again in fp32.
 
     ``captions[b]`` are image b's candidates in candidate order (the web caption first, when it has
     one) and ``itm[b]`` their ITM scores in the same order (``itm=None``: no filter, every
     candidate passes).
     """
-    if not (check and model.bf16):
+    if not check:
         return CheckedScores(model.score(images, captions), [])
     return _checked(model, images, captions, lambda b, clip: close_clip_ranking(
         captions[b], None if itm is None else itm[b], clip, margin=margin, itm_threshold=itm_threshold,

@@ -7,18 +7,27 @@
 * Plug-in runners named by their full class path (curate_stub_runner.py): their own options
   pass, a runner without Metrics completes with counts from the written files, and a runner
   that cannot be created is refused before --out is touched.
-* --device cuda with a runner that is not local is left to the workers.
+* --device cuda with a runner that is not local is left to the workers; their refusal ends the
+  command with one line on stderr naming the stage and the worker's error.
+* An SDK worker process killed (kill -9) mid-run: the run fails in one line with no shard done,
+  and the re-run gives the reference rows.
+* Other failures (a job endpoint where nothing listens, a TypeError in a stage) end in one line
+  naming where and why (pipeline/curate/failures.py).
 """
 import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -32,6 +41,7 @@ from cli_run import error_line, run_cli
 FLOAT_COLUMNS = ("web_itm", "web_itc", "web_clip", "synthetic_itm", "synthetic_itc", "synthetic_clip")
 STUB = "curate_stub_runner"  # tests/pipeline/curate/curate_stub_runner.py, on sys.path under pytest
 SERVICE_START_S = 60
+WORKER_HOOK = Path(__file__).parent / "worker_hook"  # its sitecustomize.py holds a worker in Rank on demand
 
 
 def model_args(captioner, itm, clip):
@@ -76,7 +86,9 @@ RELATIVE = ["--input", "raw/*.parquet", "--out", "out", *model_args("models/capt
 
 def load_rows(out):
     table = pa.concat_tables(pq.read_table(p) for p in sorted((Path(out) / "shards").glob("*.parquet")))
-    return {r["key"]: r for r in table.to_pylist()}
+    rows = {r["key"]: r for r in table.to_pylist()}
+    assert len(rows) == table.num_rows, "duplicate keys in the curated output"
+    return rows
 
 
 def assert_same_as_reference(out, reference):
@@ -168,10 +180,10 @@ def wait_for_port(port: int, proc, log: Path) -> None:
 
 
 @contextlib.contextmanager
-def service(args: list[str], port: int, cwd: Path):
+def service(args: list[str], port: int, cwd: Path, **env_changes):
     """A Beam service started with this Python in `cwd` (its own process group, so the SDK
-    workers it starts stop with it)."""
-    env = dict(os.environ)
+    workers it starts stop with it), with `env_changes` in its environment."""
+    env = dict(os.environ, **env_changes)
     # The worker pool starts SDK workers as `python` from PATH: this interpreter's.
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     cwd.mkdir(parents=True, exist_ok=True)
@@ -193,14 +205,27 @@ def service(args: list[str], port: int, cwd: Path):
 
 
 @pytest.fixture(scope="module")
-def portable(tmp_path_factory):
-    """Beam options of a PortableRunner run against a local job service and worker pool."""
+def services(tmp_path_factory):
+    """A local job service and an SDK worker pool: the Beam options of a PortableRunner run
+    against them (``args``), the pool's process (``pool``) and the file that holds its workers
+    in the Rank stage while it exists (``hold``, worker_hook/sitecustomize.py)."""
     root = tmp_path_factory.mktemp("portable_services")
     job, pool = free_port(), free_port()
+    hold = root / "hold"
+    hook_env = {"PYTHONPATH": os.pathsep.join(filter(None, (str(WORKER_HOOK), os.environ.get("PYTHONPATH")))),
+                "CAPFILT_TEST_HOLD": str(hold)}
     with service(["apache_beam.runners.portability.local_job_service_main", "--port", str(job)], job, root / "job"), \
-            service(["apache_beam.runners.worker.worker_pool_main", "--service_port", str(pool)], pool, root / "pool"):
-        yield ["--runner", "PortableRunner", "--job_endpoint", f"localhost:{job}",
-               "--environment_type", "EXTERNAL", "--environment_config", f"localhost:{pool}"]
+            service(["apache_beam.runners.worker.worker_pool_main", "--service_port", str(pool)], pool, root / "pool",
+                    **hook_env) as pool_proc:
+        yield SimpleNamespace(args=["--runner", "PortableRunner", "--job_endpoint", f"localhost:{job}",
+                                    "--environment_type", "EXTERNAL", "--environment_config", f"localhost:{pool}"],
+                              pool=pool_proc, hold=hold)
+
+
+@pytest.fixture(scope="module")
+def portable(services):
+    """Beam options of a PortableRunner run against a local job service and worker pool."""
+    return services.args
 
 
 def test_portable_runner_with_external_workers_and_relative_paths(workdir, reference, portable):
@@ -212,16 +237,101 @@ def test_portable_runner_with_external_workers_and_relative_paths(workdir, refer
     assert manifest["models"]["captioner"]["id"] == str(workdir / "models" / "captioner")
 
 
-def test_device_cuda_is_left_to_the_workers_of_a_remote_runner(workdir, portable, monkeypatch):
+def test_device_cuda_is_left_to_the_workers_of_a_remote_runner(workdir, portable, monkeypatch, caplog):
     """The launcher's CPU-only check is not the workers': a CUDA device is refused only where
-    the models run (here: workers without a GPU, one error line)."""
+    the models run (here: workers without a GPU), and the command ends with one line on stderr
+    naming the stage and the workers' error (pipeline/curate/failures.py)."""
     import torch
 
+    if torch.cuda.is_available():
+        pytest.skip("this machine's workers have a GPU: they would curate")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     argv = ["curate", *RELATIVE, "--device", "cuda", "--precision", "auto"]
     code, _, stderr = run_cli(argv)  # the local runner: refused at once, as before
     assert code == 2 and error_line(stderr).startswith("capfilt curate: error: --device cuda: device 'cuda' requested")
-    code, _, stderr = run_cli([*argv, *portable])
-    if code != 0:  # workers with a GPU would curate
-        line = error_line(stderr)
-        assert not line.startswith("capfilt curate: error: --device") and "sees no CUDA device" in line, line
+    caplog.clear()
+    code, stdout, stderr = run_cli([*argv, *portable])
+    assert code == 2 and stdout == ""  # a ValueError: a bad option for these workers
+    line = error_line(stderr)
+    assert re.fullmatch(r"capfilt curate: error: stage (Caption|Filter|Rank): ValueError: device 'cuda' requested "
+                        r"but torch sees no CUDA device \(Beam step CapFilt/Curate/\1/.*\)", line), line
+    assert not list((workdir / "out" / "_state").glob("0*.json"))  # no shard done
+    # nor a traceback in the log: PortableRunner's copy of the job's error messages is not shown
+    assert not any(r.exc_info or "Traceback" in r.getMessage() for r in caplog.records)
+
+
+# --- failures: one line naming where and why ------------------------------------------------------
+
+def sdk_workers(pool_pid: int) -> set[int]:
+    """The worker pool's live child processes (its SDK workers), read from /proc."""
+    pids = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]  # after "pid (comm)"
+        except (OSError, ValueError):
+            continue  # gone meanwhile
+        if int(ppid) == pool_pid and state != "Z":
+            pids.add(int(stat.parent.name))
+    return pids
+
+
+def test_a_killed_sdk_worker_fails_the_run_and_a_rerun_gives_the_reference_rows(workdir, reference, services):
+    """kill -9 of the SDK worker process that is in the Rank stage: Beam's job service does not
+    retry the bundle, the run fails in one line with no shard done, and a re-run (the pool starts
+    a new worker) gives the FnApiRunner rows, each once."""
+    pid_file = Path(f"{services.hold}.pid")
+    services.hold.write_text("")
+    first = {}
+    run = threading.Thread(target=lambda: first.update(result=run_cli(["curate", *RELATIVE, *services.args])))
+    try:
+        run.start()
+        deadline = time.monotonic() + 300
+        while not pid_file.exists():
+            assert run.is_alive() and time.monotonic() < deadline, first
+            time.sleep(0.1)
+        pid = int(pid_file.read_text())
+        assert pid in sdk_workers(services.pool.pid)  # a worker of the pool, held in Rank
+        os.kill(pid, signal.SIGKILL)
+        run.join(timeout=300)
+        assert not run.is_alive()
+    finally:
+        services.hold.unlink(missing_ok=True)
+        pid_file.unlink(missing_ok=True)
+    code, stdout, stderr = first["result"]
+    assert code == 1 and stdout == ""
+    line = error_line(stderr)
+    # Beam 2.77's job service reports the lost data channel ("Channel closed prematurely.")
+    assert re.fullmatch(r"capfilt curate: failed: Beam job \S+: RuntimeError: \S.*", line), line
+    assert "Traceback" not in line and "File " not in line
+    out = workdir / "out"
+    assert not list((out / "_state").glob("0*.json")) and not list(out.glob("shards/*.parquet"))
+    code, _, stderr = run_cli(["curate", *RELATIVE, *services.args])
+    assert code == 0, stderr
+    assert pid not in sdk_workers(services.pool.pid)
+    stats = assert_same_as_reference(out, reference)
+    assert stats["this_run"]["input_rows"] == 8 and stats["shards"] == 2
+
+
+def test_a_job_endpoint_that_does_not_answer_ends_in_one_line(workdir, caplog):
+    port = free_port()  # nothing listens there
+    code, stdout, stderr = run_cli(["curate", *RELATIVE, "--runner", "PortableRunner", "--job_endpoint",
+                                    f"localhost:{port}", "--job_server_timeout", "2"])
+    assert code == 1 and stdout == ""
+    assert error_line(stderr) == (f"capfilt curate: failed: job service at localhost:{port}: FutureTimeoutError: "
+                                  f"no answer within --job_server_timeout 2 s")
+    assert not any(r.exc_info or "Traceback" in r.getMessage() for r in caplog.records)
+
+
+def test_a_type_error_in_a_stage_ends_in_one_line_naming_the_stage(workdir, monkeypatch, caplog):
+    from capfilt.pipeline.curate import inference
+
+    def broken(self):
+        raise TypeError("unsupported operand type(s) for +: 'int' and 'str'")
+
+    monkeypatch.setattr(inference.RankHandler, "load", broken)
+    code, stdout, stderr = run_cli(["curate", *RELATIVE])  # the local runner, in this process
+    assert code == 1 and stdout == ""
+    line = error_line(stderr)
+    assert re.fullmatch(r"capfilt curate: failed: stage Rank: TypeError: unsupported operand type\(s\) for \+: "
+                        r"'int' and 'str' \(Beam step CapFilt/Curate/Rank/.*\)", line), line
+    assert not any(r.exc_info or "Traceback" in r.getMessage() for r in caplog.records)

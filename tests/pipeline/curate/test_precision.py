@@ -106,6 +106,24 @@ def test_checked_filter_rescores_only_the_images_near_the_threshold():
     assert unchecked.rescored == [] and model.calls == [([0, 1, 2], True)]
 
 
+def test_the_check_runs_on_a_model_shared_across_processes(tmp_path):
+    """--share-model-across-processes hands the handlers a proxy (Beam's MultiProcessShared),
+    which has the model's methods but not its attributes: the check uses methods only."""
+    import uuid
+
+    from apache_beam.utils.multi_process_shared import MultiProcessShared
+
+    fp32 = {0: [0.9, 0.1], 1: [0.51, 0.2], 2: [0.3, 0.485]}
+    model = FakeFilter(fp32)
+    proxy = MultiProcessShared(lambda: model, tag=f"capfilt-test-{uuid.uuid4().hex}", path=str(tmp_path),
+                               always_proxy=True).acquire()
+    with pytest.raises(AttributeError):
+        proxy.bf16  # noqa: B018 - what a proxy does with an attribute
+    out = pr.checked_filter_scores(proxy, [0, 1, 2], [["a", "b"]] * 3, check=True, itm_threshold=0.5, margin=0.02)
+    assert out.rescored == [1, 2] and model.calls == [([0, 1, 2], True), ([1, 2], False)]
+    np.testing.assert_allclose(out.scores[1].itm, fp32[1])
+
+
 def test_a_model_goes_fp32_first_when_bf16_does_not_pay_and_probes_again():
     model = FakeFilter({0: [0.5], 1: [0.5], 2: [0.9]})  # two of three images near the threshold
     caps = [["a"]] * 3
