@@ -184,7 +184,8 @@ def run_curate(cfg, beam_args: list[str] | None = None) -> CurateResult:
                    elapsed_s=round(elapsed, 3),
                    rows_per_s=round(run_counts["input_rows"] / elapsed, 3) if elapsed > 0 else 0.0,
                    runner=runner_name(options), workers=num_workers(options), batch_size=cfg.batch_size,
-                   precision=settings["settings"]["precision"], fp32_rescored=rescored)
+                   precision=settings["settings"]["precision"], fp32_rescored=rescored,
+                   model_sharing=cfg.model_sharing())
         store.remove(store.staging_root)
         markers = list(store.markers().values())
         stats = build_stats(markers, run if pending else store.last_run() or run)

@@ -210,6 +210,8 @@ def test_a_curate_run_with_shared_models_gives_the_same_rows(small_inputs, tiny_
     assert stats["input_rows"] == 8 == stats["kept"] + stats["dropped"] + stats["errors"]
     assert (stats["kept"], stats["dropped"], stats["errors"]) == (
         plain_stats["kept"], plain_stats["dropped"], plain_stats["errors"])
+    assert (plain_stats["this_run"]["model_sharing"], stats["this_run"]["model_sharing"]) == (
+        {"per": "process"}, {"per": "machine", "copies": 2})
     manifests = [json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("plain", "shared")]
     assert manifests[0]["settings"] == manifests[1]["settings"]  # not a row setting
     # every stage's two copies were served by Beam's MultiProcessShared
