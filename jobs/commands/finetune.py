@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from capfilt.jobs.commands.pretrain import (
-    add_training_arguments, build_on_rank0_first, itm_negative_options, itm_options, loop_config, momentum_kwargs,
-    momentum_options, prepare_run_dir, refuse_options, report, sources, train,
+    FINETUNE_RAMP_EPOCHS, add_training_arguments, build_on_rank0_first, itm_negative_options, itm_options, loop_config,
+    momentum_kwargs, momentum_options, prepare_run_dir, refuse_options, report, sources, train,
 )
 from capfilt.model.inference.captioner import CaptionConfig
 
@@ -92,14 +92,14 @@ def build_model(args):
         return BlipTrainModel.from_dirs(cfg, itm_dir=itm_dir, captioner_dir=dirs.get("captioner"))
     tasks = tuple(args.tasks.split(",")) if args.tasks else ("itc", "itm")
     if "itm" in dirs or "captioner" in dirs:
-        cfg = BlipTrainConfig(tasks=tasks, **momentum_kwargs(args), max_text_len=args.max_text_len,
-                              **itm_options(args))
+        cfg = BlipTrainConfig(tasks=tasks, **momentum_kwargs(args, FINETUNE_RAMP_EPOCHS),
+                              max_text_len=args.max_text_len, **itm_options(args, "retrieval"))
         captioner_dir = None if "itm" in dirs else dirs["captioner"]
         return BlipTrainModel.from_dirs(cfg, itm_dir=dirs.get("itm"), captioner_dir=captioner_dir)
     if "blip2" in dirs:
         from capfilt.model.training.blip2 import Blip2TrainConfig, build_blip2
 
         cfg = Blip2TrainConfig(tasks=tasks, max_text_len=args.max_text_len,
-                               **itm_options(args))
+                               **itm_options(args, "retrieval"))
         return build_blip2(cfg, args.out, init=dirs["blip2"])
     raise ValueError(f"--init {args.init}: retrieval needs a BLIP or BLIP-2 itm directory, found {sorted(dirs)}")

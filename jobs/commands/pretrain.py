@@ -51,6 +51,9 @@ class Objectives:
         "help": "ITC feature queue (BLIP: 57600; needs --momentum)"})
     alpha: float | None = field(default=None, metadata={
         "help": "soft-target weight with --momentum (unset: BLIP's 0.4)"})
+    alpha_warmup_steps: int | None = field(default=None, metadata={
+        "help": "with --momentum: steps over which the soft-target weight ramps up from 0 (0: none; unset: BLIP's "
+                "ramp, two epochs of the data when pretraining and one when finetuning)", "metavar": "N"})
     max_text_len: int = field(default=BlipTrainConfig.max_text_len, metadata={"help": "caption tokens"})
     itm_negatives: str = field(default="hard", metadata={
         "help": "ITM negatives: 'hard' (drawn by similarity, as BLIP) or 'random' (uniform among the "
@@ -61,6 +64,11 @@ class Objectives:
     itm_hard_fraction: float = field(default=BlipTrainConfig.itm_hard_fraction, metadata={
         "help": "with 'hard', after the uniform steps: the share of rows whose negative is drawn by "
                 "similarity, the rest uniformly (1.0: BLIP)", "metavar": "F"})
+    itm_draw: str | None = field(default=None, metadata={
+        "help": "with 'hard', how negatives are drawn by similarity: 'pretrain' as BLIP pretrains (softmax over the batch + 1e-4, "
+                "against the momentum features with --momentum), 'retrieval' as BLIP finetunes for retrieval and "
+                "BLIP-2 trains (softmax over the non-matching pairs); unset: 'pretrain' for pretrain --arch blip, "
+                "'retrieval' otherwise", "choices": ["pretrain", "retrieval"]})
 
 
 @dataclass(kw_only=True)
@@ -96,10 +104,12 @@ def add_training_arguments(parser, model_options, loop_defaults: dict | None = N
     options.add_arguments(parser, Objectives)
 
 
-def itm_options(args) -> dict:
-    """The train config's ITM negative options; --itm-negatives random is uniform for every step."""
+def itm_options(args, draw: str) -> dict:
+    """The train config's ITM negative options; --itm-negatives random is uniform for every step.
+    `draw`: the task's reference rule, used when --itm-draw is unset."""
     steps = 1 << 62 if args.itm_negatives == "random" else args.itm_random_steps
-    return {"itm_random_steps": steps, "itm_hard_fraction": args.itm_hard_fraction}
+    return {"itm_random_steps": steps, "itm_hard_fraction": args.itm_hard_fraction,
+            "itm_draw": args.itm_draw or draw}
 
 
 def sources(args):
@@ -123,18 +133,41 @@ def refuse_options(given: dict[str, bool], why: str) -> None:
 
 
 def momentum_options(args) -> dict[str, bool]:
-    return {"--momentum": args.momentum, "--queue-size": bool(args.queue_size), "--alpha": args.alpha is not None}
+    return {"--momentum": args.momentum, "--queue-size": bool(args.queue_size), "--alpha": args.alpha is not None,
+            "--alpha-warmup-steps": args.alpha_warmup_steps is not None}
 
 
-def momentum_kwargs(args) -> dict:
-    """BlipTrainConfig's momentum options; an unset --alpha keeps the config's default (BLIP's)."""
+# BLIP ramps alpha up from 0 over the first two epochs when pretraining (pretrain.py, lines 57-58)
+# and over the first epoch when finetuning for retrieval (train_retrieval.py, lines 46-49).
+PRETRAIN_RAMP_EPOCHS, FINETUNE_RAMP_EPOCHS = 2, 1
+
+
+def momentum_kwargs(args, ramp_epochs: int) -> dict:
+    """BlipTrainConfig's momentum options; an unset --alpha keeps the config's default (BLIP's),
+    an unset --alpha-warmup-steps ramps over `ramp_epochs` epochs (`alpha_ramp_steps`)."""
     return {"momentum": args.momentum, "queue_size": args.queue_size,
+            "alpha_warmup_steps": alpha_ramp_steps(args, ramp_epochs),
             **({"alpha": args.alpha} if args.alpha is not None else {})}
+
+
+def alpha_ramp_steps(args, epochs: int) -> int:
+    """--alpha-warmup-steps or, unset with --momentum, BLIP's ramp: `epochs` epochs of the --data /
+    --mix rows (`data.epoch_rows`) at the global batch (batch size x accum x world size)."""
+    if args.alpha_warmup_steps is not None or not args.momentum:
+        return args.alpha_warmup_steps or 0
+    from capfilt.model.training.data import epoch_rows
+
+    rows = epoch_rows(sources(args))
+    global_batch = args.batch_size * args.accum * int(os.environ.get("WORLD_SIZE", "1"))
+    steps = epochs * max(1, rows // global_batch)  # an epoch is a whole number of steps, at least one
+    log.info("alpha ramps up over %d steps: %d epoch(s) of %d rows at a global batch of %d",
+             steps, epochs, rows, global_batch)
+    return steps
 
 
 def itm_negative_options(args) -> dict[str, bool]:
     return {"--itm-negatives random": args.itm_negatives != "hard", "--itm-random-steps": args.itm_random_steps != 0,
-            "--itm-hard-fraction": args.itm_hard_fraction != 1.0}
+            "--itm-hard-fraction": args.itm_hard_fraction != 1.0, "--itm-draw": args.itm_draw is not None}
 
 
 def check_arch_options(args) -> None:
@@ -190,8 +223,8 @@ def prepare_run_dir(args, run_name: str, exports: tuple[str, ...] | None = None)
 
 # The options that shape the model or its losses: a resumed run must give the same ones.
 MODEL_OPTIONS = ("arch", "task", "init", "model_config", "tokenizer", "vision_init", "tasks", "prompt",
-                 "max_text_len", "momentum", "queue_size", "alpha", "itm_negatives", "itm_random_steps",
-                 "itm_hard_fraction")
+                 "max_text_len", "momentum", "queue_size", "alpha", "alpha_warmup_steps", "itm_negatives",
+                 "itm_random_steps", "itm_hard_fraction", "itm_draw")
 
 
 def model_options(args) -> dict:
@@ -248,9 +281,15 @@ def loop_config(args, run_name: str):
         raise ValueError("--queue-size needs --momentum (the queue holds momentum features)")
     if args.alpha is not None and not args.momentum:
         raise ValueError(f"--alpha {args.alpha} needs --momentum (it weighs the momentum encoder's soft targets)")
+    if args.alpha_warmup_steps is not None and not args.momentum:
+        raise ValueError(f"--alpha-warmup-steps {args.alpha_warmup_steps} needs --momentum (it ramps the soft targets)")
+    if args.alpha_warmup_steps is not None and args.alpha_warmup_steps < 0:
+        raise ValueError(f"--alpha-warmup-steps must be >= 0, got {args.alpha_warmup_steps}")
     if args.itm_negatives == "random" and args.itm_hard_fraction != 1.0:
         raise ValueError(f"--itm-hard-fraction {args.itm_hard_fraction} needs --itm-negatives hard "
                          "(random draws every negative uniformly)")
+    if args.itm_negatives == "random" and args.itm_draw is not None:
+        raise ValueError(f"--itm-draw {args.itm_draw} needs --itm-negatives hard (random draws every negative uniformly)")
     return options.from_args(TrainConfig, args, run_name=run_name, model_options=model_options(args))
 
 
@@ -297,9 +336,9 @@ def build_model(args, overrides):
         from capfilt.model.training.blip import TASKS, BlipTrainConfig, build_blip
 
         tasks = tuple(args.tasks.split(",")) if args.tasks else TASKS
-        cfg = BlipTrainConfig(tasks=tasks, **momentum_kwargs(args),
+        cfg = BlipTrainConfig(tasks=tasks, **momentum_kwargs(args, PRETRAIN_RAMP_EPOCHS),
                               max_text_len=args.max_text_len, prompt=args.prompt,
-                              **itm_options(args))
+                              **itm_options(args, "pretrain"))
         return build_blip(cfg, args.out, init=args.init, seed=args.seed, tokenizer_dir=args.tokenizer,
                           overrides=overrides, vision_init=args.vision_init)
     if args.arch == "blip2":
@@ -307,7 +346,7 @@ def build_model(args, overrides):
 
         tasks = tuple(args.tasks.split(",")) if args.tasks else TASKS
         cfg = Blip2TrainConfig(tasks=tasks, max_text_len=args.max_text_len,
-                               **itm_options(args))
+                               **itm_options(args, "retrieval"))
         return build_blip2(cfg, args.out, init=args.init, seed=args.seed, tokenizer_dir=args.tokenizer,
                            overrides=overrides, vision_init=args.vision_init)
     from capfilt.model.training.clip import build_clip

@@ -224,7 +224,7 @@ def init_model(kind: str, out_dir, tokenizer_dir=None, seed: int = 0, overrides:
     ids = token_ids(tokenizer)
     with _seeded(seed):
         if kind == "blip2-itm":
-            model, image_size = _build_blip2(config, ids)
+            model, image_size = _build_blip2(config, ids, seed)
             max_text = model.config.qformer_config.max_position_embeddings
         else:
             model, image_size = _build_blip(kind, config, ids, seed)
@@ -269,7 +269,7 @@ def _build_blip(kind: str, config: dict, ids: dict, seed: int = 0):
     return model, blip_config.vision_config.image_size
 
 
-def _build_blip2(config: dict, ids: dict):
+def _build_blip2(config: dict, ids: dict, seed: int = 0):
     from transformers import Blip2Config, Blip2ForImageTextRetrieval
 
     if "vision_position_std" in config:
@@ -279,7 +279,20 @@ def _build_blip2(config: dict, ids: dict):
     if not config["qformer_config"].get("use_qformer_text_input"):
         raise ValueError("blip2-itm config needs qformer_config.use_qformer_text_input=true")
     blip2_config = Blip2Config(**config)
-    return Blip2ForImageTextRetrieval(blip2_config), blip2_config.vision_config.image_size
+    model = Blip2ForImageTextRetrieval(blip2_config)
+    init_query_tokens(model, seed)
+    return model, blip2_config.vision_config.image_size
+
+
+def init_query_tokens(model, seed: int = 0) -> None:
+    """Draw a fresh BLIP-2 model's query tokens from N(0, the Q-Former's initializer_range), as
+    BLIP-2 does (LAVIS blip2.py, `init_Qformer`). transformers zero-fills them, so all queries
+    start (and with no dropout long stay) identical. Drawn from a generator seeded by `seed`:
+    the same seed gives the same queries, whatever used the global RNG before."""
+    gen = torch.Generator().manual_seed(int(seed))
+    std = model.config.qformer_config.initializer_range
+    with torch.no_grad():
+        model.query_tokens.copy_(torch.randn(model.query_tokens.shape, generator=gen) * std)
 
 
 def _processor(tokenizer, image_size: int, max_text_length: int):

@@ -46,27 +46,29 @@ class BlipTrainConfig:
     momentum: bool = False  # momentum encoder + soft targets (+ queue when queue_size > 0)
     momentum_m: float = 0.995
     alpha: float = 0.4
-    alpha_warmup_steps: int = 0  # BLIP ramps alpha up over the first epoch
+    # alpha ramps up from 0 over these steps (`losses.ramped_alpha`); the commands default to BLIP's ramp
+    alpha_warmup_steps: int = 0
     queue_size: int = 0
     temp: float = 0.07
     max_text_len: int = 35
     prompt: str = ""  # LM prompt, masked out of the targets ("a picture of " for captioning)
     label_smoothing: float = 0.1
     tie_text: bool | None = True  # None: tie only when the two loaded models already agree
-    # ITM negatives are drawn uniformly among the non-matching pairs for the first N steps, then
-    # by similarity (BLIP's hard negatives; N = 0 is BLIP). From a random init hard negatives
-    # keep ITM at its constant-predictor plateau for hundreds of steps (docs/training.md).
+    # ITM negatives are drawn uniformly among the non-matching pairs for the first N steps, then by similarity
+    # (N = 0 is BLIP). From a random init hard negatives keep ITM at its plateau for long (docs/training.md).
     itm_random_steps: int = 0
-    # After those steps, the share of rows whose negative is drawn by similarity; the others stay
-    # uniform (1.0 is BLIP). The uniform share keeps a from-scratch ITM head off its plateau while
-    # the hard share offers negatives that differ only in details; in the synthetic world it
-    # made no better filter (docs/results.md).
+    # After those steps, the share of rows whose negative is drawn by similarity, the others uniformly (1.0 is
+    # BLIP); the mix keeps a from-scratch ITM head off its plateau but made no better filter (docs/results.md).
     itm_hard_fraction: float = 1.0
+    # `losses.DRAWS`: "pretrain" as BLIP pretrains, "retrieval" as it finetunes for retrieval (`capfilt finetune`)
+    itm_draw: str = "pretrain"
 
     def __post_init__(self):
         bad = [t for t in self.tasks if t not in TASKS]
         if bad or not self.tasks:
             raise ValueError(f"unknown BLIP tasks {bad}; expected a subset of {TASKS}")
+        if self.itm_draw not in L.DRAWS:
+            raise ValueError(f"unknown ITM negative draw {self.itm_draw!r}; expected one of {L.DRAWS}")
         if self.itm_random_steps < 0:
             raise ValueError(f"itm_random_steps must be >= 0, got {self.itm_random_steps}")
         if not 0.0 <= self.itm_hard_fraction <= 1.0:
@@ -280,8 +282,7 @@ class BlipTrainModel(nn.Module):
                     col_ids = torch.cat([ident, self.queue_ids])
                     teacher_i2t = img_m[rows] @ txt_cols.T / self.temp
                     teacher_t2i = txt_m[rows] @ img_cols.T / self.temp
-                alpha = cfg.alpha * (min(1.0, batch.get("step", 0) / cfg.alpha_warmup_steps)
-                                     if cfg.alpha_warmup_steps else 1.0)
+                alpha = L.ramped_alpha(cfg.alpha, batch.get("step", 0), cfg.alpha_warmup_steps)
             else:  # in-batch: columns are the global batch's online features, with gradient
                 img_cols, txt_cols, col_ids = L.gather_with_grad(image_feat), L.gather_with_grad(text_feat), ident
                 alpha = 0.0
@@ -292,7 +293,8 @@ class BlipTrainModel(nn.Module):
             if cfg.momentum:
                 self._enqueue(img_m, txt_m, ident)
         if "itm" in cfg.tasks:
-            out["itm"] = self._itm(batch, image_embeds, image_feat, text_feat, ids, mask, ident, rows)
+            momentum = (img_m, txt_m) if cfg.momentum and "itc" in cfg.tasks and cfg.itm_draw == "pretrain" else ()
+            out["itm"] = self._itm(batch, image_embeds, image_feat, text_feat, ids, mask, ident, rows, *momentum)
         return out
 
     @staticmethod
@@ -300,18 +302,18 @@ class BlipTrainModel(nn.Module):
         """(R, 2) x (C, 2) identities -> (R, C) bool: same image key or identical caption."""
         return (a[:, None, 0] == b[None, :, 0]) | (a[:, None, 1] == b[None, :, 1])
 
-    def _itm(self, batch, image_embeds, image_feat, text_feat, ids, mask, ident, rows):
-        itm = self.itm
+    def _itm(self, batch, image_embeds, image_feat, text_feat, ids, mask, ident, rows, img_m=None, txt_m=None):
+        itm, cfg = self.itm, self.cfg
         with torch.no_grad():  # hard negatives over the global batch, same draw on every rank
-            img_all, txt_all = L.gather_no_grad(image_feat), L.gather_no_grad(text_feat)
-            temp = self.temp if "itc" in self.cfg.tasks else 1.0
-            sim = img_all @ txt_all.T / temp  # (G, G) image rows, text columns
+            temp = self.temp if "itc" in cfg.tasks else 1.0
+            sim_i2t, sim_t2i = L.draw_similarities(L.gather_no_grad(image_feat), L.gather_no_grad(text_feat),
+                                                   temp, img_m, txt_m)  # (G, G) each; img_m/txt_m: momentum
             positive = self._same(ident, ident)
-            if batch.get("step", 0) < self.cfg.itm_random_steps:  # uniform over the non-matching
-                sim = torch.zeros_like(sim)
+            if batch.get("step", 0) < cfg.itm_random_steps:  # uniform over the non-matching
+                sim_i2t, sim_t2i = torch.zeros_like(sim_i2t), torch.zeros_like(sim_t2i)
             gen = torch.Generator().manual_seed(int(batch.get("seed", 0)))
-            neg_text = L.sample_hard_negatives(sim, positive, gen, self.cfg.itm_hard_fraction)[rows]  # (B,)
-            neg_image = L.sample_hard_negatives(sim.T, positive.T, gen, self.cfg.itm_hard_fraction)[rows]
+            neg_text = L.sample_hard_negatives(sim_i2t, positive, gen, cfg.itm_hard_fraction, cfg.itm_draw)[rows]
+            neg_image = L.sample_hard_negatives(sim_t2i, positive.T, gen, cfg.itm_hard_fraction, cfg.itm_draw)[rows]
         embeds_all = L.gather_with_grad(image_embeds)  # (G, N, Dv)
         ids_all, mask_all = L.gather_no_grad(ids), L.gather_no_grad(mask)
         enc_ids = torch.cat([ids, ids, ids_all[neg_text]])  # (3B, T)

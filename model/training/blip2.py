@@ -47,14 +47,18 @@ class Blip2TrainConfig:
     tasks: tuple[str, ...] = TASKS
     temp: float = 0.07
     max_text_len: int = 35
-    label_smoothing: float = 0.1
+    label_smoothing: float = 0.1  # ITG
+    itc_label_smoothing: float = 0.1  # both ITC directions, as LAVIS's blip2_qformer.py
     itm_random_steps: int = 0  # uniform ITM negatives for the first N steps (see BlipTrainConfig)
     itm_hard_fraction: float = 1.0  # then the share of rows with a hard negative (see BlipTrainConfig)
+    itm_draw: str = "retrieval"  # `losses.DRAWS`; LAVIS's Q-Former draws over the non-matching pairs
 
     def __post_init__(self):
         bad = [t for t in self.tasks if t not in TASKS]
         if bad or not self.tasks:
             raise ValueError(f"unknown BLIP-2 tasks {bad}; expected a subset of {TASKS}")
+        if self.itm_draw not in L.DRAWS:
+            raise ValueError(f"unknown ITM negative draw {self.itm_draw!r}; expected one of {L.DRAWS}")
         if self.itm_random_steps < 0:
             raise ValueError(f"itm_random_steps must be >= 0, got {self.itm_random_steps}")
         if not 0.0 <= self.itm_hard_fraction <= 1.0:
@@ -160,7 +164,7 @@ class Blip2TrainModel(nn.Module):
                 positive = self._same(ident[rows], ident)  # (B, G)
                 sim_i2t = L.max_over_queries(image_feats, txt_all) / self.temp  # (B, G)
                 sim_t2i = L.max_over_queries_t2i(text_feat, img_all) / self.temp  # (B, G)
-                out["itc"] = L.itc_loss(sim_i2t, sim_t2i, positive, positive)
+                out["itc"] = L.itc_loss(sim_i2t, sim_t2i, positive, positive, smoothing=cfg.itc_label_smoothing)
             if "itm" in cfg.tasks:
                 out["itm"] = self._itm(batch, embeds, image_feats, text_feat, ids, mask, ident, rows)
         out["loss"] = sum(out[t] for t in cfg.tasks)
@@ -174,8 +178,9 @@ class Blip2TrainModel(nn.Module):
                 sim = torch.zeros_like(sim)
             positive = self._same(ident, ident)
             gen = torch.Generator().manual_seed(int(batch.get("seed", 0)))
-            neg_text = L.sample_hard_negatives(sim, positive, gen, self.cfg.itm_hard_fraction)[rows]
-            neg_image = L.sample_hard_negatives(sim.T, positive.T, gen, self.cfg.itm_hard_fraction)[rows]
+            draw = self.cfg.itm_hard_fraction, self.cfg.itm_draw
+            neg_text = L.sample_hard_negatives(sim, positive, gen, *draw)[rows]
+            neg_image = L.sample_hard_negatives(sim.T, positive.T, gen, *draw)[rows]
         embeds_all = L.gather_with_grad(embeds)
         ids_all, mask_all = L.gather_no_grad(ids), L.gather_no_grad(mask)
         ids3 = torch.cat([ids, ids, ids_all[neg_text]])  # (3B, T)

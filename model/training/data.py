@@ -111,6 +111,11 @@ class ShardSource:
         self.skipped_captions = 0  # raw rows whose caption cleans to nothing
         self._it = self._epoch_stream(self.epoch)
 
+    def row_count(self) -> int:
+        """Rows the source yields in an epoch, counted with the kept / success filter from the
+        shards (rows whose image or caption turns out empty still count)."""
+        return ds.dataset(self.files, format="parquet").count_rows(filter=self.filter)
+
     def _rows(self, rng: np.random.Generator):
         for fi in rng.permutation(len(self.files)):
             # each shard read with its own schema, as a dataset fragment scans by default
@@ -167,6 +172,11 @@ class ShardSource:
                 raise ValueError(f"source {self.name!r}: cannot seek to {pos} in epoch {epoch}; "
                                  "the shards changed since the checkpoint")
             self.pos += 1
+
+
+def epoch_rows(specs: list[SourceSpec]) -> int:
+    """Rows in one pass over every source (`ShardSource.row_count` summed): the size of an epoch."""
+    return sum(ShardSource(spec, i, 0, 1).row_count() for i, spec in enumerate(specs))
 
 
 @dataclass

@@ -5,9 +5,11 @@ are written here, as plain functions over logits and features (the models in
 `training/blip.py` / `training/blip2.py` call them):
 
 * ITC: cross-entropy of similarity logits against one-hot targets, optionally mixed with the
-  momentum model's softmax (soft targets, `alpha`), as in BLIP / ALBEF;
-* hard negatives for ITM: one column per row drawn from the softmax of the similarities over
-  the columns that are not the positive (nor another true match);
+  momentum model's softmax (soft targets, `alpha`, ramped up from 0 by `ramped_alpha`), as in
+  BLIP / ALBEF, or label-smoothed, as in BLIP-2;
+* hard negatives for ITM: one column per row drawn by similarity, by one of the two rules of
+  the reference code (`DRAWS`): BLIP pretraining's softmax over the batch plus a floor, or
+  retrieval finetuning's (and BLIP-2's) softmax over the columns that are not a true match;
 * ITM: two-way classification, positives labelled 1 and negatives 0;
 * LM / ITG: next-token cross-entropy with label smoothing (0.1 in BLIP and BLIP-2);
 * BLIP-2: the query-to-text similarity is the max over queries, and the ITG attention mask lets
@@ -64,16 +66,26 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
 
 # --- ITC ---------------------------------------------------------------------------------------
 
-def itc_targets(positive: torch.Tensor, teacher: torch.Tensor | None = None, alpha: float = 0.0) -> torch.Tensor:
+def itc_targets(positive: torch.Tensor, teacher: torch.Tensor | None = None, alpha: float = 0.0,
+                smoothing: float = 0.0) -> torch.Tensor:
     """(B, N) targets: uniform over each row's positives (one column, or several when the
     batch holds the same image or caption twice, as BLIP's retrieval finetuning treats equal
     image ids), mixed as ``alpha * softmax(teacher) + (1 - alpha) * hard`` when momentum-model
-    logits `teacher` (B, N) are given."""
-    hard = positive.float()
-    hard = hard / hard.sum(dim=1, keepdim=True).clamp(min=1.0)
-    if teacher is None or alpha == 0.0:
-        return hard
-    return alpha * F.softmax(teacher.float(), dim=1) + (1.0 - alpha) * hard
+    logits `teacher` (B, N) are given, then ``(1 - smoothing) * t + smoothing / N``: with one
+    positive per row this is `F.cross_entropy`'s ``label_smoothing``, which BLIP-2 uses."""
+    targets = positive.float()
+    targets = targets / targets.sum(dim=1, keepdim=True).clamp(min=1.0)
+    if teacher is not None and alpha != 0.0:
+        targets = alpha * F.softmax(teacher.float(), dim=1) + (1.0 - alpha) * targets
+    if smoothing:
+        targets = (1.0 - smoothing) * targets + smoothing / targets.shape[1]
+    return targets
+
+
+def ramped_alpha(alpha: float, step: int, ramp_steps: int) -> float:
+    """The soft-target weight at optimizer step `step` (from 0): ``alpha * min(1, step / ramp_steps)``,
+    BLIP's linear ramp from 0 (`alpha` throughout when `ramp_steps` is 0)."""
+    return alpha * min(1.0, step / ramp_steps) if ramp_steps else alpha
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -83,28 +95,63 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 
 def itc_loss(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, pos_i2t: torch.Tensor, pos_t2i: torch.Tensor,
              teacher_i2t: torch.Tensor | None = None, teacher_t2i: torch.Tensor | None = None,
-             alpha: float = 0.0) -> torch.Tensor:
+             alpha: float = 0.0, smoothing: float = 0.0) -> torch.Tensor:
     """Image-text contrastive loss, the mean of both directions.
 
     sim_i2t: (B, N) image rows against text columns, already divided by the temperature;
     sim_t2i: (B, N) text rows against image columns; pos_*: (B, N) bool, each row's positive
     column(s) (offset by the rank under DDP). Columns may include a queue. `teacher_*` are the
-    momentum model's logits over the same columns (soft targets, weight `alpha`).
+    momentum model's logits over the same columns (soft targets, weight `alpha`); `smoothing`
+    is the label smoothing of both directions (`itc_targets`).
     """
-    t_i2t = itc_targets(pos_i2t, teacher_i2t, alpha)
-    t_t2i = itc_targets(pos_t2i, teacher_t2i, alpha)
+    t_i2t = itc_targets(pos_i2t, teacher_i2t, alpha, smoothing)
+    t_t2i = itc_targets(pos_t2i, teacher_t2i, alpha, smoothing)
     return (soft_cross_entropy(sim_i2t, t_i2t) + soft_cross_entropy(sim_t2i, t_t2i)) / 2
 
 
 # --- ITM ---------------------------------------------------------------------------------------
 
+# How the reference code draws an ITM negative by similarity (`BlipTrainConfig.itm_draw`):
+# "pretrain", BLIP's blip_pretrain.py: softmax over every in-batch column, plus PRETRAIN_FLOOR,
+#   then the positive zeroed, from online rows against momentum columns when there are some
+#   (`draw_similarities`); the floor keeps the draw near uniform once the model is confident;
+# "retrieval", BLIP's blip_retrieval.py and LAVIS (BLIP and BLIP-2): softmax over the columns
+#   that are not a true match, online features.
+DRAWS = ("pretrain", "retrieval")
+PRETRAIN_FLOOR = 1e-4
+
+
 @torch.no_grad()
-def negative_weights(sim: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
-    """(B, N) sampling weights for hard negatives: the softmax of `sim` over the columns that
-    are not positives (the row's own pair, or another true match such as the same image or an
-    identical caption), i.e. the positives are excluded before normalising, as BLIP-2 does by
-    filling them with a large negative value. Rows with no negative column get uniform weights."""
-    w = F.softmax(sim.float().masked_fill(positive, float("-inf")), dim=1)
+def draw_similarities(image_feat: torch.Tensor, text_feat: torch.Tensor, temp, image_feat_m=None,
+                      text_feat_m=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(i2t, t2i), each (G, G), the similarities the ITM draw reads: rows are the online image
+    (i2t) or text (t2i) features; columns the other modality's momentum features when given
+    (BLIP pretraining draws from its ITC logits, whose columns are momentum features), else
+    its online ones (then t2i is i2t transposed)."""
+    i2t = image_feat @ (text_feat if text_feat_m is None else text_feat_m).T / temp
+    if image_feat_m is None:
+        return i2t, i2t.T
+    return i2t, text_feat @ image_feat_m.T / temp
+
+
+@torch.no_grad()
+def negative_weights(sim: torch.Tensor, positive: torch.Tensor, draw: str = "retrieval") -> torch.Tensor:
+    """(B, N) sampling weights (unnormalised) for hard negatives, never on a positive (the row's
+    own pair, or another true match such as the same image or an identical caption):
+
+    * ``draw="retrieval"``: the softmax of `sim` over the columns that are not positives, i.e.
+      the positives are excluded before normalising (BLIP-2 fills them with a large negative
+      value, BLIP's retrieval finetuning zeroes them after a softmax: the same draw);
+    * ``draw="pretrain"``: ``softmax(sim) + PRETRAIN_FLOOR`` over all columns, positives then
+      set to 0 (BLIP pretraining).
+
+    Rows with no negative column get uniform weights."""
+    if draw == "retrieval":
+        w = F.softmax(sim.float().masked_fill(positive, float("-inf")), dim=1)
+    elif draw == "pretrain":
+        w = (F.softmax(sim.float(), dim=1) + PRETRAIN_FLOOR).masked_fill(positive, 0.0)
+    else:
+        raise ValueError(f"unknown ITM negative draw {draw!r}; expected one of {DRAWS}")
     empty = positive.all(dim=1)  # every column matches the row: no negative exists, draw any
     w[empty] = 1.0
     return w
@@ -112,9 +159,9 @@ def negative_weights(sim: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_hard_negatives(sim: torch.Tensor, positive: torch.Tensor, generator: torch.Generator,
-                          hard_fraction: float = 1.0) -> torch.Tensor:
-    """(B,) one negative column per row, drawn from `negative_weights`; never a positive,
-    unless every column of the row is one (a batch of a single image or caption). With
+                          hard_fraction: float = 1.0, draw: str = "retrieval") -> torch.Tensor:
+    """(B,) one negative column per row, drawn from `negative_weights` under rule `draw`; never a
+    positive, unless every column of the row is one (a batch of a single image or caption). With
     `hard_fraction` < 1 each row is drawn by similarity with that probability and uniformly among
     its negatives otherwise (1.0, BLIP, makes no extra random draw)."""
     if not 0.0 <= hard_fraction <= 1.0:
@@ -122,7 +169,7 @@ def sample_hard_negatives(sim: torch.Tensor, positive: torch.Tensor, generator: 
     if hard_fraction < 1.0:
         uniform = torch.rand(sim.shape[0], generator=generator) >= hard_fraction  # (B,)
         sim = sim.masked_fill(uniform[:, None].to(sim.device), 0.0)
-    w = negative_weights(sim, positive)
+    w = negative_weights(sim, positive, draw)
     return torch.multinomial(w.cpu(), 1, generator=generator).squeeze(1).to(sim.device)
 
 

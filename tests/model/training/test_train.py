@@ -102,9 +102,9 @@ def test_itm_hard_fraction_reaches_the_negative_draw(tmp_path, synth_world, tiny
     seen = []
     real = losses.sample_hard_negatives
 
-    def spy(sim, positive, generator, hard_fraction=1.0):
+    def spy(sim, positive, generator, hard_fraction=1.0, draw="retrieval"):
         seen.append((bool((sim == 0).all()), hard_fraction))
-        return real(sim, positive, generator, hard_fraction)
+        return real(sim, positive, generator, hard_fraction, draw)
 
     monkeypatch.setattr(losses, "sample_hard_negatives", spy)
     cfg_file = tmp_path / "micro.json"
