@@ -93,7 +93,7 @@ def build_model(args):
     tasks = tuple(args.tasks.split(",")) if args.tasks else ("itc", "itm")
     if "itm" in dirs or "captioner" in dirs:
         cfg = BlipTrainConfig(tasks=tasks, **momentum_kwargs(args), max_text_len=args.max_text_len,
-                              **itm_options(args))
+                              itm_first_token=args.itm_first_token, **itm_options(args))
         captioner_dir = None if "itm" in dirs else dirs["captioner"]
         return BlipTrainModel.from_dirs(cfg, itm_dir=dirs.get("itm"), captioner_dir=captioner_dir)
     if "blip2" in dirs:

@@ -17,6 +17,7 @@ from pathlib import Path
 from capfilt.jobs import options
 from capfilt.model.training.blip import BlipTrainConfig
 from capfilt.model.training.loop import TrainConfig
+from capfilt.model.tokens import ITM_FIRST_TOKENS
 
 DESCRIPTION = (
     "Pretrain a model on curated (kept rows, one of the selected captions per step) or raw "
@@ -61,6 +62,10 @@ class Objectives:
     itm_hard_fraction: float = field(default=BlipTrainConfig.itm_hard_fraction, metadata={
         "help": "with 'hard', after the uniform steps: the share of rows whose negative is drawn by "
                 "similarity, the rest uniformly (1.0: BLIP)", "metavar": "F"})
+    itm_first_token: str = field(default=BlipTrainConfig.itm_first_token, metadata={
+        "help": "BLIP ITM: the token the image-grounded text starts with; enc: [ENC], as BLIP (and curate's "
+                "default; [CLS] with a warning when the vocabulary lacks it), cls: [CLS]. Curate with the same "
+                "--itm-first-token", "choices": list(ITM_FIRST_TOKENS)})
 
 
 @dataclass(kw_only=True)
@@ -134,7 +139,8 @@ def momentum_kwargs(args) -> dict:
 
 def itm_negative_options(args) -> dict[str, bool]:
     return {"--itm-negatives random": args.itm_negatives != "hard", "--itm-random-steps": args.itm_random_steps != 0,
-            "--itm-hard-fraction": args.itm_hard_fraction != 1.0}
+            "--itm-hard-fraction": args.itm_hard_fraction != 1.0,
+            "--itm-first-token cls": args.itm_first_token != "enc"}
 
 
 def check_arch_options(args) -> None:
@@ -191,7 +197,7 @@ def prepare_run_dir(args, run_name: str, exports: tuple[str, ...] | None = None)
 # The options that shape the model or its losses: a resumed run must give the same ones.
 MODEL_OPTIONS = ("arch", "task", "init", "model_config", "tokenizer", "vision_init", "tasks", "prompt",
                  "max_text_len", "momentum", "queue_size", "alpha", "itm_negatives", "itm_random_steps",
-                 "itm_hard_fraction")
+                 "itm_hard_fraction", "itm_first_token")
 
 
 def model_options(args) -> dict:
@@ -299,7 +305,7 @@ def build_model(args, overrides):
         tasks = tuple(args.tasks.split(",")) if args.tasks else TASKS
         cfg = BlipTrainConfig(tasks=tasks, **momentum_kwargs(args),
                               max_text_len=args.max_text_len, prompt=args.prompt,
-                              **itm_options(args))
+                              itm_first_token=args.itm_first_token, **itm_options(args))
         return build_blip(cfg, args.out, init=args.init, seed=args.seed, tokenizer_dir=args.tokenizer,
                           overrides=overrides, vision_init=args.vision_init)
     if args.arch == "blip2":

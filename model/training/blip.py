@@ -32,6 +32,7 @@ from torch import nn
 from capfilt.model.training import losses as L
 from capfilt.model.specs import check_model_dir, is_local_spec
 from capfilt.model.builders.model_dirs import find_model_dirs
+from capfilt.model.tokens import itm_first_token
 from capfilt.transforms.seeding import sample_seed
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class BlipTrainConfig:
     queue_size: int = 0
     temp: float = 0.07
     max_text_len: int = 35
+    itm_first_token: str = "enc"  # "enc" or "cls", as curation scores (model.tokens)
     prompt: str = ""  # LM prompt, masked out of the targets ("a picture of " for captioning)
     label_smoothing: float = 0.1
     tie_text: bool | None = True  # None: tie only when the two loaded models already agree
@@ -117,6 +119,8 @@ class BlipTrainModel(nn.Module):
         self.pad_id = tok.pad_token_id
         text_cfg = (itm or captioner).config.text_config
         self.bos_id = text_cfg.bos_token_id
+        self.first_token = (itm_first_token(cfg.itm_first_token, tok, text_cfg.vocab_size, "BLIP training")
+                            if itm is not None else None)
         self.prompt_len = len(tok(cfg.prompt).input_ids) - 1 if cfg.prompt else 0
         if "itc" in cfg.tasks:
             self.temp = nn.Parameter(torch.tensor(float(cfg.temp)))
@@ -314,7 +318,7 @@ class BlipTrainModel(nn.Module):
             neg_image = L.sample_hard_negatives(sim.T, positive.T, gen, self.cfg.itm_hard_fraction)[rows]
         embeds_all = L.gather_with_grad(image_embeds)  # (G, N, Dv)
         ids_all, mask_all = L.gather_no_grad(ids), L.gather_no_grad(mask)
-        enc_ids = torch.cat([ids, ids, ids_all[neg_text]])  # (3B, T)
+        enc_ids = self.first_token.apply(torch.cat([ids, ids, ids_all[neg_text]]))  # (3B, T)
         enc_mask = torch.cat([mask, mask, mask_all[neg_text]])
         enc_images = torch.cat([image_embeds, embeds_all[neg_image], image_embeds])  # (3B, N, Dv)
         hidden = itm.text_encoder(input_ids=enc_ids, attention_mask=enc_mask, encoder_hidden_states=enc_images,
@@ -343,8 +347,8 @@ class BlipTrainModel(nn.Module):
         itm = self.itm
         embeds = itm.vision_model(pixel_values=pixel_values).last_hidden_state
         ones = torch.ones(embeds.shape[:2], dtype=torch.long)
-        hidden = itm.text_encoder(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=embeds,
-                                  encoder_attention_mask=ones).last_hidden_state
+        hidden = itm.text_encoder(input_ids=self.first_token.apply(input_ids), attention_mask=attention_mask,
+                                  encoder_hidden_states=embeds, encoder_attention_mask=ones).last_hidden_state
         p = F.softmax(itm.itm_head(hidden[:, 0]).float(), dim=-1)[:, 1]
         img = F.normalize(itm.vision_proj(embeds[:, 0]), dim=-1)
         txt = self._text_feat(itm.text_encoder, itm.text_proj, input_ids, attention_mask)
