@@ -15,8 +15,9 @@ shape. Anything else fails with the list of offending keys. Checkpoints are read
 transformers' layout is refused with a message saying it needs no conversion. A ``processor``
 whose tokenizer does not match the text config (vocabulary size, pad/sep/bos/eos ids) is refused
 before anything is written (a tokenizer that ends with BLIP's [DEC] but lacks the [ENC] after it
-gets [ENC] added first, at the id BLIP's tokenizer gives it: ``model.tokens``), and the output is written to a sibling directory renamed into place
-at the end (`model.out_dirs.staged_dir`), so a failed conversion never leaves a half-written directory.
+gets [ENC] added first, at the id BLIP's tokenizer gives it: ``model.tokens``), and the output
+is written to a sibling directory renamed into place at the end (`model.out_dirs.staged_dir`),
+so a failed conversion never leaves a half-written directory.
 """
 from __future__ import annotations
 

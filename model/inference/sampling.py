@@ -12,10 +12,11 @@ from a generator seeded by (row seed, step). That is the order of transformers 4
 BLIP sampled: ``_get_logits_processor`` (repetition penalty, then min length) ran before
 ``_get_logits_warper`` (top-k, then top-p, so the nucleus is taken of the top-k tokens'
 renormalised distribution). BLIP's ``generate(sample=True, top_p=0.9)`` passed no ``top_k``, so
-4.15's config default of 50 applied; ``top_k=0`` turns it off. The argmax that greedy decoding takes is then an exact draw from
-the truncated softmax (the Gumbel-max trick: ``argmax(log p + G)`` with ``G = -log E``,
-``E ~ Exp(1)``, is distributed as ``p``). With ``top_p -> 0`` only the top token survives, so
-the result equals greedy decoding.
+4.15's config default of 50 applied; ``top_k=0`` turns it off. The argmax that greedy
+decoding takes is then an exact draw from the truncated softmax (the Gumbel-max trick:
+``argmax(log p + G)`` with ``G = -log E``, ``E ~ Exp(1)``, is distributed as ``p``). With
+``top_p -> 0`` (or ``top_k=1``) only the top token survives, so the result equals greedy
+decoding.
 
 The step index is the current sequence length, so the processor keeps no state: a row's draw
 at step ``t`` is the same whichever rows it is batched with, and also when transformers runs a

@@ -409,7 +409,8 @@ def _blip_itm(state, pixel_values, input_ids, attention_mask, first_id, heads):
             ctx = attend(lin(h, f"{lay}{part}.self.query"), lin(keys, f"{lay}{part}.self.key"),
                          lin(keys, f"{lay}{part}.self.value"), heads[1], mask)
             h = norm(lin(ctx, f"{lay}{part}.output.dense") + h, f"{lay}{part}.output.LayerNorm", 1e-12)
-        h = norm(lin(F.gelu(lin(h, lay + "intermediate.dense")), lay + "output.dense") + h, lay + "output.LayerNorm", 1e-12)
+        ffn = lin(F.gelu(lin(h, lay + "intermediate.dense")), lay + "output.dense")
+        h = norm(ffn + h, lay + "output.LayerNorm", 1e-12)
     return lin(h[:, 0], "itm_head").softmax(dim=-1)[:, 1]
 
 
