@@ -362,7 +362,7 @@ def naive_caption(captioner: Captioner, image, key: str, index: int, n: int) -> 
     """Caption ``index`` of ``key`` the naive way: HF's generate on one image, one row."""
     cfg, proc = CaptionConfig(), captioner.processor
     inputs = proc(images=[image], text=[cfg.prompt], return_tensors="pt")
-    sampler = SeededNucleusSampler([row_seeds(SEED, [key], n)[index]], top_p=cfg.top_p)
+    sampler = SeededNucleusSampler([row_seeds(SEED, [key], n)[index]], top_p=cfg.top_p, top_k=cfg.top_k)
     sequences = captioner.model.generate(
         pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
         do_sample=False, num_beams=1, max_length=cfg.max_length, min_length=cfg.min_length,

@@ -112,7 +112,8 @@ def plain_loop(cfg: CurateConfig, shards: list[Path], models, out: Path) -> dict
             images, t0 = [s.image for s in batch], time.perf_counter()
             synthetic = captioner.caption(images, [s.key for s in batch], n=cfg.num_captions, seed=cfg.seed,
                                           prompt=cfg.prompt, top_p=cfg.top_p, max_length=cfg.max_length,
-                                          min_length=cfg.min_length, repetition_penalty=cfg.repetition_penalty)
+                                          min_length=cfg.min_length, repetition_penalty=cfg.repetition_penalty,
+                                          top_k=cfg.top_k)
             batch = [dataclasses.replace(s, synthetic=c) for s, c in zip(batch, synthetic)]
             lists = [candidates(s) for s in batch]
             scores, clips = flt.score(images, lists), ranker.score(images, lists)

@@ -118,7 +118,8 @@ def hf_pair_scores(flt, pixels, ids, mask) -> tuple[float, float]:
     """(ITM p, ITC cosine) of one pair from transformers' forward: two calls, one per head."""
     model = flt.model
     if isinstance(flt, BlipFilter):
-        itm = model(input_ids=ids, pixel_values=pixels, attention_mask=mask, use_itm_head=True).itm_score
+        itm = model(input_ids=flt.first_token.apply(ids), pixel_values=pixels, attention_mask=mask,
+                    use_itm_head=True).itm_score  # the filter's first token ([ENC] by default)
         itc = model(input_ids=ids, pixel_values=pixels, attention_mask=mask, use_itm_head=False).itm_score
     else:
         if model.config.image_token_index is not None:

@@ -263,6 +263,15 @@ def _check_stage_options(config: BootstrapConfig) -> None:
         section = getattr(config, name)
         if section is not None and section.options:
             stage_options(name, section)
+    first = {name: getattr(config, name).options.get("itm_first_token", "enc")
+             for name in ("pretrain", "round0_pretrain", "finetune_retrieval", "curate") if getattr(config, name)}
+    if len(set(first.values())) > 1:  # the filter would curate with a token it was not trained with
+        raise ValueError(f"itm_first_token must be the same in every ITM stage, got {first}")
+
+
+def itm_first_token(config: BootstrapConfig) -> str:
+    """The ITM text's first token of every ITM stage (``_check_stage_options`` made them agree)."""
+    return config.curate.options.get("itm_first_token", "enc")
 
 
 def as_dict(config: BootstrapConfig) -> dict:

@@ -186,13 +186,15 @@ class Bootstrap:
                  deps=()) -> dict:
         """Held-out metrics of `models` ({"model": pretrain dir} -> retrieval + caption;
         {"captioner", "filter"} -> caption + filter on web), and of `curated` shards."""
+        from capfilt.jobs.bootstrap.config import itm_first_token
         from capfilt.jobs.commands.finetune import CAPTION_PROMPT
         from capfilt.jobs.commands.pretrain import PretrainModel
         from capfilt.model.evaluation import evaluate as ev
 
         e, path = self.config.evaluate, self.out / name.rsplit("/", 1)[0] / (name.rsplit("/", 1)[1] + ".json")
         key = {k: str(v) for k, v in {**models, "curated": curated, "filter_applied": filter_applied}.items()}
-        key["config"] = {"evaluate": vars(e), "threshold": self.config.curate.itm_threshold}
+        first = itm_first_token(self.config)
+        key["config"] = {"evaluate": vars(e), "threshold": self.config.curate.itm_threshold, "itm_first_token": first}
         if "filter" in models:  # part of the key so that runs from before it was measured re-evaluate
             key["filter_clean"] = ["human", "test"]
 
@@ -200,7 +202,7 @@ class Bootstrap:
             result = {}
             if "model" in models:
                 result["retrieval"] = ev.evaluate_retrieval(models["model"], self.test, itm_rerank=e.itm_rerank,
-                                                            batch_size=e.batch_size)
+                                                            batch_size=e.batch_size, itm_first_token=first)
             cap = models.get("model") or models.get("captioner")
             if cap is not None:  # a pretrained decoder learnt with pretrain's prompt (none by default)
                 prompt = (self.config.pretrain.options.get("prompt", PretrainModel.prompt) if "model" in models
@@ -210,12 +212,12 @@ class Bootstrap:
             if "filter" in models:
                 result["filter"] = ev.evaluate_filter(models["filter"], self.web, truth=self.truth,
                                                       threshold=self.config.curate.itm_threshold,
-                                                      batch_size=e.batch_size)
+                                                      batch_size=e.batch_size, itm_first_token=first)
                 # False alarms on the pairs it was finetuned on and on held-out clean pairs: a
                 # gap means it learnt its training pairs (docs/results.md).
                 result["filter_clean"] = {
                     split: ev.evaluate_filter_clean(models["filter"], data, batch_size=e.batch_size,
-                                                    threshold=self.config.curate.itm_threshold)
+                                                    threshold=self.config.curate.itm_threshold, itm_first_token=first)
                     for split, data in (("human", self.human), ("test", self.test))}
             if curated is not None:
                 result["curated"] = ev.evaluate_curated(str(curated), self.truth)

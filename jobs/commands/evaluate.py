@@ -19,6 +19,7 @@ from pathlib import Path
 from capfilt.jobs import options
 from capfilt.jobs.cli import UsageError
 from capfilt.model.inference.captioner import CaptionConfig
+from capfilt.model.tokens import ITM_FIRST_TOKENS
 
 DESCRIPTION = (
     "Evaluate on held-out shards and print JSON. retrieval: image->text and text->image "
@@ -56,6 +57,9 @@ class EvaluateOptions:
         "help": "retrieval: re-rank each query's ITC top-K with the ITM head (0 = ITC only)", "metavar": "K"})
     threshold: float = field(default=0.5, metadata={
         "help": "filter: a web caption is flagged noisy when its ITM p(match) is below this"})
+    itm_first_token: str = field(default="enc", metadata={
+        "help": "filter, and retrieval with --itm-rerank: the token a BLIP filter's ITM text starts with "
+                "(as `capfilt curate --itm-first-token`)", "choices": list(ITM_FIRST_TOKENS)})
     limit: int | None = field(default=None, metadata={"help": "evaluate only the first N decodable rows"})
     batch_size: int = field(default=32, metadata={"help": "images per model call"})
     seed: int = field(default=0, metadata={"help": "caption: sampling seed (used when --top-p > 0)"})
@@ -103,6 +107,7 @@ def evaluate(opts: EvaluateOptions) -> int:
     common = {"limit": opts.limit, "progress": False if opts.no_progress else None}
     if opts.task == "retrieval":
         result = ev.evaluate_retrieval(opts.model, opts.data, itm_rerank=opts.itm_rerank,
+                                       itm_first_token=opts.itm_first_token,
                                        batch_size=opts.batch_size, device=opts.device, **common)
     elif opts.task == "caption":
         result = ev.evaluate_captions(opts.model, opts.data, truth=opts.truth, batch_size=opts.batch_size,
@@ -110,9 +115,11 @@ def evaluate(opts: EvaluateOptions) -> int:
                                       device=opts.device, **common)
     elif opts.task == "filter" and opts.truth is None:
         result = ev.evaluate_filter_clean(opts.model, opts.data, threshold=opts.threshold,
+                                          itm_first_token=opts.itm_first_token,
                                           batch_size=opts.batch_size, device=opts.device, **common)
     elif opts.task == "filter":
         result = ev.evaluate_filter(opts.model, opts.data, truth=opts.truth, threshold=opts.threshold,
+                                    itm_first_token=opts.itm_first_token,
                                     batch_size=opts.batch_size, device=opts.device, **common)
     else:
         result = ev.evaluate_curated(opts.data, truth=opts.truth)

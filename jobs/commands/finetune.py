@@ -93,7 +93,8 @@ def build_model(args):
     tasks = tuple(args.tasks.split(",")) if args.tasks else ("itc", "itm")
     if "itm" in dirs or "captioner" in dirs:
         cfg = BlipTrainConfig(tasks=tasks, **momentum_kwargs(args, FINETUNE_RAMP_EPOCHS),
-                              max_text_len=args.max_text_len, **itm_options(args, "retrieval"))
+                              max_text_len=args.max_text_len, itm_first_token=args.itm_first_token,
+                              **itm_options(args, "retrieval"))
         captioner_dir = None if "itm" in dirs else dirs["captioner"]
         return BlipTrainModel.from_dirs(cfg, itm_dir=dirs.get("itm"), captioner_dir=captioner_dir)
     if "blip2" in dirs:

@@ -17,6 +17,7 @@ from pathlib import Path
 from capfilt.jobs import options
 from capfilt.model.training.blip import BlipTrainConfig
 from capfilt.model.training.loop import TrainConfig
+from capfilt.model.tokens import ITM_FIRST_TOKENS
 
 DESCRIPTION = (
     "Pretrain a model on curated (kept rows, one of the selected captions per step) or raw "
@@ -69,6 +70,10 @@ class Objectives:
                 "against the momentum features with --momentum), 'retrieval' as BLIP finetunes for retrieval and "
                 "BLIP-2 trains (softmax over the non-matching pairs); unset: 'pretrain' for pretrain --arch blip, "
                 "'retrieval' otherwise", "choices": ["pretrain", "retrieval"]})
+    itm_first_token: str = field(default=BlipTrainConfig.itm_first_token, metadata={
+        "help": "BLIP ITM: the token the image-grounded text starts with; enc: [ENC], as BLIP (and curate's "
+                "default; [CLS] with a warning when the vocabulary lacks it), cls: [CLS]. Curate with the same "
+                "--itm-first-token", "choices": list(ITM_FIRST_TOKENS)})
 
 
 @dataclass(kw_only=True)
@@ -167,7 +172,8 @@ def alpha_ramp_steps(args, epochs: int) -> int:
 
 def itm_negative_options(args) -> dict[str, bool]:
     return {"--itm-negatives random": args.itm_negatives != "hard", "--itm-random-steps": args.itm_random_steps != 0,
-            "--itm-hard-fraction": args.itm_hard_fraction != 1.0, "--itm-draw": args.itm_draw is not None}
+            "--itm-hard-fraction": args.itm_hard_fraction != 1.0, "--itm-draw": args.itm_draw is not None,
+            "--itm-first-token cls": args.itm_first_token != "enc"}
 
 
 def check_arch_options(args) -> None:
@@ -224,7 +230,7 @@ def prepare_run_dir(args, run_name: str, exports: tuple[str, ...] | None = None)
 # The options that shape the model or its losses: a resumed run must give the same ones.
 MODEL_OPTIONS = ("arch", "task", "init", "model_config", "tokenizer", "vision_init", "tasks", "prompt",
                  "max_text_len", "momentum", "queue_size", "alpha", "alpha_warmup_steps", "itm_negatives",
-                 "itm_random_steps", "itm_hard_fraction", "itm_draw")
+                 "itm_random_steps", "itm_hard_fraction", "itm_draw", "itm_first_token")
 
 
 def model_options(args) -> dict:
@@ -338,7 +344,7 @@ def build_model(args, overrides):
         tasks = tuple(args.tasks.split(",")) if args.tasks else TASKS
         cfg = BlipTrainConfig(tasks=tasks, **momentum_kwargs(args, PRETRAIN_RAMP_EPOCHS),
                               max_text_len=args.max_text_len, prompt=args.prompt,
-                              **itm_options(args, "pretrain"))
+                              itm_first_token=args.itm_first_token, **itm_options(args, "pretrain"))
         return build_blip(cfg, args.out, init=args.init, seed=args.seed, tokenizer_dir=args.tokenizer,
                           overrides=overrides, vision_init=args.vision_init)
     if args.arch == "blip2":

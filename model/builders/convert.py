@@ -14,8 +14,10 @@ shape. Anything else fails with the list of offending keys. Checkpoints are read
 ``torch.load(weights_only=True)`` (or safetensors). A directory or a state dict already in
 transformers' layout is refused with a message saying it needs no conversion. A ``processor``
 whose tokenizer does not match the text config (vocabulary size, pad/sep/bos/eos ids) is refused
-before anything is written, and the output is written to a sibling directory renamed into place
-at the end (`model.out_dirs.staged_dir`), so a failed conversion never leaves a half-written directory.
+before anything is written (a tokenizer that ends with BLIP's [DEC] but lacks the [ENC] after it
+gets [ENC] added first, at the id BLIP's tokenizer gives it: ``model.tokens``), and the output
+is written to a sibling directory renamed into place at the end (`model.out_dirs.staged_dir`),
+so a failed conversion never leaves a half-written directory.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import torch
 
 from capfilt.model.builders.out_dirs import check_output_dir, staged_dir
 from capfilt.model.loading import loader_error
+from capfilt.model.tokens import ENC_TOKEN, add_enc_token, enc_token_id
 
 log = logging.getLogger(__name__)
 
@@ -173,8 +176,8 @@ def infer_config(state: dict, task: str):
     width, _, patch, _ = _shape(state, "visual_encoder.patch_embed.proj.weight")  # (D, 3, p, p)
     positions = _shape(state, "visual_encoder.pos_embed")[1]  # 1 + (S/p)^2
     grid = round((positions - 1) ** 0.5)
-    vision = {
-        "hidden_size": width, "patch_size": patch, "image_size": grid * patch,
+    vision = {  # layer_norm_eps: BLIP's ViT (vit.py) uses 1e-6; BlipVisionConfig's default is 1e-5
+        "hidden_size": width, "patch_size": patch, "image_size": grid * patch, "layer_norm_eps": 1e-6,
         "num_hidden_layers": _count_layers(state, "visual_encoder.blocks."),
         "intermediate_size": _shape(state, "visual_encoder.blocks.0.mlp.fc1.weight")[0],
         "num_attention_heads": width // 64,
@@ -306,7 +309,13 @@ def convert_blip_checkpoint(src, out_dir, task: str, config=None, processor=None
             blip_processor = BlipProcessor.from_pretrained(str(processor))
         except (OSError, ValueError, TypeError) as exc:
             raise ValueError(f"cannot read a BlipProcessor from {processor!r}: {exc}") from exc
+        if add_enc_token(blip_processor.tokenizer, config.text_config.vocab_size):
+            log.info("the processor's tokenizer lacked %s: added as token %d, the row BLIP's tokenizer gives it",
+                     ENC_TOKEN, blip_processor.tokenizer.convert_tokens_to_ids(ENC_TOKEN))
         check_processor_fits(blip_processor, config.text_config, name=f"--processor {processor}")
+        if task == "itm" and enc_token_id(blip_processor.tokenizer, config.text_config.vocab_size)[0] is None:
+            log.warning("--processor %s has no %s: the filter will start its ITM text with [CLS], which BLIP "
+                        "checkpoints were not trained with", processor, ENC_TOKEN)
     config.architectures = [_HF_CLASS[task]]
     model = getattr(transformers, _HF_CLASS[task])(config)
     target = {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from capfilt.model.specs import CLIP_CONFIG, clip_spec
+from capfilt.model.tokens import DEC_TOKEN, ENC_TOKEN
 
 KINDS = ("captioner", "itm", "blip2-itm", "clip")
 CONFIG_FILES = {
@@ -44,7 +45,7 @@ CONFIG_FILES = {
     "clip": "tiny_clip.json",
 }
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # ids 0..4, BERT's order
-BLIP_EXTRA_TOKENS = ("[DEC]", "[ENC]")  # appended after the vocabulary, as in BLIP
+BLIP_EXTRA_TOKENS = (DEC_TOKEN, ENC_TOKEN)  # appended after the vocabulary, as in BLIP (model.tokens)
 # BLIP's image normalisation (the OpenAI CLIP statistics), kept for the tiny processors too.
 BLIP_IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 BLIP_IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)

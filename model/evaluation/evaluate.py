@@ -193,16 +193,18 @@ def filter_itc_matrix(flt, images, texts, batch_size: int = 32, progress: bool |
 
 
 def evaluate_retrieval(model_dir, data: str, itm_rerank: int = 0, batch_size: int = 32,
-                       device: str = "auto", limit: int | None = None, progress: bool | None = False) -> dict:
+                       device: str = "auto", limit: int | None = None, progress: bool | None = False,
+                       itm_first_token: str = "enc") -> dict:
     """R@1/5/10 both ways on `data` (one caption per image). A directory holding ``itm/`` (or
-    an ITM model itself) is scored with its ITC head; one holding ``clip/`` with CLIP."""
+    an ITM model itself) is scored with its ITC head; one holding ``clip/`` with CLIP. The ITM
+    re-ranking starts its texts with ``itm_first_token`` (``model.tokens``)."""
     from capfilt.model.inference.filter import load_filter
 
     check_sizes(batch_size, limit)
     evalset = load_eval_images(data, limit, progress)
     kind, path = _model_path(model_dir, ("itm", "blip2", "clip"), "ITM or CLIP model for retrieval")
     if kind in ("itm", "blip2"):
-        flt = load_filter(path, device=device)
+        flt = load_filter(path, device=device, itm_first_token=itm_first_token)
         sim = filter_itc_matrix(flt, evalset.images, evalset.captions, batch_size, progress)
         scorer = f"itc:{path}"
     else:
@@ -233,7 +235,8 @@ def evaluate_retrieval(model_dir, data: str, itm_rerank: int = 0, batch_size: in
             return out
 
         i2t, t2i = metrics.itm_rerank(sim, itm_rerank, score_pairs)
-        result["itm_rerank"] = {"k": itm_rerank, **metrics.retrieval_recall(i2t, text_image, t2i, texts=texts)}
+        result["itm_rerank"] = {"k": itm_rerank, "itm_first_token": flt.itm_first_token,
+                                **metrics.retrieval_recall(i2t, text_image, t2i, texts=texts)}
     return result
 
 
@@ -294,14 +297,14 @@ def _filter_result(web_itm: np.ndarray, rows: list[dict], threshold: float, n_sk
 
 
 def _score_raw_captions(model_dir, evalset: EvalImages, batch_size: int, device: str,
-                        progress: bool | None = False) -> tuple[np.ndarray, str]:
-    """((N,) ITM p(match) of each decoded row's own caption, filter directory). An empty
-    caption is never a candidate in curate, so it gets NaN (counted as flagged)."""
+                        progress: bool | None = False, itm_first_token: str = "enc") -> tuple[np.ndarray, str, str]:
+    """((N,) ITM p(match) of each decoded row's own caption, filter directory, the ITM text's first
+    token used). An empty caption is never a candidate in curate, so it gets NaN (counted as flagged)."""
     from capfilt.model.inference.filter import load_filter
 
     check_sizes(batch_size)
     _, source = _model_path(model_dir, ("itm", "blip2"), "ITM filter")
-    flt = load_filter(source, device=device)
+    flt = load_filter(source, device=device, itm_first_token=itm_first_token)
     web_itm = np.full(len(evalset.keys), np.nan)
     starts = range(0, len(evalset.keys), batch_size)
     for start in _bar(starts, "itm", len(starts), progress):
@@ -309,11 +312,12 @@ def _score_raw_captions(model_dir, evalset: EvalImages, batch_size: int, device:
         if idx:
             scores = flt.score([evalset.images[i] for i in idx], [[evalset.captions[i]] for i in idx])
             web_itm[idx] = [float(s.itm[0]) for s in scores]
-    return web_itm, source
+    return web_itm, source, flt.itm_first_token
 
 
 def evaluate_filter(model_dir, data: str, truth, threshold: float = 0.5, batch_size: int = 32,
-                    device: str = "auto", limit: int | None = None, progress: bool | None = False) -> dict:
+                    device: str = "auto", limit: int | None = None, progress: bool | None = False,
+                    itm_first_token: str = "enc") -> dict:
     """Quality of "the web caption is noisy" (ITM p < threshold) against the truth labels.
 
     Curated shards (with ``web_itm``) are read as they are; raw shards are scored with the
@@ -335,12 +339,14 @@ def evaluate_filter(model_dir, data: str, truth, threshold: float = 0.5, batch_s
         raise ValueError(f"{data!r} has no web_itm column: pass --model to score it with a filter")
     evalset = load_eval_images(data, limit, progress)
     rows = _truth_rows(truth_table, evalset.keys, evalset.captions, str(data))  # checked before scoring
-    web_itm, source = _score_raw_captions(model_dir, evalset, batch_size, device, progress)
-    return {"source": source, **_filter_result(web_itm, rows, threshold, len(evalset.skipped))}
+    web_itm, source, first = _score_raw_captions(model_dir, evalset, batch_size, device, progress, itm_first_token)
+    return {"source": source, "itm_first_token": first,
+            **_filter_result(web_itm, rows, threshold, len(evalset.skipped))}
 
 
 def evaluate_filter_clean(model_dir, data: str, threshold: float = 0.5, batch_size: int = 32,
-                          device: str = "auto", limit: int | None = None, progress: bool | None = False) -> dict:
+                          device: str = "auto", limit: int | None = None, progress: bool | None = False,
+                          itm_first_token: str = "enc") -> dict:
     """False alarms of the filter on pairs known to match (a human-labelled split such as COCO,
     no truth file needed): the share of captions it would flag (ITM p < threshold).
 
@@ -350,10 +356,10 @@ def evaluate_filter_clean(model_dir, data: str, threshold: float = 0.5, batch_si
         raise ValueError(f"scoring {data!r} for false alarms needs a filter model directory")
     check_sizes(batch_size, limit)
     evalset = load_eval_images(data, limit, progress)
-    itm, source = _score_raw_captions(model_dir, evalset, batch_size, device, progress)
+    itm, source, first = _score_raw_captions(model_dir, evalset, batch_size, device, progress, itm_first_token)
     flagged = ~(itm >= threshold)  # NaN (empty caption) counts as flagged
     scored = itm[np.isfinite(itm)]
-    return {"source": source, "n": len(evalset.keys), "skipped": len(evalset.skipped),
+    return {"source": source, "itm_first_token": first, "n": len(evalset.keys), "skipped": len(evalset.skipped),
             "threshold": threshold, "flagged": int(flagged.sum()), "flagged_fraction": float(flagged.mean()),
             "itm_mean": float(scored.mean()) if scored.size else None}
 

@@ -23,6 +23,8 @@ What is ours and why:
   (tests/test_fastpath.py, tests/test_sampling.py).
 
 Lengths follow BLIP and transformers: ``max_length``/``min_length`` count the prompt tokens.
+Sampling follows BLIP on transformers 4.15: repetition penalty and minimum length, then top-k
+(50, 4.15's default, which BLIP's ``generate`` left on), then top-p (``model.sampling``).
 """
 from __future__ import annotations
 
@@ -42,17 +44,21 @@ from capfilt.transforms.text import BLIP_PROMPT
 
 @dataclass(frozen=True)
 class CaptionConfig:
-    """BLIP's CapFilt sampling settings (``models/blip.py`` generate, ``sample=True``)."""
+    """BLIP's CapFilt sampling settings (``models/blip.py`` generate, ``sample=True``; ``top_k``
+    is transformers 4.15's default, which that call did not override)."""
 
     prompt: str = BLIP_PROMPT
     top_p: float = 0.9
     max_length: int = 30
     min_length: int = 10
     repetition_penalty: float = 1.1
+    top_k: int = 50
 
     def validate(self) -> None:
         if not 0.0 <= self.top_p <= 1.0:
             raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0: off), got {self.top_k!r}")
         if self.min_length < 0 or self.max_length < 1 or self.min_length > self.max_length:
             raise ValueError(
                 f"need 0 <= min_length <= max_length and max_length >= 1, got "
@@ -113,9 +119,10 @@ class Captioner:
         max_length: int = CaptionConfig.max_length,
         min_length: int = CaptionConfig.min_length,
         repetition_penalty: float = CaptionConfig.repetition_penalty,
+        top_k: int = CaptionConfig.top_k,
     ) -> list[list[str]]:
         """``n`` captions for each image, the prompt stripped; result[b][i] is caption i of keys[b]."""
-        config = CaptionConfig(prompt, top_p, max_length, min_length, repetition_penalty)
+        config = CaptionConfig(prompt, top_p, max_length, min_length, repetition_penalty, top_k)
         config.validate()
         if len(images) != len(keys):
             raise ValueError(f"got {len(images)} images but {len(keys)} keys")
@@ -146,7 +153,7 @@ class Captioner:
                                                          device=self.device),
                 }
                 grouping = contextlib.nullcontext()
-            sampler = SeededNucleusSampler(row_seeds(seed, keys, n), top_p=config.top_p,
+            sampler = SeededNucleusSampler(row_seeds(seed, keys, n), top_p=config.top_p, top_k=config.top_k,
                                            test_candidates=self.fast.nucleus_candidates)
             with grouping:
                 sequences = self.model.text_decoder.generate(

@@ -17,6 +17,12 @@ of encode-once scoring's FLOPs, saved for all captions but one per image); ``sdp
 vision tower's and that cross-attention's softmax through torch's SDPA. The scores stay equal to
 the plain path up to float rounding (tests/test_fastpath.py). BLIP-2's Q-Former is unchanged.
 
+ITM first token (``itm_first_token``, BLIP only): BLIP trained and evaluated its ITM head with
+``[ENC]`` in place of the text's ``[CLS]``; transformers' ``forward`` feeds ``[CLS]``. With
+``enc`` (the default) the cross-attending pass reads ``[ENC]`` wherever the vocabulary has it
+(``model.tokens``), as BLIP scored; ``cls`` gives transformers' scores. The ITC pass keeps
+``[CLS]`` either way, as BLIP's unimodal text encoder does.
+
 ``load_filter`` picks the class from the checkpoint's config (``model_type`` ``blip`` or
 ``blip-2``).
 """
@@ -34,6 +40,7 @@ from PIL import Image
 from capfilt.model.inference.device import check_images, inference_context, resolve_device, use_bf16
 from capfilt.model.inference.fastpath import FastPath, enable_blip_fast_path, fast_attention, grouped_cross_attention, resolve_fast
 from capfilt.model.loading import load_hf_config, load_hf_model
+from capfilt.model.tokens import ItmFirstToken, check_choice, itm_first_token
 
 
 @dataclass
@@ -91,7 +98,8 @@ class EncodeOnceFilter(ABC):
         """(itm (T,), itc (T,)) of texts ``ids`` (T, L) against images ``owner`` (T,)."""
 
     def __init__(self, model, processor, device: torch.device, bf16: bool = False,
-                 max_text_tokens: int = 35, text_batch_size: int = 256, fast: bool | FastPath = True):
+                 max_text_tokens: int = 35, text_batch_size: int = 256, fast: bool | FastPath = True,
+                 itm_first_token: str = "enc"):
         if max_text_tokens < 2 or text_batch_size < 1:
             raise ValueError(f"need max_text_tokens >= 2 and text_batch_size >= 1, got "
                              f"{max_text_tokens}, {text_batch_size}")
@@ -102,7 +110,17 @@ class EncodeOnceFilter(ABC):
         self.max_text_tokens = max_text_tokens  # BLIP's ITM/ITC text length (blip_itm.py: 35)
         self.text_batch_size = text_batch_size  # bounds the (T, P, D) copy of image embeddings
         self.fast = resolve_fast(fast)  # may be changed later: the model serves both paths
+        self.first_token = self.resolve_first_token(check_choice(itm_first_token))
         enable_blip_fast_path(model)
+
+    @abstractmethod
+    def resolve_first_token(self, choice: str) -> ItmFirstToken:
+        """Which token the ITM text starts with, for ``choice`` ``enc`` or ``cls``."""
+
+    @property
+    def itm_first_token(self) -> str:
+        """``enc`` or ``cls``: the token this filter's ITM text starts with."""
+        return self.first_token.used
 
     @classmethod
     def from_pretrained(cls, name_or_dir, device: str = "auto", bf16: bool | str = False, **options):
@@ -156,6 +174,10 @@ class BlipFilter(EncodeOnceFilter):
 
     model_class_name = "BlipForImageTextRetrieval"
 
+    def resolve_first_token(self, choice: str) -> ItmFirstToken:
+        return itm_first_token(choice, self.processor.tokenizer, self.model.config.text_config.vocab_size,
+                               getattr(self.model, "name_or_path", ""))
+
     def encode_images(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
         model = self.model
         embeds = model.vision_model(pixel_values=pixel_values).last_hidden_state  # (B, P, Dv)
@@ -185,7 +207,7 @@ class BlipFilter(EncodeOnceFilter):
 
     def score_texts(self, image_state, owner: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor):
         model = self.model
-        fused = self._fused(image_state["embeds"], owner, ids, mask)  # (T, L, Dt)
+        fused = self._fused(image_state["embeds"], owner, self.first_token.apply(ids), mask)  # (T, L, Dt)
         itm = model.itm_head(fused[:, 0, :]).float().softmax(dim=-1)[:, 1]  # (T,)
         text = model.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (T, L, Dt)
         text_feats = F.normalize(model.text_proj(text[:, 0, :]), dim=-1)  # (T, E)
@@ -197,6 +219,9 @@ class Blip2Filter(EncodeOnceFilter):
     """Encode-once scoring with ``Blip2ForImageTextRetrieval`` (Q-Former ITM and ITC heads)."""
 
     model_class_name = "Blip2ForImageTextRetrieval"
+
+    def resolve_first_token(self, choice: str) -> ItmFirstToken:
+        return ItmFirstToken(choice, None, "BLIP-2's Q-Former reads [CLS] (LAVIS blip2_qformer.py)")
 
     def encode_images(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
         model = self.model

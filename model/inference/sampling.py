@@ -6,12 +6,17 @@ caption ``i`` of sample ``key`` to depend only on (run seed, key, i). transforme
 per-row generator, hence this module.
 
 ``SeededNucleusSampler`` is a ``LogitsProcessor`` run in *greedy* mode: it applies
-transformers' own ``TopPLogitsWarper`` to the already-processed scores (repetition penalty,
-min length), turns them into log-probabilities and adds Gumbel noise drawn from a generator
-seeded by (row seed, step). The argmax that greedy decoding takes is then an exact draw from
-the truncated softmax (the Gumbel-max trick: ``argmax(log p + G)`` with ``G = -log E``,
-``E ~ Exp(1)``, is distributed as ``p``). With ``top_p -> 0`` only the top token survives, so
-the result equals greedy decoding.
+transformers' own ``TopKLogitsWarper`` and ``TopPLogitsWarper`` to the already-processed scores
+(repetition penalty, min length), turns them into log-probabilities and adds Gumbel noise drawn
+from a generator seeded by (row seed, step). That is the order of transformers 4.15, on which
+BLIP sampled: ``_get_logits_processor`` (repetition penalty, then min length) ran before
+``_get_logits_warper`` (top-k, then top-p, so the nucleus is taken of the top-k tokens'
+renormalised distribution). BLIP's ``generate(sample=True, top_p=0.9)`` passed no ``top_k``, so
+4.15's config default of 50 applied; ``top_k=0`` turns it off. The argmax that greedy
+decoding takes is then an exact draw from the truncated softmax (the Gumbel-max trick:
+``argmax(log p + G)`` with ``G = -log E``, ``E ~ Exp(1)``, is distributed as ``p``). With
+``top_p -> 0`` (or ``top_k=1``) only the top token survives, so the result equals greedy
+decoding.
 
 The step index is the current sequence length, so the processor keeps no state: a row's draw
 at step ``t`` is the same whichever rows it is batched with, and also when transformers runs a
@@ -21,6 +26,7 @@ step more than needed and undoes it.
 sorts the whole vocabulary of every row at every step to find the nucleus; on BLIP-large that
 sort was 22 % of the decoding time (docs/benchmarks/capfilt.md). The Gumbel-max draw only needs
 the nucleus member with the best perturbed score, so ``nucleus_argmax`` takes the few tokens
+(of the top-k ones, when ``top_k`` is set)
 with the best perturbed scores and tests each for membership directly: token ``j`` is in the
 nucleus when the tokens more probable than ``j`` hold less than ``top_p`` of the mass (the
 warper's rule; the most probable token is always kept). The first candidate that passes is the
@@ -33,7 +39,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from transformers import LogitsProcessor, TopPLogitsWarper
+from transformers import LogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
 
 from capfilt.transforms.seeding import sample_seed
 
@@ -63,31 +69,40 @@ def gumbel_noise(seeds: Sequence[int], step: int, vocab_size: int, device: torch
 
 
 class SeededNucleusSampler(LogitsProcessor):
-    """Top-p truncation, then a per-row seeded Gumbel-max draw; use with greedy decoding.
+    """Top-k then top-p truncation, then a per-row seeded Gumbel-max draw; use with greedy decoding.
 
     ``seeds[r]`` is the seed of row ``r`` of the generation batch (see ``row_seeds``).
     Returns perturbed log-probabilities whose row-wise argmax is the sampled token; tokens
-    outside the nucleus are ``-inf`` and never chosen. With ``test_candidates`` > 0 the token is
-    found without sorting (module docstring) and only it keeps its score, the rest are ``-inf``.
+    outside the nucleus are ``-inf`` and never chosen. ``top_k`` 0 keeps every token before the
+    top-p step. With ``test_candidates`` > 0 the token is found without sorting (module
+    docstring) and only it keeps its score, the rest are ``-inf``.
     """
 
-    def __init__(self, seeds: Sequence[int], top_p: float = 0.9, test_candidates: int = 0):
+    def __init__(self, seeds: Sequence[int], top_p: float = 0.9, test_candidates: int = 0, top_k: int = 0):
         top_p = float(top_p)
         if not 0.0 <= top_p <= 1.0:
             raise ValueError(f"top_p must be in [0, 1], got {top_p}")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0: off), got {top_k!r}")
         if len(seeds) == 0:
             raise ValueError("SeededNucleusSampler needs at least one row seed")
         self.seeds = [int(s) for s in seeds]
-        self.top_p = top_p
+        self.top_p, self.top_k = top_p, top_k
         if not isinstance(test_candidates, int) or test_candidates < 0:
             raise ValueError(f"test_candidates must be an int >= 0, got {test_candidates!r}")
+        self._top_k = TopKLogitsWarper(top_k=top_k, min_tokens_to_keep=1) if top_k > 0 else None
         self._top_p = TopPLogitsWarper(top_p=top_p, min_tokens_to_keep=1) if top_p < 1.0 else None
         # > 0: find the drawn token by testing this many candidates (module docstring), not by sorting
         self.test_candidates = test_candidates
 
+    def _top_k_scores(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        """(R, V) float scores, ``-inf`` outside each row's top k (all kept with ``top_k`` 0)."""
+        scores = scores.float()
+        return scores if self._top_k is None else self._top_k(input_ids, scores)
+
     def truncated_log_probs(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
         """(R, V) log of the truncated, renormalised softmax (``-inf`` outside the nucleus)."""
-        scores = scores.float()
+        scores = self._top_k_scores(input_ids, scores)
         if self._top_p is not None:
             scores = self._top_p(input_ids, scores)
         return torch.log_softmax(scores, dim=-1)
@@ -99,7 +114,7 @@ class SeededNucleusSampler(LogitsProcessor):
         step = input_ids.shape[1]  # current length: the same for every row of a batch
         noise = gumbel_noise(self.seeds, step, vocab, scores.device)  # (R, V)
         if self.test_candidates and self._top_p is not None:
-            log_probs = torch.log_softmax(scores.float(), dim=-1)  # (R, V), untruncated
+            log_probs = torch.log_softmax(self._top_k_scores(input_ids, scores), dim=-1)  # (R, V), before top-p
             perturbed = log_probs + noise  # (R, V)
             drawn = nucleus_argmax(log_probs, perturbed, self.top_p, self.test_candidates)  # (R,)
             rows = (drawn < 0).nonzero().squeeze(1)
@@ -114,7 +129,8 @@ def nucleus_argmax(log_probs: torch.Tensor, perturbed: torch.Tensor, top_p: floa
     """(R,) the nucleus token with the best perturbed score, or -1 where none of the
     ``candidates`` best-scoring tokens of the row is in the nucleus.
 
-    log_probs: (R, V) untruncated log-softmax; perturbed: (R, V) ``log_probs`` + Gumbel noise.
+    log_probs: (R, V) log-softmax before the top-p step (``-inf`` outside the top k, if any);
+    perturbed: (R, V) ``log_probs`` + Gumbel noise.
     """
     order = perturbed.topk(min(candidates, perturbed.shape[1]), dim=-1).indices  # (R, k), best first
     probs = log_probs.exp()  # (R, V)

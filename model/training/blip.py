@@ -8,9 +8,9 @@ ITM head) and a `BlipForConditionalGeneration` (text decoder) holding the same m
   cross-attention, feed-forward), as BLIP's ``tie_encoder_decoder_weights(..., '/attention')``;
   its LM head stays tied to the word embeddings.
 
-Export is each HF model's own `save_pretrained` (DIR/captioner, DIR/itm): the exported models
-compute exactly what the training model computed. Temperature, momentum encoders and queues
-are training state only. The losses (transformers has none) are in `losses.py`.
+Export is each HF model's own `save_pretrained` (DIR/captioner, DIR/itm), computing exactly what
+the training model computed; temperature, momentum encoders and queues are training state only.
+The losses (transformers has none) are in `losses.py`.
 
 Under DDP, ITC columns and ITM negatives come from the whole global batch: features are
 gathered with gradient, negatives are drawn for the global batch from a generator seeded by
@@ -32,6 +32,7 @@ from torch import nn
 from capfilt.model.training import losses as L
 from capfilt.model.specs import check_model_dir, is_local_spec
 from capfilt.model.builders.model_dirs import find_model_dirs
+from capfilt.model.tokens import itm_first_token
 from capfilt.transforms.seeding import sample_seed
 
 log = logging.getLogger(__name__)
@@ -46,11 +47,11 @@ class BlipTrainConfig:
     momentum: bool = False  # momentum encoder + soft targets (+ queue when queue_size > 0)
     momentum_m: float = 0.995
     alpha: float = 0.4
-    # alpha ramps up from 0 over these steps (`losses.ramped_alpha`); the commands default to BLIP's ramp
-    alpha_warmup_steps: int = 0
+    alpha_warmup_steps: int = 0  # alpha ramps up from 0 over these steps (`losses.ramped_alpha`; BLIP's by default)
     queue_size: int = 0
     temp: float = 0.07
     max_text_len: int = 35
+    itm_first_token: str = "enc"  # "enc" or "cls", as curation scores (model.tokens)
     prompt: str = ""  # LM prompt, masked out of the targets ("a picture of " for captioning)
     label_smoothing: float = 0.1
     tie_text: bool | None = True  # None: tie only when the two loaded models already agree
@@ -60,8 +61,7 @@ class BlipTrainConfig:
     # After those steps, the share of rows whose negative is drawn by similarity, the others uniformly (1.0 is
     # BLIP); the mix keeps a from-scratch ITM head off its plateau but made no better filter (docs/results.md).
     itm_hard_fraction: float = 1.0
-    # `losses.DRAWS`: "pretrain" as BLIP pretrains, "retrieval" as it finetunes for retrieval (`capfilt finetune`)
-    itm_draw: str = "pretrain"
+    itm_draw: str = "pretrain"  # `losses.DRAWS`: as BLIP pretrains, or "retrieval" as it finetunes (finetune)
 
     def __post_init__(self):
         bad = [t for t in self.tasks if t not in TASKS]
@@ -119,6 +119,8 @@ class BlipTrainModel(nn.Module):
         self.pad_id = tok.pad_token_id
         text_cfg = (itm or captioner).config.text_config
         self.bos_id = text_cfg.bos_token_id
+        self.first_token = (itm_first_token(cfg.itm_first_token, tok, text_cfg.vocab_size, "BLIP training")
+                            if itm is not None else None)
         self.prompt_len = len(tok(cfg.prompt).input_ids) - 1 if cfg.prompt else 0
         if "itc" in cfg.tasks:
             self.temp = nn.Parameter(torch.tensor(float(cfg.temp)))
@@ -316,7 +318,7 @@ class BlipTrainModel(nn.Module):
             neg_image = L.sample_hard_negatives(sim_t2i, positive.T, gen, cfg.itm_hard_fraction, cfg.itm_draw)[rows]
         embeds_all = L.gather_with_grad(image_embeds)  # (G, N, Dv)
         ids_all, mask_all = L.gather_no_grad(ids), L.gather_no_grad(mask)
-        enc_ids = torch.cat([ids, ids, ids_all[neg_text]])  # (3B, T)
+        enc_ids = self.first_token.apply(torch.cat([ids, ids, ids_all[neg_text]]))  # (3B, T)
         enc_mask = torch.cat([mask, mask, mask_all[neg_text]])
         enc_images = torch.cat([image_embeds, embeds_all[neg_image], image_embeds])  # (3B, N, Dv)
         hidden = itm.text_encoder(input_ids=enc_ids, attention_mask=enc_mask, encoder_hidden_states=enc_images,
@@ -345,8 +347,8 @@ class BlipTrainModel(nn.Module):
         itm = self.itm
         embeds = itm.vision_model(pixel_values=pixel_values).last_hidden_state
         ones = torch.ones(embeds.shape[:2], dtype=torch.long)
-        hidden = itm.text_encoder(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=embeds,
-                                  encoder_attention_mask=ones).last_hidden_state
+        hidden = itm.text_encoder(input_ids=self.first_token.apply(input_ids), attention_mask=attention_mask,
+                                  encoder_hidden_states=embeds, encoder_attention_mask=ones).last_hidden_state
         p = F.softmax(itm.itm_head(hidden[:, 0]).float(), dim=-1)[:, 1]
         img = F.normalize(itm.vision_proj(embeds[:, 0]), dim=-1)
         txt = self._text_feat(itm.text_encoder, itm.text_proj, input_ids, attention_mask)

@@ -215,7 +215,7 @@ class Trainer:
         bar.close()
         summary = {"steps": self.step, "finished": self.step >= cfg.steps, "global_batch": global_batch,
                    "world_size": self.world, "bf16": self.bf16, "seconds_this_run": time.perf_counter() - t_start,
-                   "last": last, "data": self.stream.describe(), "exported": []}
+                   "last": last, "data": self.stream.describe(), "model_options": cfg.model_options, "exported": []}
         if summary["finished"] and self.is_main:
             self.module.eval()
             summary["exported"] = [str(p) for p in self.module.export(self.out)]

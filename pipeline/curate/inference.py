@@ -196,7 +196,7 @@ class CaptionHandler(_SampleHandler):
         captions = model.caption(
             [s.image for s in batch], [s.key for s in batch], n=cfg.num_captions, seed=cfg.seed,
             prompt=cfg.prompt, top_p=cfg.top_p, max_length=cfg.max_length,
-            min_length=cfg.min_length, repetition_penalty=cfg.repetition_penalty,
+            min_length=cfg.min_length, repetition_penalty=cfg.repetition_penalty, top_k=cfg.top_k,
         )
         return [dataclasses.replace(s, synthetic=list(c)) for s, c in zip(batch, captions)]
 
@@ -232,7 +232,8 @@ class FilterHandler(_SampleHandler):
     def load(self):
         from capfilt.model.inference.filter import load_filter
 
-        return load_filter(self.model_path(), device=self._cfg.device, bf16=self.bf16())
+        return load_filter(self.model_path(), device=self._cfg.device, bf16=self.bf16(),
+                           itm_first_token=self._cfg.itm_first_token)
 
     def infer(self, batch, model):
         todo = _with_candidates(batch)

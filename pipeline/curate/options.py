@@ -28,6 +28,7 @@ from apache_beam.options.pipeline_options import (
 )
 
 from capfilt.model.inference.captioner import CaptionConfig
+from capfilt.model.tokens import ITM_FIRST_TOKENS
 from capfilt.pipeline.curate.precision import DEFAULT_CLIP_MARGIN, DEFAULT_ITM_MARGIN, PRECISIONS, resolve_precision
 from capfilt.transforms.image import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
 from capfilt.transforms.text import DEFAULT_MAX_WORDS
@@ -71,6 +72,9 @@ class CurateConfig:
     prompt: str = field(default=CaptionConfig.prompt, metadata=_opt(
         CAPFILT, "captioner prompt (stripped from the output)"))
     top_p: float = field(default=CaptionConfig.top_p, metadata=_opt(CAPFILT, "nucleus sampling mass", metavar="P"))
+    top_k: int = field(default=CaptionConfig.top_k, metadata=_opt(
+        CAPFILT, "captioner: sample among the K most probable tokens, before the top-p cut; 0 turns it off "
+        "(50: transformers 4.15's default, which BLIP's sampling kept)", metavar="K"))
     max_length: int = field(default=CaptionConfig.max_length, metadata=_opt(
         CAPFILT, "caption tokens, prompt included"))
     min_length: int = field(default=CaptionConfig.min_length, metadata=_opt(
@@ -81,6 +85,10 @@ class CurateConfig:
     # Selection.
     itm_threshold: float = field(default=0.5, metadata=_opt(
         CAPFILT, "a caption passes the filter when its ITM p(match) >= T", metavar="T"))
+    itm_first_token: str = field(default="enc", metadata=_opt(
+        CAPFILT, "BLIP filter: the token its ITM text starts with. enc: [ENC], as BLIP trained and scored "
+        "(when the filter's vocabulary has no [ENC], [CLS], with a warning); cls: [CLS], as transformers' "
+        "BlipForImageTextRetrieval feeds it. BLIP-2 filters read [CLS] either way", choices=ITM_FIRST_TOKENS))
     keep_top: int = field(default=2, metadata=_opt(
         CAPFILT, "keep the K passing captions with the highest CLIP cosine", metavar="K"))
     seed: int = field(default=0, metadata=_opt(
@@ -144,6 +152,11 @@ class CurateConfig:
             raise ValueError("--clip is required (the ranker always runs)")
         _check_range("--num-captions", self.num_captions, 0 if self.no_synthetic else 1, 1000)
         _check_range("--top-p", self.top_p, 0.0, 1.0)
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"--top-k must be an integer >= 0 (0: off), got {self.top_k!r}")
+        if self.itm_first_token not in ITM_FIRST_TOKENS:
+            raise ValueError(f"--itm-first-token must be one of {', '.join(ITM_FIRST_TOKENS)}, "
+                             f"got {self.itm_first_token!r}")
         _check_range("--itm-threshold", self.itm_threshold, 0.0, 1.0)
         _check_range("--keep-top", self.keep_top, 1, 1000)
         _check_range("--batch-size", self.batch_size, 1, 100_000)
@@ -216,9 +229,9 @@ class CurateConfig:
         workers do (a local runner), so "auto" precision is resolved here; else it is recorded
         as asked and the workers decide."""
         keys = (
-            "captioner", "filter", "clip", "num_captions", "prompt", "top_p", "max_length",
-            "min_length", "repetition_penalty", "itm_threshold", "keep_top", "seed", "round",
-            "no_synthetic", "no_filter", "no_images", "max_pixels", "min_side", "max_aspect",
+            "captioner", "filter", "clip", "num_captions", "prompt", "top_p", "top_k", "max_length",
+            "min_length", "repetition_penalty", "itm_threshold", "itm_first_token", "keep_top", "seed",
+            "round", "no_synthetic", "no_filter", "no_images", "max_pixels", "min_side", "max_aspect",
             "max_words",
         )
         fp = {k: getattr(self, k) for k in keys}
@@ -230,12 +243,13 @@ class CurateConfig:
         fp["itm_margin"] = self.itm_margin if checked and self.use_filter else None
         fp["clip_margin"] = self.clip_margin if checked else None
         if self.no_synthetic:  # sampling settings are irrelevant without a captioner
-            for k in ("captioner", "num_captions", "prompt", "top_p", "max_length", "min_length",
+            for k in ("captioner", "num_captions", "prompt", "top_p", "top_k", "max_length", "min_length",
                       "repetition_penalty"):
                 fp[k] = None
         if self.no_filter:
             fp["filter"] = None
             fp["itm_threshold"] = None
+            fp["itm_first_token"] = None
         return fp
 
     def replace(self, **changes) -> "CurateConfig":

@@ -49,6 +49,10 @@ def test_packaged_configs_load(name):
         ("finetune_retrieval: {options: {warmpu: 10}}", r"finetune_retrieval.options: unknown option\(s\) \['--warmpu'"),
         ("pretrain: {options: {itm_negatives: sometimes}}", "pretrain.options: .*invalid choice: 'sometimes'"),
         ("model_config: {vision_confg: {patch_size: 16}}", "unknown model config key 'vision_confg'"),
+        # the filter must curate with the first token its ITM was trained with
+        ("curate: {options: {itm_first_token: cls}}",
+         r"itm_first_token must be the same in every ITM stage, got \{'pretrain': 'enc', "
+         r"'finetune_retrieval': 'enc', 'curate': 'cls'\}"),
     ],
 )
 def test_bad_configs_name_the_problem(tmp_path, text, match):

@@ -357,3 +357,111 @@ def test_unreadable_checkpoint_message_drops_pytorchs_weights_only_false_advice(
         assert detail in message
         for advice in ("False", "Re-running", "arbitrary code", "add_safe_globals", "trust"):
             assert advice not in message, advice
+
+
+# --- the converted filter scores as BLIP's own ITM forward, with [ENC] first -----------------------
+
+def _blip_itm(state, pixel_values, input_ids, attention_mask, first_id, heads):
+    """p(match) of BLIP's image-grounded text encoder + ITM head, written from BLIP's modules on
+    the original state dict (no transformers code): ``vit.py``'s VisionTransformer (pre-norm
+    blocks, LayerNorm eps 1e-6, exact GELU) and ``med.py``'s BertModel in multimodal mode
+    (word + position embeddings, post-norm self-attention, cross-attention and feed-forward,
+    eps 1e-12, padding masked with -10000), the text's first id set to ``first_id`` as
+    ``blip_retrieval.py`` / ``train_retrieval.py`` set ``enc_token_id``; ``heads``: (vision, text)."""
+    F = torch.nn.functional
+
+    def lin(x, name):
+        return F.linear(x, state[name + ".weight"], state[name + ".bias"])
+
+    def norm(x, name, eps):
+        return F.layer_norm(x, x.shape[-1:], state[name + ".weight"], state[name + ".bias"], eps)
+
+    def attend(q, k, v, n, mask=None):  # (B, Lq, D), (B, Lk, D) x2 -> (B, Lq, D)
+        split = lambda t: t.view(t.shape[0], t.shape[1], n, -1).transpose(1, 2)  # noqa: E731
+        q, k, v = split(q), split(k), split(v)
+        scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5  # (B, n, Lq, Lk)
+        if mask is not None:
+            scores = scores + (1.0 - mask[:, None, None, :].float()) * -10000.0
+        return (scores.softmax(-1) @ v).transpose(1, 2).flatten(2)
+
+    ve, patch = "visual_encoder.", state["visual_encoder.patch_embed.proj.weight"].shape[-1]
+    x = F.conv2d(pixel_values, state[ve + "patch_embed.proj.weight"], state[ve + "patch_embed.proj.bias"], stride=patch)
+    x = x.flatten(2).transpose(1, 2)  # (B, P, D)
+    x = torch.cat([state[ve + "cls_token"].expand(x.shape[0], -1, -1), x], dim=1) + state[ve + "pos_embed"]
+    depth = 1 + max(int(k.split(".")[2]) for k in state if k.startswith(ve + "blocks."))
+    for i in range(depth):
+        b = f"{ve}blocks.{i}."
+        q, k, v = lin(norm(x, b + "norm1", 1e-6), b + "attn.qkv").chunk(3, dim=-1)
+        x = x + lin(attend(q, k, v, heads[0]), b + "attn.proj")
+        x = x + lin(F.gelu(lin(norm(x, b + "norm2", 1e-6), b + "mlp.fc1")), b + "mlp.fc2")
+    image = norm(x, ve + "norm", 1e-6)  # (B, 1+P, D)
+
+    te = "text_encoder."
+    ids = input_ids.clone()
+    ids[:, 0] = first_id
+    h = state[te + "embeddings.word_embeddings.weight"][ids] + \
+        state[te + "embeddings.position_embeddings.weight"][:ids.shape[1]]
+    h = norm(h, te + "embeddings.LayerNorm", 1e-12)
+    depth = 1 + max(int(k.split(".")[3]) for k in state if k.startswith(te + "encoder.layer."))
+    for i in range(depth):
+        lay = f"{te}encoder.layer.{i}."
+        for part, keys, mask in (("attention", h, attention_mask), ("crossattention", image, None)):
+            ctx = attend(lin(h, f"{lay}{part}.self.query"), lin(keys, f"{lay}{part}.self.key"),
+                         lin(keys, f"{lay}{part}.self.value"), heads[1], mask)
+            h = norm(lin(ctx, f"{lay}{part}.output.dense") + h, f"{lay}{part}.output.LayerNorm", 1e-12)
+        ffn = lin(F.gelu(lin(h, lay + "intermediate.dense")), lay + "output.dense")
+        h = norm(ffn + h, lay + "output.LayerNorm", 1e-12)
+    return lin(h[:, 0], "itm_head").softmax(dim=-1)[:, 1]
+
+
+def _dec_only_processor(model_dir, path):
+    """The model's processor with a tokenizer that ends with [DEC] and has no [ENC] (one token
+    short of the text model's rows, as a processor saved without BLIP's [ENC])."""
+    from transformers import BertTokenizer
+
+    processor = BlipProcessor.from_pretrained(model_dir)
+    vocab = {t: i for t, i in processor.tokenizer.get_vocab().items() if t not in ("[DEC]", "[ENC]")}
+    processor.tokenizer = BertTokenizer(vocab=vocab, do_lower_case=True, bos_token="[DEC]")
+    processor.save_pretrained(path)
+    return path
+
+
+def test_converted_filter_scores_with_enc_as_blips_own_itm_forward(tiny_models, tmp_path):
+    """An original-layout ITM checkpoint converted with `capfilt convert` (once with a processor
+    that has [ENC], once with one that lacks it and gets it added) scores as BLIP's ITM forward
+    computed independently above; with --itm-first-token cls it scores as that forward with [CLS]."""
+    src = tmp_path / "model_base_retrieval.pth"
+    state = _export(BlipForImageTextRetrieval, tiny_models["itm"], src, {"temp": torch.tensor(0.07)})
+    config = BlipConfig.from_pretrained(tiny_models["itm"])
+    config.vision_config.layer_norm_eps = 1e-6  # BLIP's ViT (infer_config sets it for real checkpoints)
+    config.save_pretrained(tmp_path / "config")
+    dec_only = _dec_only_processor(tiny_models["itm"], tmp_path / "dec_only")
+    assert len(BlipProcessor.from_pretrained(dec_only).tokenizer) == config.text_config.vocab_size - 1
+    heads = (config.vision_config.num_attention_heads, config.text_config.num_attention_heads)
+    images = _images(3)
+    captions = [["a red circle on the left", "a small blue square"], ["green"],
+                ["a big yellow triangle at the top near a purple star", "two shapes", "a photo"]]
+    for processor in (tiny_models["itm"], dec_only):
+        out = tmp_path / f"converted_{Path(processor).name}"
+        assert main(["convert", "--from", "blip", "--task", "itm", str(src), str(out), "--config",
+                     str(tmp_path / "config"), "--processor", str(processor)]) == 0
+        tokenizer = BlipProcessor.from_pretrained(out).tokenizer
+        enc_id = tokenizer.convert_tokens_to_ids("[ENC]")
+        assert enc_id == config.text_config.vocab_size - 1 == len(tokenizer) - 1  # BLIP's: after [DEC]
+        for first in ("enc", "cls"):
+            flt = load_filter(out, device="cpu", itm_first_token=first)
+            assert flt.itm_first_token == first
+            scores = flt.score(images, captions)
+            for image, caps, got in zip(images, captions, scores):
+                ids, mask = flt.tokenize(caps)
+                pixels = flt.pixel_values([image]).expand(len(caps), -1, -1, -1)
+                with torch.no_grad():
+                    want = _blip_itm(state, pixels, ids, mask, enc_id if first == "enc" else ids[0, 0], heads)
+                np.testing.assert_allclose(got.itm, want.numpy(), atol=2e-5, rtol=0)
+
+
+def test_inferred_config_uses_blips_vit_layer_norm_eps(tiny_models):
+    state = to_original_state_dict(BlipForImageTextRetrieval.from_pretrained(tiny_models["itm"]))
+    emb = state["text_encoder.embeddings.word_embeddings.weight"]
+    state["text_encoder.embeddings.word_embeddings.weight"] = torch.zeros(30524, emb.shape[1])
+    assert infer_config(state, "itm").vision_config.layer_norm_eps == 1e-6

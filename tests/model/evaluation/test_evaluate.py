@@ -342,6 +342,13 @@ def test_evaluate_filter_without_truth_counts_false_alarms_on_clean_pairs(tiny_m
     assert result["flagged"] == int((itm < 0.5).sum())
     assert result["flagged_fraction"] == pytest.approx(result["flagged"] / 16)
     assert result["itm_mean"] == pytest.approx(itm.mean(), abs=1e-6)
+    assert result["itm_first_token"] == "enc"  # BLIP's [ENC], as the filter's default
+    cls = _run_evaluate(["--task", "filter", "--model", str(tiny_models["itm"]), "--itm-first-token", "cls",
+                         "--data", str(synth_world / "test")], capsys)
+    cls_itm = [float(s.itm[0]) for s in load_filter(str(tiny_models["itm"]), device="cpu", itm_first_token="cls")
+               .score(evalset.images, [[c] for c in evalset.captions])]
+    assert cls["itm_first_token"] == "cls" and cls["itm_mean"] == pytest.approx(np.mean(cls_itm), abs=1e-6)
+    assert abs(cls["itm_mean"] - result["itm_mean"]) > 1e-3
     with pytest.raises(SystemExit, match="without --truth .* needs --model"):
         cli.main(["evaluate", "--task", "filter", "--data", str(synth_world / "test")])
 

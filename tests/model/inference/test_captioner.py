@@ -80,6 +80,23 @@ def test_top_p_zero_equals_transformers_greedy(captioner):
     assert all(text.startswith("a picture of") for text in full)
 
 
+def test_top_k_50_is_the_default_and_cuts_the_random_models_wide_nucleus(captioner):
+    """BLIP sampled with transformers 4.15's top_k=50 before top-p; on the random tiny model
+    the 0.9 nucleus is far wider than 50 tokens, so the cut changes the captions."""
+    images, keys = _images(4), ["k0", "k1", "k2", "k3"]
+    default = captioner.caption(images, keys, n=3, seed=2, **SHORT)
+    assert captioner.caption(images, keys, n=3, seed=2, top_k=50, **SHORT) == default
+    assert captioner.caption(images, keys, n=3, seed=2, top_k=0, **SHORT) != default
+    # per sample, whatever shares its batch: the last two keys alone, in the other order
+    assert captioner.caption(images[:1:-1], keys[:1:-1], n=3, seed=2, **SHORT) == default[:1:-1]
+    # top-k 1 leaves one token for top-p to keep: greedy decoding
+    settings = dict(max_length=14, min_length=8, repetition_penalty=1.3)
+    assert (captioner.caption(images[:2], keys[:2], n=2, seed=2, top_k=1, **settings)
+            == captioner.caption(images[:2], keys[:2], n=2, seed=2, top_p=0.0, top_k=0, **settings))
+    with pytest.raises(ValueError, match="top_k must be an int >= 0"):
+        captioner.caption(images, keys, n=1, seed=0, top_k=-1)
+
+
 def test_image_encoded_once_whatever_n(captioner):
     calls = []
     hook = captioner.model.vision_model.register_forward_hook(

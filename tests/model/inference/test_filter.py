@@ -31,8 +31,9 @@ def filters(tiny_models):
     return {kind: load_filter(tiny_models[kind], device="cpu") for kind in ("itm", "blip2-itm")}
 
 
-def _per_pair_reference(flt, images, captions):
-    """HF's plain forward, one call per (image, caption) and head, as a naive user would."""
+def _per_pair_reference(flt, images, captions, first_id=None):
+    """HF's plain forward, one call per (image, caption) and head, as a naive user would; with
+    ``first_id`` the BLIP ITM call gets its first input id replaced by hand (BLIP's [ENC])."""
     model, out = flt.model, []
     with torch.inference_mode():
         for image, caps in zip(images, captions):
@@ -41,7 +42,10 @@ def _per_pair_reference(flt, images, captions):
             for caption in caps:
                 ids, mask = flt.tokenize([caption])
                 if isinstance(flt, BlipFilter):
-                    itm.append(model(input_ids=ids, pixel_values=pixels, attention_mask=mask,
+                    itm_ids = ids.clone()
+                    if first_id is not None:
+                        itm_ids[0, 0] = first_id
+                    itm.append(model(input_ids=itm_ids, pixel_values=pixels, attention_mask=mask,
                                      use_itm_head=True).itm_score.softmax(-1)[0, 1].item())
                     itc.append(model(input_ids=ids, pixel_values=pixels, attention_mask=mask,
                                      use_itm_head=False).itm_score[0, 0].item())
@@ -58,12 +62,21 @@ def _per_pair_reference(flt, images, captions):
     return out
 
 
+def _enc_id(flt):
+    """[ENC]'s id, read from the filter's tokenizer files (BLIP appends [DEC], then [ENC])."""
+    tokenizer = flt.processor.tokenizer
+    enc_id = tokenizer.convert_tokens_to_ids("[ENC]")
+    assert enc_id == len(tokenizer) - 1 == tokenizer.convert_tokens_to_ids("[DEC]") + 1
+    return enc_id
+
+
 @pytest.mark.parametrize("kind", ["itm", "blip2-itm"])
 def test_encode_once_equals_per_pair_forward(filters, kind):
     flt = filters[kind]
     images = _images(3)
     scores = flt.score(images, CAPTIONS)
-    reference = _per_pair_reference(flt, images, CAPTIONS)
+    # BLIP's ITM reads [ENC] first (the default); BLIP-2's Q-Former reads [CLS]
+    reference = _per_pair_reference(flt, images, CAPTIONS, _enc_id(flt) if kind == "itm" else None)
     assert len(scores) == 3
     for got, (itm, itc), caps in zip(scores, reference, CAPTIONS):
         assert isinstance(got, CaptionScores)
@@ -182,3 +195,75 @@ def test_real_size_config_loads_through_the_same_path(tiny_tokenizer, tmp_path, 
                                                        config["vision_config"]["image_size"])
     scores = flt.score(_images(1), [["a web caption", "a synthetic caption"]])
     assert scores[0].itm.shape == (2,) and np.isfinite(scores[0].itc).all()
+
+
+# --- the ITM text's first token ([ENC] as BLIP, or [CLS] as transformers) --------------------------
+
+@pytest.fixture(scope="module")
+def blip_by_token(tiny_models):
+    """{(itm_first_token, fast): BlipFilter} on the tiny ITM model."""
+    return {(first, fast): load_filter(tiny_models["itm"], device="cpu", itm_first_token=first, fast=fast)
+            for first in ("enc", "cls") for fast in (True, False)}
+
+
+def test_enc_scores_equal_a_direct_call_with_the_first_id_swapped_and_cls_gives_the_old_scores(blip_by_token):
+    images = _images(3)
+    enc, cls = blip_by_token["enc", False], blip_by_token["cls", False]
+    assert (enc.itm_first_token, cls.itm_first_token) == ("enc", "cls")
+    swapped = _per_pair_reference(enc, images, CAPTIONS, first_id=_enc_id(enc))
+    plain = _per_pair_reference(cls, images, CAPTIONS)  # transformers' forward as it is: [CLS] first
+    gaps = []
+    for e, c, (ref_itm, ref_itc), (old_itm, old_itc) in zip(enc.score(images, CAPTIONS), cls.score(images, CAPTIONS),
+                                                              swapped, plain):
+        np.testing.assert_allclose(e.itm, ref_itm, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(c.itm, old_itm, atol=1e-5, rtol=0)
+        # the ITC pass reads [CLS] either way, as BLIP's unimodal text encoder does
+        np.testing.assert_allclose(e.itc, c.itc, atol=1e-6, rtol=0)
+        np.testing.assert_allclose(e.itc, ref_itc, atol=1e-5, rtol=0)
+        gaps.extend(np.abs(e.itm - c.itm))
+    assert min(gaps) > 1e-3  # the first token does change every ITM score
+
+
+@pytest.mark.parametrize("first", ["enc", "cls"])
+def test_fast_path_equals_the_plain_per_pair_call_with_the_same_first_token(blip_by_token, first):
+    images = _images(3)
+    fast, plain = blip_by_token[first, True], blip_by_token[first, False]
+    reference = _per_pair_reference(plain, images, CAPTIONS, _enc_id(plain) if first == "enc" else None)
+    for got, want, (itm, itc) in zip(fast.score(images, CAPTIONS), plain.score(images, CAPTIONS), reference):
+        np.testing.assert_allclose(got.itm, want.itm, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(got.itm, itm, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(got.itc, itc, atol=1e-5, rtol=0)
+
+
+def test_a_vocabulary_without_enc_scores_with_cls_and_says_so(tiny_models, tmp_path, caplog):
+    """A tokenizer without [ENC] (and not in BLIP's layout either): [CLS], with a warning."""
+    from transformers import BlipProcessor, BertTokenizer
+
+    no_enc = tmp_path / "no_enc"
+    shutil.copytree(tiny_models["itm"], no_enc)
+    processor = BlipProcessor.from_pretrained(no_enc)
+    vocab = {t: i for t, i in processor.tokenizer.get_vocab().items() if t not in ("[ENC]", "[DEC]")}
+    assert len(vocab) == len(processor.tokenizer) - 2
+    processor.tokenizer = BertTokenizer(vocab=vocab, do_lower_case=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (no_enc / name).unlink()
+    processor.save_pretrained(no_enc)
+    with caplog.at_level("WARNING", logger="capfilt.model.tokens"):
+        flt = load_filter(no_enc, device="cpu")
+    assert flt.itm_first_token == "cls" and flt.first_token.asked == "enc"
+    assert "ITM text starts with [CLS], not [ENC]: the tokenizer has no [ENC] token" in caplog.text
+    images = _images(2)
+    cls = load_filter(tiny_models["itm"], device="cpu", itm_first_token="cls")
+    for a, b in zip(flt.score(images, CAPTIONS[:2]), cls.score(images, CAPTIONS[:2])):
+        np.testing.assert_allclose(a.itm, b.itm, atol=1e-6)
+
+
+def test_blip2_reads_cls_whatever_is_asked_and_bad_choices_are_refused(filters, tiny_models):
+    asked_enc = filters["blip2-itm"]
+    asked_cls = load_filter(tiny_models["blip2-itm"], device="cpu", itm_first_token="cls")
+    assert asked_enc.itm_first_token == asked_cls.itm_first_token == "cls"
+    images = _images(2)
+    for a, b in zip(asked_enc.score(images, CAPTIONS[:2]), asked_cls.score(images, CAPTIONS[:2])):
+        np.testing.assert_array_equal(a.itm, b.itm)
+    with pytest.raises(ValueError, match=r"itm_first_token must be one of \('enc', 'cls'\), got 'sep'"):
+        load_filter(tiny_models["itm"], device="cpu", itm_first_token="sep")

@@ -141,3 +141,74 @@ def test_candidate_search_falls_back_to_the_warper_when_no_candidate_is_in_the_n
 def test_test_candidates_is_validated():
     with pytest.raises(ValueError, match="test_candidates"):
         SeededNucleusSampler([1], 0.9, test_candidates=-1)
+
+
+# --- top-k before top-p, as transformers 4.15 applied them under BLIP's generate ------------------
+
+def _reference_top_k_top_p(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
+    """The filter written out by hand: keep the top_k largest logits, renormalise, keep a token
+    while the mass ranked above it is below top_p, renormalise."""
+    probs = np.exp(logits - logits.max())
+    if top_k:
+        probs[np.argsort(-logits, kind="stable")[top_k:]] = 0.0
+    probs /= probs.sum()
+    order = np.argsort(-probs, kind="stable")
+    mass_above = np.concatenate([[0.0], np.cumsum(probs[order])[:-1]])
+    keep = np.zeros(len(probs), dtype=bool)
+    keep[order[(mass_above < top_p) & (probs[order] > 0)]] = True
+    out = np.where(keep, probs, 0.0)
+    return out / out.sum()
+
+
+def _flat_logits(vocab=200, seed=4):
+    """Nearly flat logits (a random model's): the 0.9 nucleus holds far more than 50 tokens."""
+    rng = np.random.default_rng(seed)
+    return (rng.permutation(vocab) * 0.004 + rng.normal(0, 1e-3, vocab)).astype(np.float32)
+
+
+@pytest.mark.parametrize("logits, top_k, support", [
+    (_flat_logits(), 50, 45),  # top-k cuts to 50, then the 0.9 nucleus of those 50 keeps 45
+    (_flat_logits(), 0, 172),  # top-k off: the 0.9 nucleus of a flat vocabulary is far wider than 50
+    (np.log(PROBS.astype(np.float32)), 50, 5),  # a peaked row: top-k keeps all 8, top-p cuts to 5
+])
+def test_next_token_probabilities_equal_the_hand_computed_top_k_then_top_p_filter(logits, top_k, support):
+    sampler = SeededNucleusSampler([1], top_p=0.9, top_k=top_k)
+    got = sampler.truncated_log_probs(torch.zeros(1, 4, dtype=torch.long), torch.tensor(logits)[None]).exp()[0]
+    want = _reference_top_k_top_p(logits.astype(np.float64), top_k, 0.9)
+    np.testing.assert_allclose(got.numpy(), want, atol=1e-6)
+    assert int((want > 0).sum()) == int((got > 0).sum()) == support
+
+
+def test_draws_follow_the_top_k_then_top_p_distribution_and_the_candidate_path_agrees():
+    logits = _flat_logits(vocab=120, seed=5)
+    want = _reference_top_k_top_p(logits.astype(np.float64), 50, 0.9)
+    draws = 20000
+    seeds = list(range(draws))
+    batch = torch.tensor(logits)[None].expand(draws, -1).clone()
+    ids = torch.zeros(draws, 6, dtype=torch.long)
+    sorted_way = SeededNucleusSampler(seeds, 0.9, top_k=50)(ids, batch).argmax(dim=-1)
+    candidates = SeededNucleusSampler(seeds, 0.9, top_k=50, test_candidates=8)(ids, batch).argmax(dim=-1)
+    assert torch.equal(candidates, sorted_way)
+    counts = np.bincount(sorted_way.numpy(), minlength=len(logits))
+    assert counts[want == 0].sum() == 0  # nothing outside the top-50 nucleus is ever drawn
+    assert 0.5 * np.abs(counts / draws - want).sum() < 0.05
+    assert chisquare(counts[want > 0], want[want > 0] * draws).pvalue > 1e-3
+
+
+def test_top_k_draws_are_reproducible_per_row_and_top_k_one_is_greedy():
+    torch.manual_seed(5)
+    logits = torch.randn(4, 300) * 0.1
+    ids = torch.zeros(4, 5, dtype=torch.long)
+    seeds = [7, 8, 9, 10]
+    full = SeededNucleusSampler(seeds, 0.9, top_k=50)(ids, logits)
+    assert torch.equal(full, SeededNucleusSampler(seeds, 0.9, top_k=50)(ids, logits))
+    alone = SeededNucleusSampler([9], 0.9, top_k=50)(ids[2:3], logits[2:3])
+    assert torch.equal(alone, full[2:3])  # a row's draw does not depend on its batch
+    greedy = SeededNucleusSampler(seeds, 0.9, top_k=1, test_candidates=4)(ids, logits).argmax(dim=-1)
+    assert torch.equal(greedy, logits.argmax(dim=-1))
+
+
+@pytest.mark.parametrize("top_k", [-1, 2.5, True])
+def test_top_k_is_validated(top_k):
+    with pytest.raises(ValueError, match="top_k must be an int >= 0"):
+        SeededNucleusSampler([1], 0.9, top_k=top_k)

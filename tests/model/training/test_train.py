@@ -117,6 +117,29 @@ def test_itm_hard_fraction_reaches_the_negative_draw(tmp_path, synth_world, tiny
     assert seen == [(True, 0.25)] * 4 + [(False, 0.25)] * 4
 
 
+@pytest.mark.parametrize("first", ["enc", "cls"])
+def test_the_itm_loss_and_scores_read_the_asked_first_token(tmp_path, synth_world, tiny_tokenizer, first):
+    """BLIP's ITM input starts with [ENC] (blip_pretrain.py, blip_retrieval.py); with cls, [CLS].
+    The unimodal (ITC) pass keeps [CLS] either way."""
+    model = build("blip", tmp_path, tiny_tokenizer, tasks=("itc", "itm"), itm_first_token=first)
+    tok = model.processor.tokenizer
+    want = tok.convert_tokens_to_ids("[ENC]") if first == "enc" else tok.cls_token_id
+    seen = []
+    hook = model.itm.text_encoder.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append((kwargs.get("encoder_hidden_states") is not None,
+                                             set(kwargs["input_ids"][:, 0].tolist()))), with_kwargs=True)
+    images, texts = _pairs(synth_world / "human", n=4)
+    batch = model.collate([TrainPair(str(k), i, t, "human") for k, (i, t) in enumerate(zip(images, texts))])
+    try:
+        model(batch)
+        model.score_pairs(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+    finally:
+        hook.remove()
+    assert model.first_token.used == first
+    assert [firsts for fused, firsts in seen if fused] == [{want}, {want}]  # the ITM loss, then score_pairs
+    assert all(firsts == {tok.cls_token_id} for fused, firsts in seen if not fused)
+
+
 def test_resume_is_exact(tmp_path, synth_world, tiny_tokenizer):
     """20 straight steps == 10 steps, stop, resume, 10 steps: identical parameters, queue,
     momentum encoder and losses (BLIP with momentum distillation and a queue)."""
@@ -162,9 +185,11 @@ def test_blip_exports_load_and_score_like_the_training_model(tmp_path, synth_wor
     assert np.allclose([s.itm[0] for s in scores], itm.numpy(), atol=1e-5)
     assert np.allclose([s.itc[0] for s in scores], itc.numpy(), atol=1e-5)
     hf = BlipForImageTextRetrieval.from_pretrained(str(tmp_path / "itm")).eval()
+    enc_ids = batch["input_ids"].clone()
+    enc_ids[:, 0] = model.processor.tokenizer.convert_tokens_to_ids("[ENC]")  # trained with BLIP's [ENC]
+    assert model.first_token.used == "enc" and bool((batch["input_ids"][:, 0] != enc_ids[:, 0]).all())
     with torch.no_grad():
-        out = hf(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
-                 attention_mask=batch["attention_mask"])
+        out = hf(input_ids=enc_ids, pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"])
     assert torch.allclose(out.itm_score.softmax(-1)[:, 1], itm, atol=1e-5)
     # the captioner export holds the shared decoder: same logits as the training model
     cap = BlipForConditionalGeneration.from_pretrained(str(tmp_path / "captioner")).eval()
@@ -526,6 +551,7 @@ def test_options_that_would_be_ignored_are_errors(tmp_path, synth_world, tiny_to
         (["pretrain", "--arch", "clip", "--checkpoint-every", "-1"], "checkpoint_every must be >= 0, got -1"),
         (["pretrain", "--arch", "blip", "--alpha", "0.2"], "--alpha 0.2 needs --momentum"),
         (["pretrain", "--arch", "clip", "--alpha", "0.2"], "--alpha does not apply to --arch clip"),
+        (["pretrain", "--arch", "clip", "--itm-first-token", "cls"], "--itm-first-token cls does not apply"),
     ]
     for argv, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -592,6 +618,8 @@ def test_resume_with_other_model_options_is_refused(tmp_path, synth_world, tiny_
         main([*common, "--model-config", str(micro), *human, "--resume", "--itm-negatives", "random"])
     with pytest.raises(ValueError, match=r"other options \(--tasks was None, this run gives 'itc,lm'\)"):
         main([*common, "--model-config", str(micro), *human, "--resume", "--tasks", "itc,lm"])
+    with pytest.raises(ValueError, match=r"other options \(--itm-first-token was 'enc', this run gives 'cls'\)"):
+        main([*common, "--model-config", str(micro), *human, "--resume", "--itm-first-token", "cls"])
     assert main([*common, "--model-config", str(micro), *human, "--resume"]) == 0
     assert [json.loads(x)["step"] for x in (out / "pretrain_log.jsonl").read_text().splitlines()] == [1, 2]
 

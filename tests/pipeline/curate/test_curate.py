@@ -159,6 +159,8 @@ def test_schema_accounting_and_run_record(clean_run, inputs, tiny_models, direct
         assert rec["sha256"] == sha256(out / rec["path"])
     assert manifest["thresholds"] == {"itm_threshold": float(direct["threshold"]), "keep_top": 2}
     assert manifest["seeds"]["run_seed"] == SEED and manifest["code_version"]
+    # BLIP's sampling (top-k 50 before top-p) and ITM input ([ENC] first) are the defaults, recorded
+    assert (manifest["settings"]["top_k"], manifest["settings"]["itm_first_token"]) == (50, "enc")
     # progress lines while running, the summary table at the end
     assert "curate: " in clean_run["stderr"] and "rows/s" in clean_run["stderr"]
     assert "input_rows = kept + dropped + errors" in clean_run["stdout"]

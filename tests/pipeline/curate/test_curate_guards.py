@@ -54,6 +54,8 @@ BASE = dict(inputs=("x",), out="y", captioner="c", filter="f", clip="k")
     ({"repetition_penalty": 0.0}, "--repetition-penalty must be > 0, got 0.0"),
     ({"repetition_penalty": math.nan}, "--repetition-penalty must be > 0, got nan"),
     ({"torch_threads": 0}, "--torch-threads must be >= 1, got 0"),
+    ({"top_k": -1}, "--top-k must be an integer >= 0 (0: off), got -1"),
+    ({"itm_first_token": "sep"}, "--itm-first-token must be one of enc, cls, got 'sep'"),
 ])
 def test_out_of_range_options_are_refused_naming_option_and_value(changes, message):
     with pytest.raises(ValueError) as err:
@@ -74,6 +76,7 @@ def test_boundary_values_are_accepted():
     ("--max-aspect", "0.5", "--max-aspect must be >= 1, got 0.5"),
     ("--repetition-penalty", "-1", "--repetition-penalty must be > 0, got -1.0"),
     ("--torch-threads", "0", "--torch-threads must be >= 1, got 0"),
+    ("--top-k", "-1", "--top-k must be an integer >= 0 (0: off), got -1"),
 ])
 def test_cli_exits_2_on_an_out_of_range_option_and_creates_nothing(tmp_path, option, value, message):
     out = tmp_path / "out"
@@ -90,6 +93,31 @@ def test_repetition_penalty_has_a_help_text():
     add_arguments(parser)
     action = next(a for a in parser._actions if "--repetition-penalty" in a.option_strings)
     assert action.help and "repetition penalty" in action.help and "> 0" in action.help
+
+
+def test_top_k_and_itm_first_token_have_help_defaults_and_choices():
+    from capfilt.jobs.commands.curate import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    actions = {a.option_strings[0]: a for a in parser._actions if a.option_strings}
+    top_k, first = actions["--top-k"], actions["--itm-first-token"]
+    assert top_k.default == 50 and "0 turns it off" in top_k.help and "4.15" in top_k.help
+    assert first.default == "enc" and list(first.choices) == ["enc", "cls"] and "[ENC]" in first.help
+
+
+def test_fingerprint_holds_top_k_and_the_itm_first_token():
+    """Both change the curated rows: a resume with other values is refused like any setting."""
+    fp = CurateConfig(**BASE, device="cpu", precision="fp32").fingerprint()
+    assert (fp["top_k"], fp["itm_first_token"]) == (50, "enc")
+    other = CurateConfig(**BASE, device="cpu", precision="fp32", top_k=0, itm_first_token="cls").fingerprint()
+    assert (other["top_k"], other["itm_first_token"]) == (0, "cls")
+    assert {k for k in fp if fp[k] != other[k]} == {"top_k", "itm_first_token"}
+    no_filter = CurateConfig(**{**BASE, "filter": None}, no_filter=True, device="cpu", precision="fp32")
+    no_captioner = CurateConfig(**{**BASE, "captioner": None}, no_synthetic=True, num_captions=0, device="cpu",
+                                precision="fp32")
+    assert no_filter.fingerprint()["itm_first_token"] is None and no_filter.fingerprint()["top_k"] == 50
+    assert no_captioner.fingerprint()["top_k"] is None and no_captioner.fingerprint()["itm_first_token"] == "enc"
 
 
 # --- the fingerprint records the resolved precision ---------------------------------------------
