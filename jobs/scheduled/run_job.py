@@ -89,6 +89,13 @@ def _sha256(path: Path, cache: dict) -> str:
     return digest
 
 
+def _recorded(curated: Path) -> list[dict]:
+    """The shards a curate output's manifest.json records (none before its first run)."""
+    from capfilt.pipeline.release.manifest import recorded_shards
+
+    return recorded_shards(curated) if (curated / "manifest.json").is_file() else []
+
+
 def _model_stamp(spec: str) -> list:
     """Cheap change detector for a model: its files' names, sizes and mtimes (hub ids: the id)."""
     from capfilt.model.specs import ModelSpec
@@ -266,8 +273,9 @@ def release_step(job: Job, state, dry: bool) -> list[str]:
     cfg = release_config(curated, out, job.release)
     cache = state.setdefault("hashes", {})
     want = {
-        "shards": [[d, f"shards/{p.name}", _sha256(p, cache)] for d in curated
-                   for p in sorted((Path(d) / "shards").glob("*.parquet"))],
+        # the shards each curate output's manifest names, with the sha256 their writers recorded:
+        # no byte is read here, and a file no marker names is never taken for a change
+        "shards": [[d, f"shards/{s['name']}", s["sha256"]] for d in curated for s in _recorded(Path(d))],
         "eval": [_sha256(Path(f), cache) for f in sorted(globlib.glob(cfg.decontaminate, recursive=True))]
         if cfg.decontaminate else None,
         "settings": json.loads(json.dumps(cfg.settings())),

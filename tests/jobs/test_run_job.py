@@ -137,6 +137,21 @@ def test_first_run_then_nothing_to_do_and_no_file_changes(job, capsys):
     assert snapshot(root / "out") == before
 
 
+def test_a_curated_file_no_marker_names_is_not_a_change(job, capsys):
+    """run-job compares the shards curate's manifest names (with the sha256 their writers
+    recorded), not whatever lies in shards/: a killed run's leftover rebuilds nothing."""
+    path, fake = job
+    root = path.parent
+    assert main(["run-job", str(path)]) == 0
+    capsys.readouterr()
+    stray = root / "out" / "curated" / "shards" / "part-99999.parquet"
+    stray.write_bytes(b"left by a killed run")
+    before = snapshot(root / "out" / "release")
+    assert main(["run-job", str(path)]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert snapshot(root / "out" / "release") == before
+
+
 def test_new_shard_is_curated_incrementally_and_release_rebuilt(job, capsys):
     path, fake = job
     root = path.parent
