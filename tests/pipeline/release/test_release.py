@@ -337,6 +337,58 @@ def test_a_crashed_builds_staging_dir_is_replaced(world, monkeypatch):
     assert not (world / ".rel.partial").exists() and (world / "rel/manifest.json").is_file()
 
 
+SWAP_STATES = {  # what a kill -9 of `release --overwrite` leaves, and which release survives it
+    "stage_being_built": "old",     # .rel.partial marked, half written
+    "stage_unmarked": "old",        # .rel.partial created, killed before the marker was written
+    "stage_finished": "old",        # the marker removed just before the swap
+    "between_the_renames": "old",   # rel parked as .rel.old, the new one not yet renamed into place
+    "parked_intact": "new",         # swapped; the parked release not yet deleted
+    "parked_half_deleted": "new",   # killed while deleting it: manifest.json gone, shards left
+    "parked_emptied": "new",        # its files deleted, the directory not yet
+    "stage_half_deleted": "old",    # a failed build killed while deleting its staging directory
+}
+
+
+@pytest.mark.parametrize("state", sorted(SWAP_STATES))
+def test_a_killed_overwrite_is_recovered_in_every_state_of_the_swap(world, state):
+    from capfilt.pipeline.release import out_dir as release_out
+    from capfilt.transforms.files.staging import DELETING
+
+    build(world)
+    out, stage, parked = world / "rel", world / ".rel.partial", world / ".rel.old"
+    shutil.copytree(out, world / "new")
+    (world / "new" / "which.txt").write_text("new")
+    (out / "which.txt").write_text("old")
+    if state in ("stage_being_built", "stage_half_deleted"):
+        (stage / "shards").mkdir(parents=True)
+        (stage / "shards" / "part-00000.parquet").write_bytes(b"half")
+        (stage / (release_out.STAGE_MARKER if state == "stage_being_built" else DELETING)).write_text("")
+    elif state == "stage_unmarked":
+        stage.mkdir()
+    elif state == "stage_finished":
+        (world / "new").rename(stage)
+    elif state == "between_the_renames":
+        out.rename(parked)
+        (world / "new").rename(stage)
+    else:
+        out.rename(parked)
+        (world / "new").rename(out)
+        if state == "parked_half_deleted":
+            (parked / "manifest.json").unlink()
+            (parked / DELETING).write_text("")
+        elif state == "parked_emptied":
+            shutil.rmtree(parked)
+            parked.mkdir()
+    release_out.check_release_out(out, True, None)  # nothing is "in the way"
+    assert release_out._staging(out).clean_leftovers()
+    assert (out / "which.txt").read_text() == SWAP_STATES[state]
+    assert not stage.exists() and not parked.exists()
+    shutil.rmtree(world / "new", ignore_errors=True)
+    build(world, overwrite=True)  # and the next release goes through
+    assert not (out / "which.txt").exists() and release_manifest.is_release_dir(out)
+    assert sorted(p.name for p in world.iterdir() if p.name.startswith(".")) == []
+
+
 # --- inputs checked against their curate record ---------------------------------------------
 
 def test_missing_shard_is_refused_not_released_partially(world, capsys):
