@@ -142,17 +142,21 @@ def all_null(files: list[str], column: str) -> bool:
 
 
 def _as_bytes_columns(batch: pa.RecordBatch, names) -> dict[str, list]:
-    """Python lists of the wanted columns; absent columns are all None. Text columns are read
-    as bytes so that invalid UTF-8 reaches the caption cleaner instead of failing the read."""
+    """Python lists of the wanted columns, as bytes; absent columns are all None. Text is read
+    as bytes so that invalid UTF-8 reaches the caption cleaner instead of failing the read; any
+    string or binary layout (large, view, dictionary-encoded) is cast to plain binary."""
     out = {}
     for name in names:
-        idx = batch.schema.get_field_index(name)
-        if idx < 0:
+        found = batch.schema.get_all_field_indices(name)
+        if len(found) > 1:  # schemas.check_columns refuses such a shard up front
+            raise ValueError(f"column {name!r} appears {len(found)} times")
+        if not found:
             out[name] = [None] * batch.num_rows
             continue
-        col = batch.column(idx)
-        if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
-            col = col.cast(pa.binary() if pa.types.is_string(col.type) else pa.large_binary())
+        col = batch.column(found[0])
+        if not (pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type)):
+            large = pa.types.is_large_string(col.type)
+            col = col.cast(pa.large_binary() if large else pa.binary())
         out[name] = col.to_pylist()
     return out
 

@@ -4,8 +4,10 @@ Inputs are img2dataset output: parquet shards (``output_format=parquet``, images
 or webdataset tars (``{key}.jpg`` + ``{key}.txt`` + ``{key}.json`` per sample, with the failed
 downloads only in the ``.parquet`` file img2dataset writes beside each tar).
 
-Every shard's schema is checked against ``transforms.schemas.RAW_SCHEMA`` before any work, so a
-missing column or a wrong dtype fails the run naming the file and the column.
+Every shard's schema is checked before any work against the columns curate reads (their types
+in ``transforms.schemas.RAW_SCHEMA``), so a missing column, a repeated one or a type that cannot
+be cast fails the run naming the file and the column; a column curate does not read is not
+checked.
 
 Rows are read with ``transforms.shards`` inside a DoFn rather than with
 ``parquetio.ReadFromParquet``: the graph needs each row's shard and row index (duplicate keys
@@ -24,6 +26,7 @@ import re
 from dataclasses import dataclass
 
 import apache_beam as beam
+import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
@@ -33,6 +36,9 @@ from capfilt.transforms.rows import Sample
 from capfilt.transforms.schemas import RAW_REQUIRED_COLUMNS, RAW_SCHEMA, check_columns
 
 SHARD_EXTS = {".parquet": "parquet", ".tar": "tar"}
+# The columns curate reads, with their types. The others (img2dataset's width, exif, ...) are
+# never read, so their types do not matter.
+READ_SCHEMA = pa.schema([RAW_SCHEMA.field(name) for name in reader.RAW_ROW_COLUMNS])
 _SAFE_ID = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -154,12 +160,12 @@ def validate_shard(info: ShardInfo) -> ShardInfo:
     the file and the column (or tar member) at fault."""
     if info.fmt == "parquet":
         schema, rows = reader.parquet_schema(info.path, _open)
-        check_columns(schema, RAW_REQUIRED_COLUMNS, RAW_SCHEMA, where=info.path)
+        check_columns(schema, RAW_REQUIRED_COLUMNS, READ_SCHEMA, where=info.path)
     else:
         rows = sum(1 for _ in reader.tar_samples(info.path, with_data=False, opener=_open))
     if info.sidecar:
         schema, _ = reader.parquet_schema(info.sidecar, _open)
-        check_columns(schema, ("key", "status"), RAW_SCHEMA, where=info.sidecar)
+        check_columns(schema, ("key", "status"), READ_SCHEMA, where=info.sidecar)
         rows += sum(1 for _ in reader.sidecar_failures(info.sidecar, _open))
     return _replace(info, num_rows=rows)
 

@@ -258,3 +258,42 @@ def test_an_empty_status_is_an_error_row_with_a_named_type(tmp_path):
     assert [(e.key, e.stage, e.error_type) for e in errors] == [
         ("b", "download", "invalid_status"), ("c", "download", "failed_to_download")]
     assert errors[0].error_message == "status is empty (img2dataset writes success or a failure)"
+
+
+def test_castable_arrow_layouts_are_read_and_unread_columns_are_not_checked(tmp_path):
+    """A pandas category caption, view layouts, large strings; `width` stored as text and `exif`
+    as numbers are columns curate never reads."""
+    import pandas as pd
+
+    jpgs = [jpeg(), jpeg((0, 200, 0))]
+    table = pa.table({
+        "key": pa.array(["a", "b"]).cast(pa.string_view()),
+        "caption": pa.array(pd.Categorical(["a red square", "a green square"])),
+        "status": pa.array(["success", "success"]).dictionary_encode(),
+        "url": pa.array(["http://h/a", None], pa.large_string()),
+        "jpg": pa.array(jpgs).cast(pa.binary_view()),
+        "width": pa.array(["wide", None]),
+        "exif": pa.array([1, 2]),
+    })
+    path = tmp_path / "00000.parquet"
+    pq.write_table(table, path)
+    assert pq.read_schema(path).field("caption").type == pa.dictionary(pa.int8(), pa.string())
+    samples, errors = read_shard(validate_shard(discover_shards([str(path)])[0]))
+    assert errors == []
+    assert [(s.key, s.caption, s.url, s.jpg) for s in samples] == [
+        ("a", b"a red square", "http://h/a", jpgs[0]), ("b", b"a green square", None, jpgs[1])]
+    wrong = tmp_path / "wrong.parquet"  # a column curate reads, of a type that is no text
+    pq.write_table(table.set_column(table.schema.get_field_index("url"), "url", pa.array([1, 2])), wrong)
+    with pytest.raises(ValueError, match=r"wrong\.parquet: column 'url' has type int64, expected string"):
+        validate_shard(discover_shards([str(wrong)])[0])
+
+
+def test_a_shard_with_two_status_columns_is_refused(tmp_path):
+    """pyarrow finds no field by a repeated name: the failed download read as a success."""
+    table = pa.table([pa.array(["a"]), pa.array(["c"]), pa.array(["success"]), pa.array(["failed_to_download"]),
+                      pa.array([jpeg()])], names=["key", "caption", "status", "status", "jpg"])
+    path = tmp_path / "00000.parquet"
+    pq.write_table(table, path)
+    with pytest.raises(ValueError, match=r"00000\.parquet: column 'status' appears 2 times; which one to read is "
+                                         r"ambiguous"):
+        validate_shard(discover_shards([str(path)])[0])
