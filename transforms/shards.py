@@ -214,59 +214,76 @@ class _TailTracker:
         return self.tail == bytes(_END_OF_ARCHIVE)
 
 
+def _unread_kind(member: tarfile.TarInfo) -> str:
+    if member.issym():
+        return "symbolic link"
+    if member.islnk():
+        return "hard link"
+    return "device or FIFO"
+
+
 def tar_samples(path: str, with_data: bool = True, opener: Opener = local_open) -> Iterator[dict]:
     """Group a webdataset tar into samples ``{"__key__": key, suffix: bytes, ...}``: consecutive
-    members sharing a key (the basename up to its first dot, as webdataset splits it:
-    ``photo.v2.jpg`` is key ``photo``, suffix ``v2.jpg``). A member suffix seen twice starts
-    a new sample, so a repeated key becomes a second sample (a duplicate-key error downstream),
-    not a lost shard. ``with_data=False`` leaves the values empty (counting). ValueError naming
-    the file when it is no tar, is cut short (inside a member, or at a member boundary: no
-    end-of-archive blocks), or a sample has no image member."""
+    members sharing a key. Names are split as webdataset's reader splits them: the key is the
+    member path up to the first dot of its basename, the suffix the rest, lower-cased
+    (``photo.v2.jpg`` is key ``photo``, suffix ``v2.jpg``); a basename without a dot, or starting
+    with one, is no sample member. A member suffix seen twice starts a new sample, so a repeated
+    key becomes a second sample (a duplicate-key error downstream), not a lost shard. A member
+    that is a link, a device or a FIFO is not read: ``"__unread__"`` lists it as (name, kind),
+    and :func:`tar_rows` makes the sample an error row. ``with_data=False`` leaves the values
+    empty (counting). ValueError naming the file when it is no tar or is cut short (inside a
+    member, or at a member boundary: no end-of-archive blocks)."""
     current: dict | None = None
     try:
         with opener(path) as f:
             tracked = _TailTracker(f)
             with tarfile.open(fileobj=tracked, mode="r|") as tar:
                 for member in tar:
-                    if not member.isfile():
+                    if member.isdir():
                         continue
                     base = posixpath.basename(member.name)
                     if base.startswith(".") or "." not in base:
                         continue
                     key, suffix = base.split(".", 1)
-                    key = posixpath.join(posixpath.dirname(member.name), key)
-                    data = tar.extractfile(member).read() if with_data else b""
-                    if current is None or current["__key__"] != key or suffix.lower() in current:
+                    key, suffix = posixpath.join(posixpath.dirname(member.name), key), suffix.lower()
+                    if current is None or current["__key__"] != key or suffix in current:
                         if current is not None:
-                            yield _check_sample(path, current)
+                            yield current
                         current = {"__key__": key}
-                    current[suffix.lower()] = data
+                    if member.isfile():
+                        current[suffix] = tar.extractfile(member).read() if with_data else b""
+                    else:
+                        current.setdefault("__unread__", []).append((member.name, _unread_kind(member)))
             if not tracked.ends_as_a_tar():
                 raise ValueError(f"{path}: the tar ends without its end-of-archive blocks (cut short at a "
                                  f"member boundary); download or copy it again")
     except tarfile.TarError as err:
         raise ValueError(f"{path}: not a readable tar file ({err})") from err
     if current is not None:
-        yield _check_sample(path, current)
+        yield current
 
 
-def _check_sample(path: str, sample: dict) -> dict:
-    if not any(ext in sample for ext in IMAGE_EXTS):
-        raise ValueError(
-            f"{path}: sample {sample['__key__']!r} has no image member (column 'jpg'; "
-            f"has {sorted(k for k in sample if k != '__key__')})"
-        )
-    return sample
+def sample_field(sample: dict, exts: tuple[str, ...]) -> bytes | None:
+    """The value of a sample's field named one of ``exts`` (in that order), else of its first
+    field whose last extension is one (``v2.jpg`` is a jpg, as webdataset's decoders read it)."""
+    for ext in exts:
+        if ext in sample:
+            return sample[ext]
+    for suffix, value in sample.items():
+        if not suffix.startswith("__") and suffix.rsplit(".", 1)[-1] in exts:
+            return value
+    return None
 
 
 def _sample_metadata(sample: dict) -> tuple[dict, str | None]:
     """(the sample's json as a mapping, why it cannot be used or None). Unparseable JSON counts as
     absent, as before; JSON that is not an object, or whose key/url/sha256/caption is not a
     string, is a problem of this sample only."""
-    if "json" not in sample:
+    raw = sample_field(sample, ("json",))
+    if raw is None:
         return {}, None
     try:
-        meta = json.loads(sample["json"].decode("utf-8", errors="replace"))
+        meta = json.loads(raw.decode("utf-8", errors="replace"))
     except ValueError:
         return {}, None
     if not isinstance(meta, dict):
@@ -280,21 +297,31 @@ def _sample_metadata(sample: dict) -> tuple[dict, str | None]:
 def tar_rows(path: str, opener: Opener = local_open) -> Iterator[dict]:
     """The samples of an img2dataset webdataset tar as raw-shard rows (RAW_ROW_COLUMNS, bytes
     values; the key, url and sha256 from the sample's json, the caption from its txt). A sample
-    whose json cannot be used keeps its tar key and carries ``read_error`` (error type,
-    message), which curate turns into an error row for that sample alone."""
+    that cannot be curated keeps its tar key and carries ``read_error`` (error type, message),
+    which curate turns into an error row for that sample alone: a member that is a link or a
+    device (``link_member``), no image member (``no_image``, ``jpg`` None), or json that cannot be
+    used (``invalid_metadata``)."""
     for sample in tar_samples(path, opener=opener):
         meta, problem = _sample_metadata(sample)
-        image = next(sample[ext] for ext in IMAGE_EXTS if ext in sample)
+        image = sample_field(sample, IMAGE_EXTS)
         key = meta.get("key") or sample["__key__"]
+        caption = sample_field(sample, ("txt",))
         row = {
             "key": key.encode("utf-8"),
             "url": (meta.get("url") or "").encode("utf-8") or None,
-            "caption": sample.get("txt", (meta.get("caption") or "").encode("utf-8")),
+            "caption": caption if caption is not None else (meta.get("caption") or "").encode("utf-8"),
             "status": b"success",
             "error_message": None,
             "sha256": (meta.get("sha256") or "").encode("utf-8") or None,
             "jpg": image,
         }
-        if problem:
-            row["read_error"] = ("invalid_metadata", f"sample {sample['__key__']!r} of {path}: {problem}")
+        where = f"sample {sample['__key__']!r} of {path}"
+        if sample.get("__unread__"):
+            name, kind = sample["__unread__"][0]
+            row["read_error"] = ("link_member", f"{where}: member {name} is a {kind}; only regular files are read")
+        elif image is None:
+            fields = sorted(k for k in sample if not k.startswith("__"))
+            row["read_error"] = ("no_image", f"{where} has no image member ({'/'.join(IMAGE_EXTS)}); has {fields}")
+        elif problem:
+            row["read_error"] = ("invalid_metadata", f"{where}: {problem}")
         yield row

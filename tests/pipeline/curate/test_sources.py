@@ -149,10 +149,19 @@ def test_webdataset_tar_with_sidecar_failures(tmp_path):
         ("000000001", 3, "download", "failed_to_download")]
 
 
-def test_tar_sample_without_image_fails_up_front(tmp_path):
-    write_tar(tmp_path / "t.tar", [("a.jpg", jpeg()), ("b.txt", b"caption without image")])
-    with pytest.raises(ValueError, match=r"t\.tar: sample 'b' has no image member \(column 'jpg'"):
-        validate_shard(discover_shards([str(tmp_path / "t.tar")])[0])
+def test_tar_samples_that_cannot_be_curated_are_error_rows(tmp_path):
+    """A text-only sample, link members and a dotted name (read as webdataset reads it): one
+    error row per bad sample, the rest of the shard curated."""
+    write_tar(tmp_path / "t.tar", [
+        ("a.jpg", jpeg()), ("b.txt", b"caption without image"), ("c.jpg", ("symlink", "a.jpg")),
+        ("d.jpg", ("hardlink", "a.jpg")), ("d.txt", b"d"), ("photo.v2.jpg", jpeg()), ("photo.v2.txt", b"two"),
+    ])
+    info = validate_shard(discover_shards([str(tmp_path / "t.tar")])[0])
+    assert info.num_rows == 5
+    samples, errors = read_shard(info)
+    assert [(s.key, s.row, s.caption) for s in samples] == [("a", 0, b""), ("photo", 4, b"two")]
+    assert [(e.key, e.row, e.stage, e.error_type) for e in errors] == [
+        ("b", 1, "read", "no_image"), ("c", 2, "read", "link_member"), ("d", 3, "read", "link_member")]
 
 
 # --- duplicate keys (TestPipeline) and decode ---------------------------------------------------
