@@ -2,7 +2,8 @@
 
 Curate, release, evaluation, training and the ingest checks all read shards through here:
 
-* listing: :func:`expand_paths` (globs, directories, a curate ``--out``), :func:`tar_sidecar`;
+* listing: :func:`expand_paths` (globs, directories, a curate ``--out``), :func:`tar_sidecar`,
+  :func:`check_tar_count` (a tar's samples against what img2dataset recorded beside it);
 * parquet: :func:`parquet_schema` (footer only), :func:`row_count`, :func:`parquet_batches`
   (record batches with column selection, an optional schema to read against and a pushed-down
   filter), :func:`read_columns` (a table of several shards), :func:`raw_rows` (curate's row
@@ -68,6 +69,35 @@ def tar_sidecar(path: str, exists: Callable[[str], bool] = lambda p: Path(p).is_
     """The parquet img2dataset writes beside ``<stem>.tar`` (its failed downloads), if any."""
     stem, ext = posixpath.splitext(path)
     return stem + ".parquet" if ext == ".tar" and exists(stem + ".parquet") else None
+
+
+def check_tar_count(path: str, samples: int, opener: Opener = local_open,
+                    exists: Callable[[str], bool] = lambda p: Path(p).is_file()) -> None:
+    """ValueError naming the tar when its number of ``samples`` differs from the successful
+    downloads img2dataset recorded beside it: the ``success`` rows of its sidecar parquet (which
+    img2dataset writes with every row of the shard) and the ``successes`` of its
+    ``<stem>_stats.json``. A sidecar without any success row (a list of failed downloads only,
+    not img2dataset's) and a stats file without a ``successes`` number record no count; a tar
+    with neither is checked only for its end-of-archive blocks (:func:`tar_samples`)."""
+    recorded = []
+    sidecar = tar_sidecar(path, exists)
+    if sidecar is not None:
+        successes = sum(1 for row in raw_rows(sidecar, opener) if row["status"] == b"success")
+        if successes:
+            recorded.append((successes, f"its sidecar {sidecar} lists {successes} successful downloads"))
+    stats = posixpath.splitext(path)[0] + "_stats.json"
+    if path.endswith(".tar") and exists(stats):
+        try:
+            with opener(stats) as f:
+                successes = json.loads(f.read())["successes"]
+        except (OSError, ValueError, KeyError, TypeError):
+            successes = None
+        if isinstance(successes, int):
+            recorded.append((successes, f"{stats} counts {successes} successes"))
+    for count, source in recorded:
+        if count != samples:
+            raise ValueError(f"{path}: the tar holds {samples} samples but {source}; it is cut short or not "
+                             f"the tar img2dataset wrote: download it again")
 
 
 def is_tar_sidecar(path: str) -> bool:

@@ -163,6 +163,7 @@ def validate_shard(info: ShardInfo) -> ShardInfo:
         check_columns(schema, RAW_REQUIRED_COLUMNS, READ_SCHEMA, where=info.path)
     else:
         rows = sum(1 for _ in reader.tar_samples(info.path, with_data=False, opener=_open))
+        reader.check_tar_count(info.path, rows, _open, FileSystems.exists)
     if info.sidecar:
         schema, _ = reader.parquet_schema(info.sidecar, _open)
         check_columns(schema, ("key", "status"), READ_SCHEMA, where=info.sidecar)

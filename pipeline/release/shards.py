@@ -222,9 +222,12 @@ def load_decontamination_set(pattern: str, embedder, batch_size: int) -> Deconta
 def _eval_rows(path: str):
     """(key, image bytes, downloaded) per row of one evaluation shard."""
     if path.endswith(".tar"):
+        count = 0
         for rec in reader.tar_rows(path):  # a sample without a regular image member has no jpg
             key = rec["key"].decode("utf-8", errors="replace") if isinstance(rec["key"], bytes) else str(rec["key"])
+            count += 1
             yield key, rec["jpg"], rec["jpg"] is not None
+        reader.check_tar_count(path, count)
         return
     schema, _rows = reader.parquet_schema(path)
     cols = ["key", "jpg"] + (["status"] if "status" in schema.names else [])

@@ -133,9 +133,10 @@ def test_webdataset_tar_with_sidecar_failures(tmp_path):
         ("000000002.jpg", jpeg()), ("000000002.txt", b"bad \xff utf8"),
         ("000000002.jpg", jpeg()),  # a repeated key inside the tar: a second sample, not a lost shard
     ])
-    write_raw(tmp_path / "00000.parquet", [
+    write_raw(tmp_path / "00000.parquet", [  # every row, as img2dataset writes it beside its tar
         {"key": "000000000", "status": "success"}, {"key": "000000001", "status": "failed_to_download",
                                                    "error_message": "connection refused"},
+        {"key": "000000002", "status": "success"}, {"key": "000000002", "status": "success"},
     ], schema=pa.schema([("key", pa.string()), ("status", pa.string()), ("error_message", pa.string())]))
     shards = discover_shards([str(tmp_path / "*")])  # the sidecar parquet is not a shard of its own
     assert [(s.shard_id, s.fmt, s.sidecar is not None) for s in shards] == [("00000", "tar", True)]
@@ -306,3 +307,25 @@ def test_a_shard_with_two_status_columns_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"00000\.parquet: column 'status' appears 2 times; which one to read is "
                                          r"ambiguous"):
         validate_shard(discover_shards([str(path)])[0])
+
+
+@pytest.mark.parametrize("beside", ["sidecar", "stats"])
+def test_a_tar_with_fewer_samples_than_img2dataset_recorded_is_refused(tmp_path, beside):
+    """A tar cut short and closed again (end-of-archive blocks present) reads as a whole tar:
+    only the count img2dataset recorded beside it shows the lost samples."""
+    members = [(f"00000000{i}.{ext}", jpeg() if ext == "jpg" else b"c") for i in range(3) for ext in ("jpg", "txt")]
+    write_tar(tmp_path / "00000.tar", members[:4])  # samples 0 and 1 of 3
+    status = pa.schema([("key", pa.string()), ("status", pa.string())])
+    if beside == "sidecar":
+        write_raw(tmp_path / "00000.parquet", [{"key": f"00000000{i}", "status": "success"} for i in range(3)]
+                  + [{"key": "000000003", "status": "failed_to_download"}], schema=status)
+        source = r"its sidecar .*00000\.parquet lists 3 successful downloads"
+    else:  # a sidecar of failed downloads only records no count; the stats file does
+        write_raw(tmp_path / "00000.parquet", [{"key": "000000003", "status": "failed_to_download"}], schema=status)
+        (tmp_path / "00000_stats.json").write_text(json.dumps({"count": 4, "successes": 3, "failed_to_download": 1}))
+        source = r".*00000_stats\.json counts 3 successes"
+    info = discover_shards([str(tmp_path / "*")])[0]
+    with pytest.raises(ValueError, match=rf"00000\.tar: the tar holds 2 samples but {source}; it is cut short"):
+        validate_shard(info)
+    write_tar(tmp_path / "00000.tar", members)  # the whole tar
+    assert validate_shard(info).num_rows == 4

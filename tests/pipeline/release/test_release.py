@@ -565,6 +565,16 @@ def test_an_eval_set_of_webdataset_tars_is_read_like_its_parquet_form(tmp_path):
         load_decontamination_set(str(tmp_path / "notes.txt"), pixel_embedder, 2)
 
 
+def test_an_eval_tar_with_fewer_samples_than_its_sidecar_lists_is_refused(tmp_path):
+    from capfilt.pipeline.release.shards import load_decontamination_set
+    from shard_data import write_tar
+
+    write_tar(tmp_path / "00000.tar", [(f"e{i}.jpg", image_bytes(i)) for i in range(2)])
+    write_raw(tmp_path / "00000.parquet", [(f"e{i}", b"listed") for i in range(3)])
+    with pytest.raises(ValueError, match=r"00000\.tar: the tar holds 2 samples but its sidecar .* lists 3 successful"):
+        load_decontamination_set(str(tmp_path / "*.tar"), pixel_embedder, 2)
+
+
 def test_decontamination_reads_an_eval_tar_whose_sample_json_is_unusable(tmp_path):
     """A sample whose json is a list, or whose key is a number, keeps its image under its tar key."""
     from capfilt.pipeline.release.shards import _eval_rows
