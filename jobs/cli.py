@@ -15,6 +15,7 @@ interrupted, and the few documented codes of ``release`` (4) and ``run-job`` (3,
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import sys
@@ -64,6 +65,9 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 USAGE_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
                 PermissionError)
 EXIT_USAGE, EXIT_FAILURE, EXIT_BUSY, EXIT_INTERRUPTED = 2, 1, 5, 130
+# A full disk or quota is no fault of the command: the same command may succeed later, so it is
+# a failure (exit 1, retried by run-job), also where a command reported it as an unwritable path.
+EXHAUSTED_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 class UsageError(SystemExit, ValueError):
@@ -125,7 +129,20 @@ def exit_code(exc: BaseException) -> int:
         from capfilt.jobs.commands.release import EXIT_ACCOUNTING
 
         return EXIT_ACCOUNTING
+    if _exhausted(exc):
+        return EXIT_FAILURE
     return EXIT_USAGE if isinstance(exc, USAGE_ERRORS) else EXIT_FAILURE
+
+
+def _exhausted(exc: BaseException | None) -> bool:
+    """Whether ``exc`` or an error it was raised from is an OSError of EXHAUSTED_ERRNOS."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in EXHAUSTED_ERRNOS:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def error_line(command: str | None, exc: BaseException) -> str:

@@ -149,6 +149,32 @@ def test_a_killed_writer_leaves_a_temp_that_the_next_write_removes(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["state.json", live.name, other.name])
 
 
+def test_a_full_disk_names_the_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    """write(2) on a full disk names no file; the error that reaches the user does."""
+    import errno
+
+    class Full(io.BytesIO):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    @contextlib.contextmanager
+    def create(path):
+        open(path, "wb").close()
+        yield Full()
+
+    monkeypatch.setattr(atomic.LOCAL, "create", create)
+    path = tmp_path / "stats.json"
+    with pytest.raises(OSError) as err:
+        atomic.write_text(path, "{}")
+    assert (err.value.errno, err.value.filename) == (errno.ENOSPC, str(path))
+    assert str(err.value) == f"[Errno 28] No space left on device: '{path}'"
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(PermissionError) as err:  # the kind of error is kept
+        with atomic.naming(path):
+            raise OSError(errno.EACCES, "Permission denied")
+    assert err.value.filename == str(path)
+
+
 # --- hashes ----------------------------------------------------------------------------------
 
 def test_hashes(tmp_path):

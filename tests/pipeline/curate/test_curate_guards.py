@@ -248,6 +248,24 @@ def test_workers_write_files_and_receipt_and_the_launcher_commits_markers(tmp_pa
     assert store.is_done(shard, store.markers())
 
 
+def test_a_full_disk_at_a_worker_write_names_the_file(tmp_path, monkeypatch):
+    import errno
+
+    from capfilt.pipeline import files
+    from capfilt.pipeline.curate.sinks import write_parquet
+    from capfilt.transforms.schemas import ERROR_SCHEMA
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files._Counting, "write", full)
+    path = str(tmp_path / "errors" / "part-00000.parquet")
+    with pytest.raises(OSError) as err:
+        write_parquet(path, [], ERROR_SCHEMA)
+    assert (err.value.errno, err.value.filename) == (errno.ENOSPC, path)
+    assert list((tmp_path / "errors").iterdir()) == []  # no temporary file left
+
+
 def test_commit_refuses_a_receipt_that_does_not_match(tmp_path):
     from capfilt.pipeline.curate.sinks import WriteShardFn
     from capfilt.pipeline.curate.sources import ShardInfo

@@ -147,6 +147,32 @@ def test_accounting_failure_publishes_nothing(world, monkeypatch):
     assert not (world / "rel").exists() and not (world / ".rel.partial").exists()
 
 
+def test_a_full_disk_names_the_file_and_exits_1_so_that_it_is_retried(world, monkeypatch, capsys):
+    """ENOSPC while writing report.html: the release is not replaced, the line names the file,
+    and the exit code is a failure's (1), not a refused input's (2: run-job's "do not retry")."""
+    import errno
+
+    build(world)
+    before = sha(world / "rel" / "manifest.json")
+    real = Path.write_text
+
+    def full(self, *args, **kwargs):
+        if self.name == "report.html":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    monkeypatch.setattr(release_manifest, "clip_embedder", lambda spec: pixel_embedder)
+    code = main(["release", "--input", str(world / "cur_a"), "--out", str(world / "rel"), "--overwrite",
+                 "--clip", "x"])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 1
+    assert line == (f"capfilt release: failed: cannot write the report to {world}/.rel.partial/report.html "
+                    f"(No space left on device)")
+    assert sha(world / "rel" / "manifest.json") == before
+    assert sorted(p.name for p in world.iterdir() if p.name.startswith(".")) == []
+
+
 def test_reshard_names_schema_and_reproducibility(world):
     m1 = build(world, "r1")
     m2 = build(world, "r2", inputs=[world / "cur_a", world / "cur_b"])
