@@ -200,6 +200,22 @@ def test_decode_sample_sets_image_caption_and_seed():
     assert (other.stage, other.error_type, other.error_message) == ("decode", "KeyError", "KeyError('x')")
 
 
+def test_decode_reduces_a_huge_jpeg_but_records_its_stored_size():
+    """A JPEG of 631 bytes declaring 6000x6000 took 108 MB per row; the models need far less."""
+    import struct
+
+    from capfilt.pipeline.curate.decode import DRAFT_SIDE
+
+    data = bytearray(jpeg(size=(16, 16)))
+    sof = data.find(b"\xff\xc0")
+    data[sof + 5:sof + 9] = struct.pack(">HH", 6000, 6000)
+    s = _sample("k", 0, 0)
+    s.jpg = bytes(data)
+    out = decode_sample(s, run_seed=7, max_pixels=40_000_000, min_side=8, max_aspect=20.0, max_words=30)
+    assert DRAFT_SIDE == 1024 and out.image.size == (1500, 1500)
+    assert (out.width, out.height) == (6000, 6000)
+
+
 def test_a_tar_cut_at_a_member_boundary_is_refused_up_front(tmp_path):
     """tarfile takes a cut at a member boundary for the end: the shard would lose its last samples."""
     whole = write_tar(tmp_path / "whole.tar", [("a.jpg", jpeg()), ("a.txt", b"one"), ("b.jpg", jpeg()),
