@@ -9,8 +9,8 @@ Curate, release, evaluation, training and the ingest checks all read shards thro
   filter), :func:`read_columns` (a table of several shards), :func:`raw_rows` (curate's row
   dicts, text as bytes), :func:`all_null` (from the footers' statistics);
 * tars: :func:`tar_samples` groups a webdataset tar into samples, :func:`tar_rows` turns them
-  into raw-shard rows, :func:`sidecar_failures` reads the failed downloads img2dataset writes
-  in the parquet beside each tar.
+  into raw-shard rows, :func:`sidecar_failures` reads the failed downloads from the parquet
+  img2dataset writes beside each tar (every row of the shard, with its status).
 
 Parquet is read with pyarrow, tars with ``tarfile``. Tars are grouped by hand rather than with
 ``webdataset``'s grouper, which raises on a repeated member name and would lose the shard; the

@@ -1,8 +1,9 @@
 """Raw shards in: find them, check them up front, and read them row by row into the graph.
 
 Inputs are img2dataset output: parquet shards (``output_format=parquet``, images in ``jpg``)
-or webdataset tars (``{key}.jpg`` + ``{key}.txt`` + ``{key}.json`` per sample, with the failed
-downloads only in the ``.parquet`` file img2dataset writes beside each tar).
+or webdataset tars (``{key}.jpg`` + ``{key}.txt`` + ``{key}.json`` per sample; the failed
+downloads are only in the ``.parquet`` file img2dataset writes beside each tar, which lists every
+row of the shard with its status).
 
 Every shard's schema is checked before any work against the columns curate reads (their types
 in ``transforms.schemas.RAW_SCHEMA``), so a missing column, a repeated one or a type that cannot
@@ -57,7 +58,7 @@ class ShardInfo:
     fmt: str  # "parquet" | "tar"
     size: int
     num_rows: int = -1  # file_rows + the sidecar's failed downloads
-    sidecar: str | None = None  # img2dataset's per-tar parquet with the failed downloads
+    sidecar: str | None = None  # img2dataset's per-tar parquet: every row, failed downloads included
     file_rows: int = -1  # rows of the shard file itself: parquet footer, tar samples
 
 
