@@ -7,7 +7,7 @@ them at, and what the reduction changes for the models. Not a test: it prints fi
    ``--max-aspect`` lets through). Each way runs in its own process, which decodes ``--rows`` of
    them and holds the images, as a worker holds a batch: ``transforms.image.decode_image``
    without ``draft_side`` (full size, as curate decoded before) and with curate's
-   ``pipeline.curate.decode.DRAFT_SIDE``. Memory is the process's peak RSS minus its RSS
+   ``transforms.image.DRAFT_SIDE``. Memory is the process's peak RSS minus its RSS
    before the first decode; the ratio of the two is measured in the same run.
 2. **Synthetic world.** Every web image of a world rendered at the largest size ``capfilt
    synth`` allows (1024): decoded both ways, compared pixel for pixel.
@@ -38,8 +38,7 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from capfilt.pipeline.curate.decode import DRAFT_SIDE  # noqa: E402
-from capfilt.transforms.image import decode_image  # noqa: E402
+from capfilt.transforms.image import DRAFT_SIDE, decode_image  # noqa: E402
 
 
 def declared_jpeg(width: int, height: int) -> bytes:

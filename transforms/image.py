@@ -41,6 +41,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 DEFAULT_MAX_PIXELS = 40_000_000  # ~ 7700 x 5200; bigger web images are almost never photos
 DEFAULT_MIN_SIDE = 8  # smaller than a ViT patch: nothing a captioner can read
 DEFAULT_MAX_ASPECT = 20.0  # banners and spacer strips, not scenes
+# ``draft_side`` of the stages that feed models (curate, release embeddings, report thumbnails):
+# twice the largest input side of the models they load (BLIP 384, BLIP-2 364, open_clip up to
+# 512), so every processor still downsamples from more pixels than it keeps
+# (docs/benchmarks/decode_memory.md).
+DRAFT_SIDE = 1024
 
 REASONS = ("empty", "not_an_image", "truncated", "too_large", "too_small", "bad_aspect", "unsupported")
 

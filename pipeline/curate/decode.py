@@ -10,8 +10,8 @@ a RunInference batch fails the whole batch.
   the images.
 * **Decode.** ``transforms.image.decode_image``: bytes that are not a usable image become
   error rows (stage ``decode``, type = the ``ImageDecodeError`` reason). A JPEG at least twice
-  ``DRAFT_SIDE`` on its shorter side is decoded at a reduced scale that keeps both sides >=
-  ``DRAFT_SIDE`` (see ``DRAFT_SIDE``); ``width``/``height`` stay those of the stored image. The web caption is
+  ``transforms.image.DRAFT_SIDE`` (1024) on its shorter side is decoded at a reduced scale that
+  keeps both sides >= 1024; ``width``/``height`` stay those of the stored image. The web caption is
   cleaned with ``transforms.text.clean_caption`` in the same step, and the per-sample
   sampling seed ``sample_seed(run seed, key, 0)`` is set.
 
@@ -26,15 +26,11 @@ import apache_beam as beam
 from apache_beam.io.parquetio import ReadAllFromParquet
 
 from capfilt.pipeline.curate.errors import StageError, catch
-from capfilt.transforms.image import ImageDecodeError, decode_image
+from capfilt.transforms.image import DRAFT_SIDE, ImageDecodeError, decode_image
 from capfilt.transforms.rows import Sample
 from capfilt.transforms.seeding import sample_seed
 from capfilt.transforms.text import clean_caption
 
-# Twice the largest input side of the models curate loads (BLIP 384, BLIP-2 364, open_clip up
-# to 512: SigLIP-512), so that every processor still downsamples from more pixels than it
-# keeps; a bigger JPEG is decoded at 1/2, 1/4 or 1/8 scale by libjpeg (docs/benchmarks/decode_memory.md).
-DRAFT_SIDE = 1024
 # Error stages whose rows never reached duplicate resolution in the run that wrote them.
 _PRE_DEDUP_STAGES = ("read", "download")
 

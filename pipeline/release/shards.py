@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from capfilt.transforms import shards as reader
 from capfilt.transforms.files.atomic import naming
 from capfilt.transforms.files.hashing import bytes_sha256
-from capfilt.transforms.image import ImageDecodeError, decode_image
+from capfilt.transforms.image import DRAFT_SIDE, ImageDecodeError, decode_image
 from capfilt.transforms.schemas import CURATED_SCHEMA, check_columns
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ class _Embedder:
         if data is None:
             return "no_image"
         try:
-            self.pending.append(decode_image(data))
+            self.pending.append(decode_image(data, draft_side=DRAFT_SIDE))
         except ImageDecodeError as err:
             return f"decode:{err.reason}"
         self.pending_rows.append(row)

@@ -204,7 +204,7 @@ def test_decode_reduces_a_huge_jpeg_but_records_its_stored_size():
     """A JPEG of 631 bytes declaring 6000x6000 took 108 MB per row; the models need far less."""
     import struct
 
-    from capfilt.pipeline.curate.decode import DRAFT_SIDE
+    from capfilt.transforms.image import DRAFT_SIDE
 
     data = bytearray(jpeg(size=(16, 16)))
     sof = data.find(b"\xff\xc0")
