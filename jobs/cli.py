@@ -15,6 +15,7 @@ interrupted, and the few documented codes of ``release`` (4) and ``run-job`` (3,
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import sys
@@ -65,6 +66,9 @@ USAGE_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryErr
                 PermissionError)
 EXIT_USAGE, EXIT_FAILURE, EXIT_BUSY, EXIT_INTERRUPTED = 2, 1, 5, 130
 _USAGE_NAMES = frozenset(e.__name__ for e in USAGE_ERRORS)
+# A full disk or quota is no fault of the command: the same command may succeed later, so it is
+# a failure (exit 1, retried by run-job), also where a command reported it as an unwritable path.
+EXHAUSTED_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 class UsageError(SystemExit, ValueError):
@@ -130,7 +134,20 @@ def exit_code(exc: BaseException) -> int:
     worker_error = getattr(exc, "worker_error", None)  # a Beam job's failure: the worker's exception class
     if isinstance(worker_error, str):
         return EXIT_USAGE if worker_error in _USAGE_NAMES else EXIT_FAILURE
+    if _exhausted(exc):
+        return EXIT_FAILURE
     return EXIT_USAGE if isinstance(exc, USAGE_ERRORS) else EXIT_FAILURE
+
+
+def _exhausted(exc: BaseException | None) -> bool:
+    """Whether ``exc`` or an error it was raised from is an OSError of EXHAUSTED_ERRNOS."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in EXHAUSTED_ERRNOS:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def error_line(command: str | None, exc: BaseException) -> str:

@@ -113,7 +113,13 @@ class _Counting(io.RawIOBase):
 def written(path: str) -> Iterator[_Counting]:
     """A stream whose bytes become the file ``path`` once the block ends without an error;
     read ``.size`` and ``.sha256`` after the block. On an error nothing is left at ``path``
-    (locally the temporary file is removed; remotely the partial object is deleted)."""
+    (locally the temporary file is removed; remotely the partial object is deleted). An error
+    that names no file (a full disk) names ``path``."""
+    with atomic.naming(path):
+        yield from _written(path)
+
+
+def _written(path: str) -> Iterator[_Counting]:
     if not is_remote(path):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         tmp = atomic.temp_name(path)

@@ -18,11 +18,19 @@ def read_shard(info):
     return samples, errors
 
 
+LINKS = {"symlink": tarfile.SYMTYPE, "hardlink": tarfile.LNKTYPE}
+
+
 def write_tar(path, members):
-    """A tar of (member name, bytes) in the given order (repeats allowed)."""
+    """A tar of (member name, bytes) in the given order (repeats allowed); (member name,
+    ("symlink" or "hardlink", target)) adds a link member."""
     with tarfile.open(path, "w") as tar:
         for name, data in members:
             info = tarfile.TarInfo(name)
+            if isinstance(data, tuple):
+                info.type, info.linkname = LINKS[data[0]], data[1]
+                tar.addfile(info)
+                continue
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     return path

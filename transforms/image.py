@@ -11,6 +11,12 @@ Every stage that touches pixels goes through :func:`decode_image`, so the rules 
   is false, and any library in the process may flip that global. The bytes are therefore read
   through a stream that records a read past the end while pixels are decoded, so a truncated
   file is reported whatever the global says (it is never changed here).
+* **Decoded size.** With ``draft_side``, a JPEG whose shorter side is at least twice that is
+  decoded at a reduced scale by libjpeg itself (1/2, 1/4 or 1/8: Pillow's ``Image.draft``), the
+  strongest reduction that keeps both sides >= ``draft_side``, so a tiny file that declares 6000x6000 costs
+  a 1500x1500 image instead of a 108 MB one. ``max_pixels`` still applies to the size the file
+  declares; ``info["source_size"]`` of the result is that size, upright. Other formats, and
+  JPEGs below twice ``draft_side``, are decoded at full size, pixel for pixel as without it.
 * **Orientation.** EXIF orientation is applied (``ImageOps.exif_transpose``), so a photo
   taken sideways reaches the captioner upright and ``width``/``height`` describe what it sees.
 * **Formats.** Only formats a web image comes in are opened (``WEB_FORMATS``, Pillow's
@@ -35,6 +41,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 DEFAULT_MAX_PIXELS = 40_000_000  # ~ 7700 x 5200; bigger web images are almost never photos
 DEFAULT_MIN_SIDE = 8  # smaller than a ViT patch: nothing a captioner can read
 DEFAULT_MAX_ASPECT = 20.0  # banners and spacer strips, not scenes
+# ``draft_side`` of the stages that feed models (curate, release embeddings, report thumbnails):
+# twice the largest input side of the models they load (BLIP 384, BLIP-2 364, open_clip up to
+# 512), so every processor still downsamples from more pixels than it keeps
+# (docs/benchmarks/decode_memory.md).
+DRAFT_SIDE = 1024
 
 REASONS = ("empty", "not_an_image", "truncated", "too_large", "too_small", "bad_aspect", "unsupported")
 
@@ -189,19 +200,22 @@ def decode_image(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     min_side: int = DEFAULT_MIN_SIDE,
     max_aspect: float = DEFAULT_MAX_ASPECT,
+    draft_side: int | None = None,
 ) -> Image.Image:
     """Decode untrusted image bytes to an upright RGB image.
 
     The geometry checks (``max_pixels``, ``min_side``, ``max_aspect``) run on the header size,
     before pixels are decoded; they are symmetric in width and height, so EXIF rotation, applied
-    afterwards, cannot change their outcome. Multi-frame files (GIF, APNG, TIFF) give their first
-    frame. Raises :class:`ImageDecodeError` with a ``reason`` from :data:`REASONS`; raises a plain
+    afterwards, cannot change their outcome. ``draft_side``: decode a large JPEG at a reduced
+    scale (see the module docstring); ``info["source_size"]`` is the upright size the file
+    declares. Multi-frame files (GIF, APNG, TIFF) give their first frame. Raises
+    :class:`ImageDecodeError` with a ``reason`` from :data:`REASONS`; raises a plain
     ``ValueError`` for a bad argument.
     """
-    if max_pixels < 1 or min_side < 1 or max_aspect < 1:
+    if max_pixels < 1 or min_side < 1 or max_aspect < 1 or (draft_side is not None and draft_side < 1):
         raise ValueError(
-            f"need max_pixels >= 1, min_side >= 1, max_aspect >= 1; "
-            f"got {max_pixels}, {min_side}, {max_aspect}"
+            f"need max_pixels >= 1, min_side >= 1, max_aspect >= 1, draft_side None or >= 1; "
+            f"got {max_pixels}, {min_side}, {max_aspect}, {draft_side}"
         )
     if data is None or len(data) == 0:
         raise ImageDecodeError("empty", "no bytes")
@@ -213,14 +227,19 @@ def decode_image(
     img = _open_header(stream, data)
     width, height = img.size
     _check_geometry(width, height, max_pixels, min_side, max_aspect)
+    if draft_side is not None and img.format in ("JPEG", "MPO") and min(width, height) >= 2 * draft_side:
+        img.draft(img.mode, (draft_side, draft_side))  # libjpeg's DCT scaling: before any pixel
     _load_pixels(img, stream)
     try:
         upright = ImageOps.exif_transpose(img)
     except _DATA_ERRORS + (KeyError, TypeError):
         # A malformed EXIF block must not cost the image: keep it as stored.
         upright = img
+    turned = upright.size != img.size  # a quarter turn
     # The result owns its pixels; the file object behind `img` is only a BytesIO.
-    return _to_rgb(upright)
+    out = _to_rgb(upright)
+    out.info["source_size"] = (height, width) if turned else (width, height)
+    return out
 
 
 def encode_jpeg(img: Image.Image, quality: int = 95) -> bytes:

@@ -77,12 +77,18 @@ def empty_table(schema: pa.Schema) -> pa.Table:
 
 
 def check_columns(schema: pa.Schema, required: tuple[str, ...], expected: pa.Schema, where: str) -> None:
-    """Raise ValueError naming `where` and the column when a required column is missing or
-    has a type that cannot be cast to the expected one."""
+    """Raise ValueError naming `where` and the column when a required column is missing, a
+    column of `expected` appears more than once (which one holds the value would be a guess),
+    or has a type that cannot be cast to the expected one. Columns not in `expected` are not
+    checked: a reader reads only its own. Castable: integer widths, integers to floats, any
+    string or binary layout (large, view, dictionary-encoded) to the plain one."""
     for name in required:
-        idx = schema.get_field_index(name)
-        if idx < 0:
+        if name not in schema.names:
             raise ValueError(f"{where}: missing required column {name!r} (has {schema.names})")
+    for name in expected.names:
+        count = schema.names.count(name)
+        if count > 1:
+            raise ValueError(f"{where}: column {name!r} appears {count} times; which one to read is ambiguous")
     for field in schema:
         exp_idx = expected.get_field_index(field.name)
         if exp_idx < 0:
@@ -98,12 +104,14 @@ def check_columns(schema: pa.Schema, required: tuple[str, ...], expected: pa.Sch
 
 
 def _castable(have: pa.DataType, want: pa.DataType) -> bool:
+    if pa.types.is_dictionary(have):  # pandas categories: the values decide
+        return _castable(have.value_type, want)
     if pa.types.is_integer(want):
         return pa.types.is_integer(have)
     if pa.types.is_floating(want):
         return pa.types.is_floating(have) or pa.types.is_integer(have)
     if pa.types.is_string(want):
-        return pa.types.is_string(have) or pa.types.is_large_string(have)
+        return pa.types.is_string(have) or pa.types.is_large_string(have) or pa.types.is_string_view(have)
     if pa.types.is_binary(want):
-        return pa.types.is_binary(have) or pa.types.is_large_binary(have)
+        return pa.types.is_binary(have) or pa.types.is_large_binary(have) or pa.types.is_binary_view(have)
     return False

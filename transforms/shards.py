@@ -2,14 +2,15 @@
 
 Curate, release, evaluation, training and the ingest checks all read shards through here:
 
-* listing: :func:`expand_paths` (globs, directories, a curate ``--out``), :func:`tar_sidecar`;
+* listing: :func:`expand_paths` (globs, directories, a curate ``--out``), :func:`tar_sidecar`,
+  :func:`check_tar_count` (a tar's samples against what img2dataset recorded beside it);
 * parquet: :func:`parquet_schema` (footer only), :func:`row_count`, :func:`parquet_batches`
   (record batches with column selection, an optional schema to read against and a pushed-down
   filter), :func:`read_columns` (a table of several shards), :func:`raw_rows` (curate's row
   dicts, text as bytes), :func:`all_null` (from the footers' statistics);
 * tars: :func:`tar_samples` groups a webdataset tar into samples, :func:`tar_rows` turns them
-  into raw-shard rows, :func:`sidecar_failures` reads the failed downloads img2dataset writes
-  in the parquet beside each tar.
+  into raw-shard rows, :func:`sidecar_failures` reads the failed downloads from the parquet
+  img2dataset writes beside each tar (every row of the shard, with its status).
 
 Parquet is read with pyarrow, tars with ``tarfile``. Tars are grouped by hand rather than with
 ``webdataset``'s grouper, which raises on a repeated member name and would lose the shard; the
@@ -68,6 +69,35 @@ def tar_sidecar(path: str, exists: Callable[[str], bool] = lambda p: Path(p).is_
     """The parquet img2dataset writes beside ``<stem>.tar`` (its failed downloads), if any."""
     stem, ext = posixpath.splitext(path)
     return stem + ".parquet" if ext == ".tar" and exists(stem + ".parquet") else None
+
+
+def check_tar_count(path: str, samples: int, opener: Opener = local_open,
+                    exists: Callable[[str], bool] = lambda p: Path(p).is_file()) -> None:
+    """ValueError naming the tar when its number of ``samples`` differs from the successful
+    downloads img2dataset recorded beside it: the ``success`` rows of its sidecar parquet (which
+    img2dataset writes with every row of the shard) and the ``successes`` of its
+    ``<stem>_stats.json``. A sidecar without any success row (a list of failed downloads only,
+    not img2dataset's) and a stats file without a ``successes`` number record no count; a tar
+    with neither is checked only for its end-of-archive blocks (:func:`tar_samples`)."""
+    recorded = []
+    sidecar = tar_sidecar(path, exists)
+    if sidecar is not None:
+        successes = sum(1 for row in raw_rows(sidecar, opener) if row["status"] == b"success")
+        if successes:
+            recorded.append((successes, f"its sidecar {sidecar} lists {successes} successful downloads"))
+    stats = posixpath.splitext(path)[0] + "_stats.json"
+    if path.endswith(".tar") and exists(stats):
+        try:
+            with opener(stats) as f:
+                successes = json.loads(f.read())["successes"]
+        except (OSError, ValueError, KeyError, TypeError):
+            successes = None
+        if isinstance(successes, int):
+            recorded.append((successes, f"{stats} counts {successes} successes"))
+    for count, source in recorded:
+        if count != samples:
+            raise ValueError(f"{path}: the tar holds {samples} samples but {source}; it is cut short or not "
+                             f"the tar img2dataset wrote: download it again")
 
 
 def is_tar_sidecar(path: str) -> bool:
@@ -142,17 +172,21 @@ def all_null(files: list[str], column: str) -> bool:
 
 
 def _as_bytes_columns(batch: pa.RecordBatch, names) -> dict[str, list]:
-    """Python lists of the wanted columns; absent columns are all None. Text columns are read
-    as bytes so that invalid UTF-8 reaches the caption cleaner instead of failing the read."""
+    """Python lists of the wanted columns, as bytes; absent columns are all None. Text is read
+    as bytes so that invalid UTF-8 reaches the caption cleaner instead of failing the read; any
+    string or binary layout (large, view, dictionary-encoded) is cast to plain binary."""
     out = {}
     for name in names:
-        idx = batch.schema.get_field_index(name)
-        if idx < 0:
+        found = batch.schema.get_all_field_indices(name)
+        if len(found) > 1:  # schemas.check_columns refuses such a shard up front
+            raise ValueError(f"column {name!r} appears {len(found)} times")
+        if not found:
             out[name] = [None] * batch.num_rows
             continue
-        col = batch.column(idx)
-        if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
-            col = col.cast(pa.binary() if pa.types.is_string(col.type) else pa.large_binary())
+        col = batch.column(found[0])
+        if not (pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type)):
+            large = pa.types.is_large_string(col.type)
+            col = col.cast(pa.large_binary() if large else pa.binary())
         out[name] = col.to_pylist()
     return out
 
@@ -210,59 +244,76 @@ class _TailTracker:
         return self.tail == bytes(_END_OF_ARCHIVE)
 
 
+def _unread_kind(member: tarfile.TarInfo) -> str:
+    if member.issym():
+        return "symbolic link"
+    if member.islnk():
+        return "hard link"
+    return "device or FIFO"
+
+
 def tar_samples(path: str, with_data: bool = True, opener: Opener = local_open) -> Iterator[dict]:
     """Group a webdataset tar into samples ``{"__key__": key, suffix: bytes, ...}``: consecutive
-    members sharing a key (the basename up to its first dot, as webdataset splits it:
-    ``photo.v2.jpg`` is key ``photo``, suffix ``v2.jpg``). A member suffix seen twice starts
-    a new sample, so a repeated key becomes a second sample (a duplicate-key error downstream),
-    not a lost shard. ``with_data=False`` leaves the values empty (counting). ValueError naming
-    the file when it is no tar, is cut short (inside a member, or at a member boundary: no
-    end-of-archive blocks), or a sample has no image member."""
+    members sharing a key. Names are split as webdataset's reader splits them: the key is the
+    member path up to the first dot of its basename, the suffix the rest, lower-cased
+    (``photo.v2.jpg`` is key ``photo``, suffix ``v2.jpg``); a basename without a dot, or starting
+    with one, is no sample member. A member suffix seen twice starts a new sample, so a repeated
+    key becomes a second sample (a duplicate-key error downstream), not a lost shard. A member
+    that is a link, a device or a FIFO is not read: ``"__unread__"`` lists it as (name, kind),
+    and :func:`tar_rows` makes the sample an error row. ``with_data=False`` leaves the values
+    empty (counting). ValueError naming the file when it is no tar or is cut short (inside a
+    member, or at a member boundary: no end-of-archive blocks)."""
     current: dict | None = None
     try:
         with opener(path) as f:
             tracked = _TailTracker(f)
             with tarfile.open(fileobj=tracked, mode="r|") as tar:
                 for member in tar:
-                    if not member.isfile():
+                    if member.isdir():
                         continue
                     base = posixpath.basename(member.name)
                     if base.startswith(".") or "." not in base:
                         continue
                     key, suffix = base.split(".", 1)
-                    key = posixpath.join(posixpath.dirname(member.name), key)
-                    data = tar.extractfile(member).read() if with_data else b""
-                    if current is None or current["__key__"] != key or suffix.lower() in current:
+                    key, suffix = posixpath.join(posixpath.dirname(member.name), key), suffix.lower()
+                    if current is None or current["__key__"] != key or suffix in current:
                         if current is not None:
-                            yield _check_sample(path, current)
+                            yield current
                         current = {"__key__": key}
-                    current[suffix.lower()] = data
+                    if member.isfile():
+                        current[suffix] = tar.extractfile(member).read() if with_data else b""
+                    else:
+                        current.setdefault("__unread__", []).append((member.name, _unread_kind(member)))
             if not tracked.ends_as_a_tar():
                 raise ValueError(f"{path}: the tar ends without its end-of-archive blocks (cut short at a "
                                  f"member boundary); download or copy it again")
     except tarfile.TarError as err:
         raise ValueError(f"{path}: not a readable tar file ({err})") from err
     if current is not None:
-        yield _check_sample(path, current)
+        yield current
 
 
-def _check_sample(path: str, sample: dict) -> dict:
-    if not any(ext in sample for ext in IMAGE_EXTS):
-        raise ValueError(
-            f"{path}: sample {sample['__key__']!r} has no image member (column 'jpg'; "
-            f"has {sorted(k for k in sample if k != '__key__')})"
-        )
-    return sample
+def sample_field(sample: dict, exts: tuple[str, ...]) -> bytes | None:
+    """The value of a sample's field named one of ``exts`` (in that order), else of its first
+    field whose last extension is one (``v2.jpg`` is a jpg, as webdataset's decoders read it)."""
+    for ext in exts:
+        if ext in sample:
+            return sample[ext]
+    for suffix, value in sample.items():
+        if not suffix.startswith("__") and suffix.rsplit(".", 1)[-1] in exts:
+            return value
+    return None
 
 
 def _sample_metadata(sample: dict) -> tuple[dict, str | None]:
     """(the sample's json as a mapping, why it cannot be used or None). Unparseable JSON counts as
     absent, as before; JSON that is not an object, or whose key/url/sha256/caption is not a
     string, is a problem of this sample only."""
-    if "json" not in sample:
+    raw = sample_field(sample, ("json",))
+    if raw is None:
         return {}, None
     try:
-        meta = json.loads(sample["json"].decode("utf-8", errors="replace"))
+        meta = json.loads(raw.decode("utf-8", errors="replace"))
     except ValueError:
         return {}, None
     if not isinstance(meta, dict):
@@ -276,21 +327,31 @@ def _sample_metadata(sample: dict) -> tuple[dict, str | None]:
 def tar_rows(path: str, opener: Opener = local_open) -> Iterator[dict]:
     """The samples of an img2dataset webdataset tar as raw-shard rows (RAW_ROW_COLUMNS, bytes
     values; the key, url and sha256 from the sample's json, the caption from its txt). A sample
-    whose json cannot be used keeps its tar key and carries ``read_error`` (error type,
-    message), which curate turns into an error row for that sample alone."""
+    that cannot be curated keeps its tar key and carries ``read_error`` (error type, message),
+    which curate turns into an error row for that sample alone: a member that is a link or a
+    device (``link_member``), no image member (``no_image``, ``jpg`` None), or json that cannot be
+    used (``invalid_metadata``)."""
     for sample in tar_samples(path, opener=opener):
         meta, problem = _sample_metadata(sample)
-        image = next(sample[ext] for ext in IMAGE_EXTS if ext in sample)
+        image = sample_field(sample, IMAGE_EXTS)
         key = meta.get("key") or sample["__key__"]
+        caption = sample_field(sample, ("txt",))
         row = {
             "key": key.encode("utf-8"),
             "url": (meta.get("url") or "").encode("utf-8") or None,
-            "caption": sample.get("txt", (meta.get("caption") or "").encode("utf-8")),
+            "caption": caption if caption is not None else (meta.get("caption") or "").encode("utf-8"),
             "status": b"success",
             "error_message": None,
             "sha256": (meta.get("sha256") or "").encode("utf-8") or None,
             "jpg": image,
         }
-        if problem:
-            row["read_error"] = ("invalid_metadata", f"sample {sample['__key__']!r} of {path}: {problem}")
+        where = f"sample {sample['__key__']!r} of {path}"
+        if sample.get("__unread__"):
+            name, kind = sample["__unread__"][0]
+            row["read_error"] = ("link_member", f"{where}: member {name} is a {kind}; only regular files are read")
+        elif image is None:
+            fields = sorted(k for k in sample if not k.startswith("__"))
+            row["read_error"] = ("no_image", f"{where} has no image member ({'/'.join(IMAGE_EXTS)}); has {fields}")
+        elif problem:
+            row["read_error"] = ("invalid_metadata", f"{where}: {problem}")
         yield row

@@ -9,7 +9,9 @@ a RunInference batch fails the whole batch.
   run and a clean run decide alike. Only the (key, shard, row) triples are shuffled, never
   the images.
 * **Decode.** ``transforms.image.decode_image``: bytes that are not a usable image become
-  error rows (stage ``decode``, type = the ``ImageDecodeError`` reason). The web caption is
+  error rows (stage ``decode``, type = the ``ImageDecodeError`` reason). A JPEG at least twice
+  ``transforms.image.DRAFT_SIDE`` (1024) on its shorter side is decoded at a reduced scale that
+  keeps both sides >= 1024; ``width``/``height`` stay those of the stored image. The web caption is
   cleaned with ``transforms.text.clean_caption`` in the same step, and the per-sample
   sampling seed ``sample_seed(run seed, key, 0)`` is set.
 
@@ -24,7 +26,7 @@ import apache_beam as beam
 from apache_beam.io.parquetio import ReadAllFromParquet
 
 from capfilt.pipeline.curate.errors import StageError, catch
-from capfilt.transforms.image import ImageDecodeError, decode_image
+from capfilt.transforms.image import DRAFT_SIDE, ImageDecodeError, decode_image
 from capfilt.transforms.rows import Sample
 from capfilt.transforms.seeding import sample_seed
 from capfilt.transforms.text import clean_caption
@@ -37,14 +39,16 @@ def decode_sample(sample: Sample, *, run_seed: int, max_pixels: int, min_side: i
                   max_aspect: float, max_words: int) -> Sample:
     """Decode and validate the image, clean the caption, set the seed (raises StageError)."""
     try:
-        image = decode_image(sample.jpg, max_pixels=max_pixels, min_side=min_side, max_aspect=max_aspect)
+        image = decode_image(sample.jpg, max_pixels=max_pixels, min_side=min_side, max_aspect=max_aspect,
+                             draft_side=DRAFT_SIDE)
     except ImageDecodeError as err:
         raise StageError("decode", err.reason, err.message) from err
+    width, height = image.info["source_size"]
     return dataclasses.replace(
         sample,
         image=image,
-        width=image.width,
-        height=image.height,
+        width=width,
+        height=height,
         web_caption=clean_caption(sample.caption, max_words=max_words),
         seed=sample_seed(run_seed, sample.key, 0),
     )

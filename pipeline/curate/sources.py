@@ -1,11 +1,14 @@
 """Raw shards in: find them, check them up front, and read them row by row into the graph.
 
 Inputs are img2dataset output: parquet shards (``output_format=parquet``, images in ``jpg``)
-or webdataset tars (``{key}.jpg`` + ``{key}.txt`` + ``{key}.json`` per sample, with the failed
-downloads only in the ``.parquet`` file img2dataset writes beside each tar).
+or webdataset tars (``{key}.jpg`` + ``{key}.txt`` + ``{key}.json`` per sample; the failed
+downloads are only in the ``.parquet`` file img2dataset writes beside each tar, which lists every
+row of the shard with its status).
 
-Every shard's schema is checked against ``transforms.schemas.RAW_SCHEMA`` before any work, so a
-missing column or a wrong dtype fails the run naming the file and the column.
+Every shard's schema is checked before any work against the columns curate reads (their types
+in ``transforms.schemas.RAW_SCHEMA``), so a missing column, a repeated one or a type that cannot
+be cast fails the run naming the file and the column; a column curate does not read is not
+checked.
 
 Rows are read with ``transforms.shards`` inside a DoFn rather than with
 ``parquetio.ReadFromParquet``: the graph needs each row's shard and row index (duplicate keys
@@ -24,6 +27,7 @@ import re
 from dataclasses import dataclass
 
 import apache_beam as beam
+import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
@@ -33,6 +37,9 @@ from capfilt.transforms.rows import Sample
 from capfilt.transforms.schemas import RAW_REQUIRED_COLUMNS, RAW_SCHEMA, check_columns
 
 SHARD_EXTS = {".parquet": "parquet", ".tar": "tar"}
+# The columns curate reads, with their types. The others (img2dataset's width, exif, ...) are
+# never read, so their types do not matter.
+READ_SCHEMA = pa.schema([RAW_SCHEMA.field(name) for name in reader.RAW_ROW_COLUMNS])
 _SAFE_ID = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -50,8 +57,9 @@ class ShardInfo:
     shard_id: str
     fmt: str  # "parquet" | "tar"
     size: int
-    num_rows: int = -1
-    sidecar: str | None = None  # img2dataset's per-tar parquet with the failed downloads
+    num_rows: int = -1  # file_rows + the sidecar's failed downloads
+    sidecar: str | None = None  # img2dataset's per-tar parquet: every row, failed downloads included
+    file_rows: int = -1  # rows of the shard file itself: parquet footer, tar samples
 
 
 def discover_shards(patterns) -> list[ShardInfo]:
@@ -153,15 +161,17 @@ def validate_shard(info: ShardInfo) -> ShardInfo:
     """Check a shard's schema and count its rows, without reading images. ValueError names
     the file and the column (or tar member) at fault."""
     if info.fmt == "parquet":
-        schema, rows = reader.parquet_schema(info.path, _open)
-        check_columns(schema, RAW_REQUIRED_COLUMNS, RAW_SCHEMA, where=info.path)
+        schema, file_rows = reader.parquet_schema(info.path, _open)
+        check_columns(schema, RAW_REQUIRED_COLUMNS, READ_SCHEMA, where=info.path)
     else:
-        rows = sum(1 for _ in reader.tar_samples(info.path, with_data=False, opener=_open))
+        file_rows = sum(1 for _ in reader.tar_samples(info.path, with_data=False, opener=_open))
+        reader.check_tar_count(info.path, file_rows, _open, FileSystems.exists)
+    rows = file_rows
     if info.sidecar:
         schema, _ = reader.parquet_schema(info.sidecar, _open)
-        check_columns(schema, ("key", "status"), RAW_SCHEMA, where=info.sidecar)
+        check_columns(schema, ("key", "status"), READ_SCHEMA, where=info.sidecar)
         rows += sum(1 for _ in reader.sidecar_failures(info.sidecar, _open))
-    return _replace(info, num_rows=rows)
+    return _replace(info, num_rows=rows, file_rows=file_rows)
 
 
 def _replace(info: ShardInfo, **kw) -> ShardInfo:
@@ -213,26 +223,52 @@ def to_sample(raw: RawRow) -> Sample:
 
 class ReadShardFn(beam.DoFn):
     """ShardInfo -> one RawRow per row: the shard's own rows, then (a tar) its sidecar's failed
-    downloads, which continue its row numbering."""
+    downloads, which continue its row numbering.
+
+    Only a shard's footer (a tar: its member headers) is read up front, so a data page can still
+    fail here. The shard is then read once more from the start; when the failure recurs, the
+    rows not read (their number is known from the up-front check) become error rows of type
+    ``unreadable_data``, so that the shard is committed with the rows that could be read and
+    no other shard of the run is held up. A failure that does not recur (a transient read error)
+    costs nothing."""
 
     def __init__(self):
         self.rows = Metrics.counter(NAMESPACE, "input_rows")
 
     def process(self, info: ShardInfo):
-        if info.fmt == "parquet":
-            rows = reader.raw_rows(info.path, _open)
-        else:
-            rows = reader.tar_rows(info.path, _open)
         count = 0
-        for index, values in enumerate(reader.named_read_errors(info.path, rows)):
-            count = index + 1
+        for values in _file_rows(info):
             self.rows.inc()
-            yield RawRow(values, info.ordinal, index)
+            yield RawRow(values, info.ordinal, count)
+            count += 1
         if info.sidecar:
             failures = reader.sidecar_failures(info.sidecar, _open)
             for offset, values in enumerate(reader.named_read_errors(info.sidecar, failures)):
                 self.rows.inc()
                 yield RawRow(values, info.ordinal, count + offset)
+
+
+def _file_rows(info: ShardInfo):
+    """The rows of the shard file (see ReadShardFn), read twice where the first reading fails."""
+    count = 0
+    failure = None
+    for _attempt in range(2):
+        rows = reader.raw_rows(info.path, _open) if info.fmt == "parquet" else reader.tar_rows(info.path, _open)
+        try:
+            for index, values in enumerate(reader.named_read_errors(info.path, rows)):
+                if index >= count:
+                    count += 1
+                    yield values
+            return
+        except ValueError as err:
+            failure = err
+    if info.file_rows < count:  # not validated up front: the number of rows left is unknown
+        raise failure
+    message = f"{' '.join(str(failure).split())}; the rest of the shard cannot be read"
+    for _ in range(count, info.file_rows):
+        values = dict.fromkeys(reader.RAW_ROW_COLUMNS)
+        values["read_error"] = ("unreadable_data", message)
+        yield values
 
 
 class ReadRows(beam.PTransform):

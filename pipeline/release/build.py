@@ -26,9 +26,7 @@ with ``overwrite`` only an empty directory or an earlier release, never an input
 """
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -37,17 +35,17 @@ from typing import Callable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from capfilt.pipeline.release import dedup, manifest as release_manifest
-from capfilt.pipeline.release.out_dir import check_release_out, stage_dir, swap_into_place
+from capfilt.pipeline.release.out_dir import check_release_out, discard_stage, stage_dir, swap_into_place
 from capfilt.pipeline.files import file_sha256, is_remote
 from capfilt.pipeline.release.remote import as_given, local_inputs
 from capfilt.pipeline.release.shards import (
-    CURATED_READ_SCHEMA, PROGRESS_EVERY_S, REMOVED_SCHEMA, DecontaminationSet, ShardWriter, check_input_schema,
-    load_decontamination_set, scan_rows,
+    CURATED_READ_SCHEMA, PROGRESS_EVERY_S, REMOVED_SCHEMA, DecontaminationSet, ParquetOut, ShardWriter,
+    check_input_schema, load_decontamination_set, scan_rows,
 )
 from capfilt.transforms import shards as reader
+from capfilt.transforms.files import atomic
 
 log = logging.getLogger(__name__)
 
@@ -330,7 +328,7 @@ def write_outputs(files: list[Path], sources: list[str], dec: RowDecisions, stag
                   cfg: ReleaseConfig) -> dict:
     """Pass 2: released rows → resharded parquet (+ tars); the rest → removed.parquet."""
     writer = ShardWriter(stage, cfg.rows_per_shard, webdataset=cfg.webdataset)
-    removed = pq.ParquetWriter(stage / "removed.parquet", REMOVED_SCHEMA)
+    removed = ParquetOut(stage / "removed.parquet", REMOVED_SCHEMA)
     start = 0
     t0 = last = time.time()
     try:
@@ -385,13 +383,13 @@ def _build(cfg: ReleaseConfig, embedder, t0: float, inputs: list[Path], names: d
         manifest = release_manifest.build_manifest(
             cfg, files, sources, hashes, lineage, eval_set, plans, counts, outputs, stage)
         release_manifest.check_counts(manifest)
-        (stage / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        (stage / "README.md").write_text(release_manifest.dataset_card(manifest, report=cfg.report))
+        atomic.write_json(stage / "manifest.json", manifest, indent=2, sort_keys=True, end="\n")
+        atomic.write_text(stage / "README.md", release_manifest.dataset_card(manifest, report=cfg.report))
         if cfg.report:
             from capfilt.pipeline.release.report import write_report
             write_report(stage, out_file=stage / "report.html", title=str(cfg.out))
     except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
+        discard_stage(cfg.out)  # claimed before it is deleted: a kill meanwhile leaves it ours
         raise
     swap_into_place(stage, cfg.out)
     log.info("release %s: %s in %.1f s", cfg.out, counts, time.time() - t0)

@@ -75,3 +75,9 @@ def stage_dir(out: Path) -> Path:
 def swap_into_place(stage: Path, out: Path) -> None:
     """Rename the finished ``stage`` (from :func:`stage_dir`) over ``out``."""
     _staging(out).swap()
+
+
+def discard_stage(out: Path) -> None:
+    """Delete a failed build's staging directory (claimed first, so a kill meanwhile leaves
+    something the next build recognises)."""
+    _staging(out).discard()

@@ -26,7 +26,7 @@ import pyarrow.dataset as ds
 from matplotlib.figure import Figure
 
 from capfilt.transforms import shards as reader
-from capfilt.transforms.image import ImageDecodeError, decode_image
+from capfilt.transforms.image import DRAFT_SIDE, ImageDecodeError, decode_image
 from capfilt.transforms.schemas import CURATED_SCHEMA
 
 log = logging.getLogger(__name__)
@@ -212,7 +212,7 @@ def thumbnail(data: bytes | None) -> str | None:
     if not data:
         return None
     try:
-        img = decode_image(data)
+        img = decode_image(data, draft_side=DRAFT_SIDE)
     except ImageDecodeError:
         return None
     img.thumbnail((THUMB_PX, THUMB_PX))

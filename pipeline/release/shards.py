@@ -3,6 +3,7 @@
 * ``scan_rows``: pass 1 over the curated shards — keys, keep flags, the ranking scores of the
   selected captions, the SHA-256 of the image bytes and the image embedding of every kept row.
 * ``load_decontamination_set``: the same for the evaluation images named by ``--decontaminate``.
+* ``ParquetOut``: a parquet file written batch by batch whose write errors name it;
 * ``ShardWriter``: released rows resharded to ``shards/part-XXXXX.parquet`` and, optionally,
   webdataset tars in the layout LAVIS's LAION loader reads (see docs/release.md): one sample
   per image, ``NNNNNNNNN.jpg`` with the bytes and ``NNNNNNNNN.json`` whose ``caption`` is the
@@ -24,8 +25,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from capfilt.transforms import shards as reader
+from capfilt.transforms.files.atomic import naming
 from capfilt.transforms.files.hashing import bytes_sha256
-from capfilt.transforms.image import ImageDecodeError, decode_image
+from capfilt.transforms.image import DRAFT_SIDE, ImageDecodeError, decode_image
 from capfilt.transforms.schemas import CURATED_SCHEMA, check_columns
 
 log = logging.getLogger(__name__)
@@ -88,7 +90,7 @@ class _Embedder:
         if data is None:
             return "no_image"
         try:
-            self.pending.append(decode_image(data))
+            self.pending.append(decode_image(data, draft_side=DRAFT_SIDE))
         except ImageDecodeError as err:
             return f"decode:{err.reason}"
         self.pending_rows.append(row)
@@ -222,9 +224,12 @@ def load_decontamination_set(pattern: str, embedder, batch_size: int) -> Deconta
 def _eval_rows(path: str):
     """(key, image bytes, downloaded) per row of one evaluation shard."""
     if path.endswith(".tar"):
-        for rec in reader.tar_rows(path):
+        count = 0
+        for rec in reader.tar_rows(path):  # a sample without a regular image member has no jpg
             key = rec["key"].decode("utf-8", errors="replace") if isinstance(rec["key"], bytes) else str(rec["key"])
-            yield key, rec["jpg"], True
+            count += 1
+            yield key, rec["jpg"], rec["jpg"] is not None
+        reader.check_tar_count(path, count)
         return
     schema, _rows = reader.parquet_schema(path)
     cols = ["key", "jpg"] + (["status"] if "status" in schema.names else [])
@@ -251,6 +256,24 @@ def wds_sample(index: int, row: dict) -> dict:
     }
 
 
+class ParquetOut:
+    """``pyarrow.parquet.ParquetWriter`` on ``path``, whose errors name ``path`` (pyarrow's on
+    a full disk name no file)."""
+
+    def __init__(self, path: Path, schema: pa.Schema):
+        self.path = path
+        with naming(path):
+            self._writer = pq.ParquetWriter(path, schema)
+
+    def write_table(self, table: pa.Table) -> None:
+        with naming(self.path):
+            self._writer.write_table(table)
+
+    def close(self) -> None:
+        with naming(self.path):
+            self._writer.close()
+
+
 class ShardWriter:
     """Write rows to fixed-size shards with stable names (part-00000.parquet, 00000.tar, ...)."""
 
@@ -265,7 +288,7 @@ class ShardWriter:
     def _open(self) -> None:
         idx = len(self.shards)
         name = f"shards/part-{idx:05d}.parquet"
-        self._pq = pq.ParquetWriter(self.out / name, CURATED_SCHEMA)
+        self._pq = ParquetOut(self.out / name, CURATED_SCHEMA)
         self.shards.append({"name": name, "rows": 0})
         if self.webdataset:
             import webdataset as wds
@@ -282,7 +305,8 @@ class ShardWriter:
             self._pq.close()
             self._pq = None
         if self._tar is not None:
-            self._tar.close()
+            with naming(self.out / self.tars[-1]["name"]):
+                self._tar.close()
             self._tar = None
 
     def write(self, table: pa.Table) -> None:
@@ -295,8 +319,9 @@ class ShardWriter:
             part = table.slice(offset, self.rows_per_shard - self._in_shard)
             self._pq.write_table(part)
             if self._tar is not None:
-                for i, row in enumerate(part.to_pylist()):
-                    self._tar.write(wds_sample(self._written + i, row))
+                with naming(self.out / self.tars[-1]["name"]):
+                    for i, row in enumerate(part.to_pylist()):
+                        self._tar.write(wds_sample(self._written + i, row))
                 self.tars[-1]["rows"] += part.num_rows
             self.shards[-1]["rows"] += part.num_rows
             self._in_shard += part.num_rows

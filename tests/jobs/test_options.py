@@ -116,6 +116,26 @@ class Accounting(Exception):
 Accounting.__name__ = "AccountingError"
 
 
+def _raised_from(exc, cause):
+    exc.__cause__ = cause
+    return exc
+
+
+FULL = OSError(28, "No space left on device")
+
+
+@pytest.mark.parametrize("exc, code, line", [
+    (_raised_from(ValueError("cannot write the report to r.html (No space left on device)"), FULL), 1,
+     "capfilt curate: failed: cannot write the report to r.html (No space left on device)"),
+    (OSError(122, "Disk quota exceeded", "out/x"), 1, "capfilt curate: failed: [Errno 122] Disk quota exceeded: 'out/x'"),
+    (_raised_from(ValueError("cannot write x (Permission denied)"), PermissionError(13, "Permission denied")), 2,
+     "capfilt curate: error: cannot write x (Permission denied)"),
+])
+def test_a_full_disk_is_a_failure_to_retry_even_when_reported_as_a_path_error(exc, code, line):
+    assert cli.exit_code(exc) == code
+    assert cli.error_line("curate", exc) == line
+
+
 @pytest.mark.parametrize("exc, code, line", [
     (ValueError("bad --x 3"), 2, "capfilt curate: error: bad --x 3"),
     (FileNotFoundError("no such file: f"), 2, "capfilt curate: error: no such file: f"),

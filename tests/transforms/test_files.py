@@ -149,6 +149,32 @@ def test_a_killed_writer_leaves_a_temp_that_the_next_write_removes(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["state.json", live.name, other.name])
 
 
+def test_a_full_disk_names_the_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    """write(2) on a full disk names no file; the error that reaches the user does."""
+    import errno
+
+    class Full(io.BytesIO):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    @contextlib.contextmanager
+    def create(path):
+        open(path, "wb").close()
+        yield Full()
+
+    monkeypatch.setattr(atomic.LOCAL, "create", create)
+    path = tmp_path / "stats.json"
+    with pytest.raises(OSError) as err:
+        atomic.write_text(path, "{}")
+    assert (err.value.errno, err.value.filename) == (errno.ENOSPC, str(path))
+    assert str(err.value) == f"[Errno 28] No space left on device: '{path}'"
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(PermissionError) as err:  # the kind of error is kept
+        with atomic.naming(path):
+            raise OSError(errno.EACCES, "Permission denied")
+    assert err.value.filename == str(path)
+
+
 # --- hashes ----------------------------------------------------------------------------------
 
 def test_hashes(tmp_path):
@@ -333,6 +359,57 @@ def test_fixed_names_refuse_what_is_not_ours(tmp_path):
     staging.swap()
     assert _names(tmp_path) == ["rel"] and _names(out) == ["manifest.json"]  # marker removed
     assert json.loads((out / "manifest.json").read_text()) == {"new": 1}
+
+
+KILLED_DELETE = r"""
+import os, pathlib, signal, sys
+from capfilt.transforms.files.staging import Staging
+
+out = pathlib.Path(sys.argv[1])
+staging = Staging(out, marker="M", unique=False, owned=lambda p: (p / "manifest.json").is_file())
+(staging.create() / "manifest.json").write_text("new")
+real = os.unlink
+def dying(path, *args, **kwargs):
+    if os.path.basename(path) != "M":  # the first deletion inside the parked previous out
+        real(out.parent / f".{out.name}.old" / "manifest.json")
+        os.kill(os.getpid(), signal.SIGKILL)  # its manifest is gone, its other files are not
+    return real(path, *args, **kwargs)
+os.unlink = dying
+staging.swap()
+"""
+
+
+def test_a_kill_while_the_parked_out_is_deleted_is_finished_by_the_next_run(tmp_path):
+    """Killed while deleting the previous out after the swap: what is left has lost the file
+    that claimed it (a release's manifest.json); the next run must still know it as its own."""
+    out = tmp_path / "rel"
+    (out / "shards").mkdir(parents=True)
+    for name in ("manifest.json", "report.html", "shards/part-00000.parquet", "shards/part-00001.parquet"):
+        (out / name).write_text("old")
+    child = _run_child(KILLED_DELETE, str(out))
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    parked = tmp_path / ".rel.old"
+    assert (out / "manifest.json").read_text() == "new"
+    assert not (parked / "manifest.json").exists() and len(list(parked.rglob("*"))) > 1  # half deleted
+    staging = Staging(out, marker="M", unique=False, owned=lambda p: (p / "manifest.json").is_file())
+    assert staging.foreign() == []  # not "in the way"
+    assert staging.clean_leftovers() == [parked]
+    assert _names(tmp_path) == ["rel"] and _names(out) == ["manifest.json"]
+
+
+def test_a_directory_claimed_for_deletion_is_never_put_back(tmp_path):
+    """A kill while deleting leaves the claim (DELETING) with the rest; even with ``out`` gone,
+    such a directory is deleted, not renamed back as ``out``."""
+    from capfilt.transforms.files.staging import DELETING
+
+    out = tmp_path / "rel"
+    parked = tmp_path / ".rel.old"
+    (parked / "shards").mkdir(parents=True)
+    (parked / "shards" / "part-00001.parquet").write_text("half")
+    (parked / DELETING).write_text("")
+    staging = Staging(out, marker="M", unique=False, owned=lambda p: (p / "manifest.json").is_file())
+    assert staging.foreign() == [] and staging.clean_leftovers() == [parked]
+    assert _names(tmp_path) == []
 
 
 def test_a_marker_with_unique_names_must_park_inside(tmp_path):

@@ -331,3 +331,47 @@ def test_jpeg2000_is_refused_as_unsupported_by_name():
 def test_every_web_format_decodes(fmt, params):
     img = decode_image(_saved(fmt, **params))
     assert img.size == (32, 24) and img.mode == "RGB"
+
+
+# --- decoded size (draft_side) -------------------------------------------------------------------
+
+def declared_jpeg(width: int, height: int) -> bytes:
+    """A JPEG of a few hundred bytes whose header declares width x height (libjpeg fills the
+    missing scan with grey, so it decodes)."""
+    data = bytearray(_encode(Image.new("RGB", (16, 16), (120, 50, 200)), "JPEG", quality=10))
+    sof = data.find(b"\xff\xc0")
+    data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def test_a_tiny_jpeg_declaring_6000x6000_is_decoded_at_a_reduced_scale():
+    data = declared_jpeg(6000, 6000)
+    assert len(data) < 1000
+    img = decode_image(data, draft_side=1024)
+    assert img.size == (1500, 1500) and img.mode == "RGB"  # 1/4: the strongest keeping >= 1024
+    assert img.info["source_size"] == (6000, 6000)
+    assert decode_image(declared_jpeg(6000, 3000), draft_side=1024).size == (3000, 1500)  # 1/2: 1500 >= 1024
+    assert decode_image(declared_jpeg(6000, 6000), draft_side=700).size == (750, 750)  # 1/8
+    with pytest.raises(ImageDecodeError, match="too_large"):  # max_pixels is the declared size's
+        decode_image(data, draft_side=1024, max_pixels=6000 * 6000 - 1)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: _encode(_noise(2047, 1200), "JPEG", quality=90),   # shorter side below 2 x 1024
+    lambda: _encode(_noise(64, 48), "JPEG", quality=90),       # a synth-world size
+    lambda: _encode(_noise(2100, 2100), "PNG"),                # not a JPEG
+])
+def test_images_that_are_not_reduced_decode_to_the_same_pixels(make):
+    data = make()
+    plain, drafted = decode_image(data), decode_image(data, draft_side=1024)
+    assert np.array_equal(np.asarray(plain), np.asarray(drafted))
+    assert drafted.info["source_size"] == plain.size
+
+
+def test_a_reduced_photo_keeps_its_upright_source_size():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # a quarter turn
+    data = _encode(_noise(4096, 2560), "JPEG", quality=80, exif=exif)
+    img = decode_image(data, draft_side=1024)
+    assert img.size == (1280, 2048)  # 1/2 (2560 // 1024 = 2), then turned upright
+    assert img.info["source_size"] == (2560, 4096)

@@ -146,7 +146,7 @@ def test_tar_samples_group_by_key_in_subdirectories(tmp_path):
     assert samples == [{"__key__": "d/a", "jpg": b"1", "txt": b"t"}, {"__key__": "e/a", "jpg": b"2"}]
 
 
-def test_truncated_tar_and_sample_without_image_are_errors_naming_the_file(tmp_path):
+def test_truncated_and_junk_tars_are_errors_naming_the_file(tmp_path):
     whole = write_tar(tmp_path / "whole.tar", [("a.jpg", b"x" * 3000), ("a.txt", b"y" * 3000), ("b.jpg", b"z")])
     cut = tmp_path / "cut.tar"
     cut.write_bytes(whole.read_bytes()[:512 + 3072 + 512 + 1000])  # inside a.txt's data
@@ -156,6 +156,26 @@ def test_truncated_tar_and_sample_without_image_are_errors_naming_the_file(tmp_p
     (tmp_path / "junk.tar").write_bytes(b"not a tar at all" * 100)
     with pytest.raises(ValueError, match=r"junk\.tar: not a readable tar file"):
         list(shards.tar_samples(str(tmp_path / "junk.tar")))
-    no_image = write_tar(tmp_path / "t.tar", [("a.jpg", b"1"), ("b.txt", b"caption without image")])
-    with pytest.raises(ValueError, match=r"t\.tar: sample 'b' has no image member \(column 'jpg'; has \['txt'\]\)"):
-        list(shards.tar_rows(str(no_image)))
+
+
+
+def test_dotted_names_links_and_text_only_samples(tmp_path):
+    """Names split as webdataset's reader splits them; a sample that cannot be curated is a row
+    that says why (``read_error``), not a refused shard."""
+    tar = write_tar(tmp_path / "t.tar", [
+        ("photo.v2.jpg", b"img"), ("photo.v2.txt", b"cap"), ("photo.json", meta("photo")),
+        ("b.txt", b"caption without image"),
+        ("c.jpg", ("symlink", "/etc/passwd")),
+        ("d.jpg", ("hardlink", "photo.v2.jpg")), ("d.txt", b"hard"),
+    ])
+    samples = list(shards.tar_samples(str(tar), with_data=False))
+    assert [s["__key__"] for s in samples] == ["photo", "b", "c", "d"]
+    assert samples[0] == {"__key__": "photo", "v2.jpg": b"", "v2.txt": b"", "json": b""}
+    assert samples[2] == {"__key__": "c", "__unread__": [("c.jpg", "symbolic link")]}
+    rows = list(shards.tar_rows(str(tar)))
+    assert [(r["key"], r["jpg"], r["caption"], r.get("read_error", (None,))[0]) for r in rows] == [
+        (b"photo", b"img", b"cap", None), (b"b", None, b"caption without image", "no_image"),
+        (b"c", None, b"", "link_member"), (b"d", None, b"hard", "link_member")]
+    assert rows[1]["read_error"][1] == f"sample 'b' of {tar} has no image member (jpg/jpeg/png/webp); has ['txt']"
+    assert rows[2]["read_error"][1] == f"sample 'c' of {tar}: member c.jpg is a symbolic link; only regular files are read"
+    assert rows[3]["read_error"][1].endswith("member d.jpg is a hard link; only regular files are read")

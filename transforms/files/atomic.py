@@ -90,9 +90,25 @@ def dead_temps(path: str | os.PathLike) -> list[str]:
     return out
 
 
+@contextlib.contextmanager
+def naming(path: str | os.PathLike) -> Iterator[None]:
+    """Errors of writing ``path`` name it: an OSError that names no file (``write(2)`` on a
+    full disk, ENOSPC, names none) is raised again as the same kind of error naming ``path``."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is not None or err.errno is None:
+            raise
+        raise OSError(err.errno, err.strerror or str(err), os.fspath(path)) from err  # the subclass of its errno
+
+
 def write_bytes(path: str | os.PathLike, data: bytes, fs: Files = LOCAL) -> None:
     """Write ``data`` to ``path`` whole or not at all (see the module docstring)."""
-    path = os.fspath(path)
+    with naming(path):
+        _write_bytes(os.fspath(path), data, fs)
+
+
+def _write_bytes(path: str, data: bytes, fs: Files) -> None:
     if not getattr(fs, "renames_atomically", lambda _p: True)(path):
         # an object store: no atomic rename, but an object appears whole when it is closed
         with fs.create(path) as f:

@@ -12,12 +12,19 @@ With ``inner``, the new directory is ``STAGE/<inner>`` and the previous out is p
 ``STAGE/old``, so everything a kill can leave is in one side directory.
 
 A kill -9 runs no cleanup, so the next run recognises what a dead run left: a side directory
-of this ``out``'s name that is ours (it holds ``marker``, or the name alone claims it when there
-is no marker, or ``owned(path)`` says so, or it is empty: killed before it was marked) and
-whose writer is gone (its pid, in unique names). A parked previous ``out`` goes back into place
-when ``out`` is missing (a kill between the two renames of the swap); the rest is deleted.
-Side directories that are not ours are never deleted. No library does this swap (``shutil``
-and ``tempfile`` have no rename-into-place of a directory nor leftover recognition).
+of this ``out``'s name that is ours (it holds ``marker`` or :data:`DELETING`, or the name alone
+claims it when there is no marker, or ``owned(path)`` says so, or it is empty: killed before it
+was marked or after it was emptied) and whose writer is gone (its pid, in unique names). A
+parked previous ``out`` goes back into place when ``out`` is missing (a kill between the two
+renames of the swap); the rest is deleted. Side directories that are not ours are never deleted.
+
+Deleting a side directory is not atomic: a kill part-way through leaves some of its files,
+possibly without the marker or the manifest that claimed it. So a side directory is first
+claimed for deletion (the :data:`DELETING` file is written into it), its other entries are
+deleted, and that file goes last; whatever state a kill leaves, the directory is either
+claimed or empty, and the next run finishes the deletion (it never puts such a directory back
+as ``out``). No library does this swap (``shutil`` and ``tempfile`` have no rename-into-place
+of a directory nor leftover recognition).
 """
 from __future__ import annotations
 
@@ -30,16 +37,36 @@ from typing import Callable
 
 from capfilt.transforms.files.procs import pid_alive
 
+# Written into a side directory before it is deleted, and deleted last (see the module docstring).
+DELETING = ".capfilt-deleting"
+
 
 def _present(path: Path) -> bool:
     return path.exists() or path.is_symlink()
 
 
+def _doomed(path: Path) -> bool:
+    return (path / DELETING).is_file()
+
+
 def _remove(path: Path) -> None:
+    """Delete side entry ``path``: a link or file at once (whatever a link points at is not ours
+    to delete); a directory claimed first, its claim deleted last."""
     if path.is_symlink() or not path.is_dir():
-        path.unlink()  # a link only: whatever it points at is not ours to delete
-    else:
-        shutil.rmtree(path)
+        path.unlink()
+        return
+    claim = path / DELETING
+    if not claim.is_file():
+        claim.write_text("being deleted by a capfilt staging swap; safe to delete\n")
+    for entry in path.iterdir():
+        if entry.name == DELETING:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    claim.unlink()
+    path.rmdir()
 
 
 class Staging:
@@ -71,7 +98,7 @@ class Staging:
         """Whether side directory ``path`` was left by a run of this kind (not its liveness)."""
         if path.is_symlink() or not path.is_dir():
             return False
-        if self.marker is None or (path / self.marker).is_file() or not any(path.iterdir()):
+        if self.marker is None or (path / self.marker).is_file() or _doomed(path) or not any(path.iterdir()):
             return True
         return self.owned is not None and self.owned(path)
 
@@ -105,7 +132,9 @@ class Staging:
                 parked = path / "old"
             else:
                 parked = path if path.name.startswith(f".{self.out.name}.old") else None
-            if parked is not None and parked.is_dir() and not _present(self.out):
+            # a side directory claimed for deletion is never put back: part of it may be gone
+            if (parked is not None and parked.is_dir() and not (_doomed(path) or _doomed(parked))
+                    and not _present(self.out)):
                 parked.rename(self.out)
             if _present(path):
                 _remove(path)
@@ -160,4 +189,8 @@ class Staging:
 
     def discard(self) -> None:
         """Delete what this run staged (nothing once the swap is done)."""
-        shutil.rmtree(self.stage, ignore_errors=True)
+        if self.stage.is_dir() and not self.stage.is_symlink():
+            try:
+                _remove(self.stage)
+            except OSError:
+                shutil.rmtree(self.stage, ignore_errors=True)

@@ -143,7 +143,7 @@ def test_zero_row_input(tmp_path, tiny_models):
 @pytest.mark.parametrize("columns, message", [
     ({"key": pa.array(["a"]), "caption": pa.array(["c"])}, r"broken\.parquet: missing required column 'jpg'"),
     ({"key": pa.array(["a"]), "caption": pa.array(["c"]), "jpg": pa.array([GOOD]),
-      "width": pa.array(["wide"])}, r"broken\.parquet: column 'width' has type string, expected int32"),
+      "status": pa.array([1])}, r"broken\.parquet: column 'status' has type int64, expected string"),
 ])
 def test_bad_schema_fails_up_front_naming_file_and_column(tmp_path, tiny_models, columns, message):
     inp = tmp_path / "in"

@@ -6,12 +6,14 @@ import argparse
 import hashlib
 import json
 import math
+import re
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from capfilt.pipeline.curate.errors import StageError
 from capfilt.pipeline.curate.options import CurateConfig
 from capfilt.transforms.schemas import RAW_SCHEMA
 from cli_run import error_line, run_cli
@@ -274,6 +276,24 @@ def test_workers_write_files_and_receipt_and_the_launcher_commits_markers(tmp_pa
     assert store.is_done(shard, store.markers())
 
 
+def test_a_full_disk_at_a_worker_write_names_the_file(tmp_path, monkeypatch):
+    import errno
+
+    from capfilt.pipeline import files
+    from capfilt.pipeline.curate.sinks import write_parquet
+    from capfilt.transforms.schemas import ERROR_SCHEMA
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files._Counting, "write", full)
+    path = str(tmp_path / "errors" / "part-00000.parquet")
+    with pytest.raises(OSError) as err:
+        write_parquet(path, [], ERROR_SCHEMA)
+    assert (err.value.errno, err.value.filename) == (errno.ENOSPC, path)
+    assert list((tmp_path / "errors").iterdir()) == []  # no temporary file left
+
+
 def test_commit_refuses_a_receipt_that_does_not_match(tmp_path):
     from capfilt.pipeline.curate.sinks import WriteShardFn
     from capfilt.pipeline.curate.sources import ShardInfo
@@ -428,25 +448,69 @@ def corrupt_shard(tmp_path, synth_world):
     return path
 
 
-def test_read_failure_mid_shard_names_the_shard(corrupt_shard):
-    from capfilt.pipeline.curate.sources import ReadShardFn, discover_shards, validate_shard
+def test_read_failure_mid_shard_gives_error_rows_for_the_unread_rest(corrupt_shard):
+    from capfilt.pipeline.curate.sources import ReadShardFn, discover_shards, to_sample, validate_shard
 
     info = validate_shard(discover_shards([str(corrupt_shard)])[0])  # the footer is fine
     assert info.num_rows == 32
-    with pytest.raises(ValueError, match=rf"^{corrupt_shard}: cannot read the shard after \d+ rows "
-                                         r"\(OSError: Corrupt snappy compressed data\.?\)$"):
-        list(ReadShardFn().process(info))
+    rows = list(ReadShardFn().process(info))
+    assert [r.row for r in rows] == list(range(32))
+    unread = [r for r in rows if "read_error" in r.values]
+    assert unread and unread == rows[32 - len(unread):]  # the rest, from the first page that fails
+    kind, message = unread[0].values["read_error"]
+    assert kind == "unreadable_data"
+    assert re.fullmatch(rf"{corrupt_shard}: cannot read the shard after {32 - len(unread)} rows "
+                        r"\(OSError: Corrupt snappy compressed data\.?\); the rest of the shard cannot be read", message)
+    with pytest.raises(StageError) as err:
+        to_sample(unread[0])
+    assert (err.value.stage, err.value.error_type) == ("read", "unreadable_data")
 
 
-def test_cli_reports_a_corrupt_shard_in_one_line(tmp_path, tiny_models, corrupt_shard):
+def test_a_read_failure_that_does_not_recur_costs_no_row(two_rows, monkeypatch):
+    from capfilt.pipeline.curate import sources
+
+    info = sources.validate_shard(sources.discover_shards([str(two_rows)])[0])
+    real, calls = sources.reader.raw_rows, []
+
+    def flaky(path, opener):
+        calls.append(path)
+        rows = real(path, opener)
+        yield next(rows)
+        if len(calls) == 1:
+            raise OSError("connection reset")
+        yield from rows
+
+    monkeypatch.setattr(sources.reader, "raw_rows", flaky)
+    rows = list(sources.ReadShardFn().process(info))
+    assert len(calls) == 2 and [r.row for r in rows] == [0, 1]
+    assert [r.key for r in rows] == pq.read_table(two_rows, columns=["key"]).column("key").to_pylist()
+
+
+def test_a_corrupt_shard_does_not_hold_up_the_others(tmp_path, tiny_models, synth_world, corrupt_shard):
+    """One corrupt shard in ten, two shards per pipeline: every shard is committed, the corrupt
+    one with error rows for what cannot be read; the shard sharing its pipeline is not redone."""
+    web = pq.read_table(sorted((synth_world / "web").glob("*.parquet"))[0])
+    (tmp_path / "in").mkdir()
+    for i in range(10):
+        if i == 3:
+            corrupt_shard.rename(tmp_path / "in" / "00003.parquet")
+        else:
+            pq.write_table(web.slice(i, 1), tmp_path / "in" / f"{i:05d}.parquet")
     out = tmp_path / "out"
-    code, stdout, stderr = run_cli(["curate", "--input", str(corrupt_shard), "--out", str(out),
-                                    *model_args(tiny_models)])
-    assert code == 2 and stdout == ""
-    line = error_line(stderr)
-    assert line.startswith(f"capfilt curate: error: {corrupt_shard}: cannot read the shard after")
-    assert "(OSError: Corrupt snappy compressed data" in line
-    assert not (out / "shards").exists() and not (out / "stats.json").exists()
+    argv = ["curate", "--input", str(tmp_path / "in" / "*.parquet"), "--out", str(out), *model_args(tiny_models),
+            "--shards-per-pipeline", "2", "--no-synthetic"]
+    code, stdout, stderr = run_cli(argv)
+    assert code == 0, stderr
+    assert sorted(p.stem for p in (out / "_state").glob("0*.json")) == [f"{i:05d}" for i in range(10)]
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["input_rows"] == 9 + 32 == stats["kept"] + stats["dropped"] + stats["errors"]
+    errors = pq.read_table(out / "errors" / "part-00003.parquet").to_pylist()
+    curated = pq.read_metadata(out / "shards" / "part-00003.parquet").num_rows
+    assert errors and all((e["stage"], e["error_type"]) == ("read", "unreadable_data") for e in errors)
+    assert [e["input_row"] for e in errors] == list(range(curated, 32))
+    before = snapshot(out)
+    code, stdout, stderr = run_cli(argv)  # nothing left to do
+    assert code == 0 and snapshot(out) == before
 
 
 def test_an_input_renamed_by_a_new_shard_of_the_same_name_is_not_counted_twice(tmp_path, synth_world, tiny_models):

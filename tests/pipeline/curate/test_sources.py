@@ -133,9 +133,10 @@ def test_webdataset_tar_with_sidecar_failures(tmp_path):
         ("000000002.jpg", jpeg()), ("000000002.txt", b"bad \xff utf8"),
         ("000000002.jpg", jpeg()),  # a repeated key inside the tar: a second sample, not a lost shard
     ])
-    write_raw(tmp_path / "00000.parquet", [
+    write_raw(tmp_path / "00000.parquet", [  # every row, as img2dataset writes it beside its tar
         {"key": "000000000", "status": "success"}, {"key": "000000001", "status": "failed_to_download",
                                                    "error_message": "connection refused"},
+        {"key": "000000002", "status": "success"}, {"key": "000000002", "status": "success"},
     ], schema=pa.schema([("key", pa.string()), ("status", pa.string()), ("error_message", pa.string())]))
     shards = discover_shards([str(tmp_path / "*")])  # the sidecar parquet is not a shard of its own
     assert [(s.shard_id, s.fmt, s.sidecar is not None) for s in shards] == [("00000", "tar", True)]
@@ -149,10 +150,19 @@ def test_webdataset_tar_with_sidecar_failures(tmp_path):
         ("000000001", 3, "download", "failed_to_download")]
 
 
-def test_tar_sample_without_image_fails_up_front(tmp_path):
-    write_tar(tmp_path / "t.tar", [("a.jpg", jpeg()), ("b.txt", b"caption without image")])
-    with pytest.raises(ValueError, match=r"t\.tar: sample 'b' has no image member \(column 'jpg'"):
-        validate_shard(discover_shards([str(tmp_path / "t.tar")])[0])
+def test_tar_samples_that_cannot_be_curated_are_error_rows(tmp_path):
+    """A text-only sample, link members and a dotted name (read as webdataset reads it): one
+    error row per bad sample, the rest of the shard curated."""
+    write_tar(tmp_path / "t.tar", [
+        ("a.jpg", jpeg()), ("b.txt", b"caption without image"), ("c.jpg", ("symlink", "a.jpg")),
+        ("d.jpg", ("hardlink", "a.jpg")), ("d.txt", b"d"), ("photo.v2.jpg", jpeg()), ("photo.v2.txt", b"two"),
+    ])
+    info = validate_shard(discover_shards([str(tmp_path / "t.tar")])[0])
+    assert info.num_rows == 5
+    samples, errors = read_shard(info)
+    assert [(s.key, s.row, s.caption) for s in samples] == [("a", 0, b""), ("photo", 4, b"two")]
+    assert [(e.key, e.row, e.stage, e.error_type) for e in errors] == [
+        ("b", 1, "read", "no_image"), ("c", 2, "read", "link_member"), ("d", 3, "read", "link_member")]
 
 
 # --- duplicate keys (TestPipeline) and decode ---------------------------------------------------
@@ -188,6 +198,22 @@ def test_decode_sample_sets_image_caption_and_seed():
     assert err == ErrorRow("k", None, "decode", "too_large", info.value.message, 0, 0)
     other = dead_letter_to_error((s, (KeyError, "KeyError('x')", [])), "decode")
     assert (other.stage, other.error_type, other.error_message) == ("decode", "KeyError", "KeyError('x')")
+
+
+def test_decode_reduces_a_huge_jpeg_but_records_its_stored_size():
+    """A JPEG of 631 bytes declaring 6000x6000 took 108 MB per row; the models need far less."""
+    import struct
+
+    from capfilt.transforms.image import DRAFT_SIDE
+
+    data = bytearray(jpeg(size=(16, 16)))
+    sof = data.find(b"\xff\xc0")
+    data[sof + 5:sof + 9] = struct.pack(">HH", 6000, 6000)
+    s = _sample("k", 0, 0)
+    s.jpg = bytes(data)
+    out = decode_sample(s, run_seed=7, max_pixels=40_000_000, min_side=8, max_aspect=20.0, max_words=30)
+    assert DRAFT_SIDE == 1024 and out.image.size == (1500, 1500)
+    assert (out.width, out.height) == (6000, 6000)
 
 
 def test_a_tar_cut_at_a_member_boundary_is_refused_up_front(tmp_path):
@@ -258,3 +284,64 @@ def test_an_empty_status_is_an_error_row_with_a_named_type(tmp_path):
     assert [(e.key, e.stage, e.error_type) for e in errors] == [
         ("b", "download", "invalid_status"), ("c", "download", "failed_to_download")]
     assert errors[0].error_message == "status is empty (img2dataset writes success or a failure)"
+
+
+def test_castable_arrow_layouts_are_read_and_unread_columns_are_not_checked(tmp_path):
+    """A pandas category caption, view layouts, large strings; `width` stored as text and `exif`
+    as numbers are columns curate never reads."""
+    import pandas as pd
+
+    jpgs = [jpeg(), jpeg((0, 200, 0))]
+    table = pa.table({
+        "key": pa.array(["a", "b"]).cast(pa.string_view()),
+        "caption": pa.array(pd.Categorical(["a red square", "a green square"])),
+        "status": pa.array(["success", "success"]).dictionary_encode(),
+        "url": pa.array(["http://h/a", None], pa.large_string()),
+        "jpg": pa.array(jpgs).cast(pa.binary_view()),
+        "width": pa.array(["wide", None]),
+        "exif": pa.array([1, 2]),
+    })
+    path = tmp_path / "00000.parquet"
+    pq.write_table(table, path)
+    assert pq.read_schema(path).field("caption").type == pa.dictionary(pa.int8(), pa.string())
+    samples, errors = read_shard(validate_shard(discover_shards([str(path)])[0]))
+    assert errors == []
+    assert [(s.key, s.caption, s.url, s.jpg) for s in samples] == [
+        ("a", b"a red square", "http://h/a", jpgs[0]), ("b", b"a green square", None, jpgs[1])]
+    wrong = tmp_path / "wrong.parquet"  # a column curate reads, of a type that is no text
+    pq.write_table(table.set_column(table.schema.get_field_index("url"), "url", pa.array([1, 2])), wrong)
+    with pytest.raises(ValueError, match=r"wrong\.parquet: column 'url' has type int64, expected string"):
+        validate_shard(discover_shards([str(wrong)])[0])
+
+
+def test_a_shard_with_two_status_columns_is_refused(tmp_path):
+    """pyarrow finds no field by a repeated name: the failed download read as a success."""
+    table = pa.table([pa.array(["a"]), pa.array(["c"]), pa.array(["success"]), pa.array(["failed_to_download"]),
+                      pa.array([jpeg()])], names=["key", "caption", "status", "status", "jpg"])
+    path = tmp_path / "00000.parquet"
+    pq.write_table(table, path)
+    with pytest.raises(ValueError, match=r"00000\.parquet: column 'status' appears 2 times; which one to read is "
+                                         r"ambiguous"):
+        validate_shard(discover_shards([str(path)])[0])
+
+
+@pytest.mark.parametrize("beside", ["sidecar", "stats"])
+def test_a_tar_with_fewer_samples_than_img2dataset_recorded_is_refused(tmp_path, beside):
+    """A tar cut short and closed again (end-of-archive blocks present) reads as a whole tar:
+    only the count img2dataset recorded beside it shows the lost samples."""
+    members = [(f"00000000{i}.{ext}", jpeg() if ext == "jpg" else b"c") for i in range(3) for ext in ("jpg", "txt")]
+    write_tar(tmp_path / "00000.tar", members[:4])  # samples 0 and 1 of 3
+    status = pa.schema([("key", pa.string()), ("status", pa.string())])
+    if beside == "sidecar":
+        write_raw(tmp_path / "00000.parquet", [{"key": f"00000000{i}", "status": "success"} for i in range(3)]
+                  + [{"key": "000000003", "status": "failed_to_download"}], schema=status)
+        source = r"its sidecar .*00000\.parquet lists 3 successful downloads"
+    else:  # a sidecar of failed downloads only records no count; the stats file does
+        write_raw(tmp_path / "00000.parquet", [{"key": "000000003", "status": "failed_to_download"}], schema=status)
+        (tmp_path / "00000_stats.json").write_text(json.dumps({"count": 4, "successes": 3, "failed_to_download": 1}))
+        source = r".*00000_stats\.json counts 3 successes"
+    info = discover_shards([str(tmp_path / "*")])[0]
+    with pytest.raises(ValueError, match=rf"00000\.tar: the tar holds 2 samples but {source}; it is cut short"):
+        validate_shard(info)
+    write_tar(tmp_path / "00000.tar", members)  # the whole tar
+    assert validate_shard(info).num_rows == 4

@@ -147,6 +147,32 @@ def test_accounting_failure_publishes_nothing(world, monkeypatch):
     assert not (world / "rel").exists() and not (world / ".rel.partial").exists()
 
 
+def test_a_full_disk_names_the_file_and_exits_1_so_that_it_is_retried(world, monkeypatch, capsys):
+    """ENOSPC while writing report.html: the release is not replaced, the line names the file,
+    and the exit code is a failure's (1), not a refused input's (2: run-job's "do not retry")."""
+    import errno
+
+    build(world)
+    before = sha(world / "rel" / "manifest.json")
+    real = Path.write_text
+
+    def full(self, *args, **kwargs):
+        if self.name == "report.html":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    monkeypatch.setattr(release_manifest, "clip_embedder", lambda spec: pixel_embedder)
+    code = main(["release", "--input", str(world / "cur_a"), "--out", str(world / "rel"), "--overwrite",
+                 "--clip", "x"])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 1
+    assert line == (f"capfilt release: failed: cannot write the report to {world}/.rel.partial/report.html "
+                    f"(No space left on device)")
+    assert sha(world / "rel" / "manifest.json") == before
+    assert sorted(p.name for p in world.iterdir() if p.name.startswith(".")) == []
+
+
 def test_reshard_names_schema_and_reproducibility(world):
     m1 = build(world, "r1")
     m2 = build(world, "r2", inputs=[world / "cur_a", world / "cur_b"])
@@ -337,6 +363,58 @@ def test_a_crashed_builds_staging_dir_is_replaced(world, monkeypatch):
     assert not (world / ".rel.partial").exists() and (world / "rel/manifest.json").is_file()
 
 
+SWAP_STATES = {  # what a kill -9 of `release --overwrite` leaves, and which release survives it
+    "stage_being_built": "old",     # .rel.partial marked, half written
+    "stage_unmarked": "old",        # .rel.partial created, killed before the marker was written
+    "stage_finished": "old",        # the marker removed just before the swap
+    "between_the_renames": "old",   # rel parked as .rel.old, the new one not yet renamed into place
+    "parked_intact": "new",         # swapped; the parked release not yet deleted
+    "parked_half_deleted": "new",   # killed while deleting it: manifest.json gone, shards left
+    "parked_emptied": "new",        # its files deleted, the directory not yet
+    "stage_half_deleted": "old",    # a failed build killed while deleting its staging directory
+}
+
+
+@pytest.mark.parametrize("state", sorted(SWAP_STATES))
+def test_a_killed_overwrite_is_recovered_in_every_state_of_the_swap(world, state):
+    from capfilt.pipeline.release import out_dir as release_out
+    from capfilt.transforms.files.staging import DELETING
+
+    build(world)
+    out, stage, parked = world / "rel", world / ".rel.partial", world / ".rel.old"
+    shutil.copytree(out, world / "new")
+    (world / "new" / "which.txt").write_text("new")
+    (out / "which.txt").write_text("old")
+    if state in ("stage_being_built", "stage_half_deleted"):
+        (stage / "shards").mkdir(parents=True)
+        (stage / "shards" / "part-00000.parquet").write_bytes(b"half")
+        (stage / (release_out.STAGE_MARKER if state == "stage_being_built" else DELETING)).write_text("")
+    elif state == "stage_unmarked":
+        stage.mkdir()
+    elif state == "stage_finished":
+        (world / "new").rename(stage)
+    elif state == "between_the_renames":
+        out.rename(parked)
+        (world / "new").rename(stage)
+    else:
+        out.rename(parked)
+        (world / "new").rename(out)
+        if state == "parked_half_deleted":
+            (parked / "manifest.json").unlink()
+            (parked / DELETING).write_text("")
+        elif state == "parked_emptied":
+            shutil.rmtree(parked)
+            parked.mkdir()
+    release_out.check_release_out(out, True, None)  # nothing is "in the way"
+    assert release_out._staging(out).clean_leftovers()
+    assert (out / "which.txt").read_text() == SWAP_STATES[state]
+    assert not stage.exists() and not parked.exists()
+    shutil.rmtree(world / "new", ignore_errors=True)
+    build(world, overwrite=True)  # and the next release goes through
+    assert not (out / "which.txt").exists() and release_manifest.is_release_dir(out)
+    assert sorted(p.name for p in world.iterdir() if p.name.startswith(".")) == []
+
+
 # --- inputs checked against their curate record ---------------------------------------------
 
 def test_missing_shard_is_refused_not_released_partially(world, capsys):
@@ -511,6 +589,16 @@ def test_an_eval_set_of_webdataset_tars_is_read_like_its_parquet_form(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(ValueError, match="notes.txt is neither a parquet shard nor a webdataset tar"):
         load_decontamination_set(str(tmp_path / "notes.txt"), pixel_embedder, 2)
+
+
+def test_an_eval_tar_with_fewer_samples_than_its_sidecar_lists_is_refused(tmp_path):
+    from capfilt.pipeline.release.shards import load_decontamination_set
+    from shard_data import write_tar
+
+    write_tar(tmp_path / "00000.tar", [(f"e{i}.jpg", image_bytes(i)) for i in range(2)])
+    write_raw(tmp_path / "00000.parquet", [(f"e{i}", b"listed") for i in range(3)])
+    with pytest.raises(ValueError, match=r"00000\.tar: the tar holds 2 samples but its sidecar .* lists 3 successful"):
+        load_decontamination_set(str(tmp_path / "*.tar"), pixel_embedder, 2)
 
 
 def test_decontamination_reads_an_eval_tar_whose_sample_json_is_unusable(tmp_path):
