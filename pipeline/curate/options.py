@@ -30,7 +30,7 @@ from apache_beam.options.pipeline_options import (
 from capfilt.model.inference.captioner import CaptionConfig
 from capfilt.model.tokens import ITM_FIRST_TOKENS
 from capfilt.pipeline.curate.precision import DEFAULT_CLIP_MARGIN, DEFAULT_ITM_MARGIN, PRECISIONS, resolve_precision
-from capfilt.transforms.image import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
+from capfilt.transforms.image import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, DRAFT_SIDE
 from capfilt.transforms.text import DEFAULT_MAX_WORDS
 
 DEFAULT_RUNNER = "FnApiRunner"
@@ -238,6 +238,7 @@ class CurateConfig:
         # Resolved, not as asked: "auto" means bf16-checked on one machine and fp32 on another,
         # and a resume must not mix their rows (bf16 scores differ in the last digits; plain
         # bf16 also changes captions). The margins decide which bf16 scores are redone in fp32.
+        fp["decode_draft_side"] = DRAFT_SIDE  # large JPEGs are decoded reduced to at least this side
         fp["precision"] = resolve_precision(self.precision, self.device) if resolve else self.precision
         checked = fp["precision"] in ("bf16-checked", "auto")
         fp["itm_margin"] = self.itm_margin if checked and self.use_filter else None

@@ -112,6 +112,7 @@ def test_fingerprint_holds_top_k_and_the_itm_first_token():
     """Both change the curated rows: a resume with other values is refused like any setting."""
     fp = CurateConfig(**BASE, device="cpu", precision="fp32").fingerprint()
     assert (fp["top_k"], fp["itm_first_token"]) == (50, "enc")
+    assert fp["decode_draft_side"] == 1024  # decoding at a reduced scale changes large images' rows too
     other = CurateConfig(**BASE, device="cpu", precision="fp32", top_k=0, itm_first_token="cls").fingerprint()
     assert (other["top_k"], other["itm_first_token"]) == (0, "cls")
     assert {k for k in fp if fp[k] != other[k]} == {"top_k", "itm_first_token"}
