@@ -17,6 +17,7 @@ from pathlib import Path
 from capfilt.jobs import options
 from capfilt.model.training.blip import BlipTrainConfig
 from capfilt.model.training.loop import TrainConfig
+from capfilt.transforms.files import outputs
 
 DESCRIPTION = (
     "Pretrain a model on curated (kept rows, one of the selected captions per step) or raw "
@@ -212,6 +213,8 @@ def prepare_run_dir(args, run_name: str, exports: tuple[str, ...] | None = None)
                              out / f"{run_name}_summary.json", *(out / e for e in exports)) if p.exists()]
     if not owned:
         return
+    if exports is None:  # everything in --out would be deleted: it must be a training run's
+        outputs.check_own(out, outputs.TRAINING, "pretrain")
     if not args.overwrite:
         names = ", ".join(p.name for p in owned[:4]) + (", ..." if len(owned) > 4 else "")
         raise ValueError(f"--out {out} is not empty (it holds {names}): pass --resume to continue the run "

@@ -210,7 +210,7 @@ def init_model(kind: str, out_dir, tokenizer_dir=None, seed: int = 0, overrides:
 
     config = load_config(kind, overrides)
     out = Path(out_dir)
-    check_output_dir(out, overwrite=overwrite or exist_ok, what="model directory")
+    check_output_dir(out, overwrite=overwrite, what="model directory", merge=exist_ok, command="models init")
     if kind == "clip":
         with staged_dir(out, replace=overwrite) as stage:
             _init_clip(config, stage, seed)

@@ -123,7 +123,8 @@ class CurateConfig:
     shards_per_pipeline: int = field(default=8, metadata=_opt(
         RUN, "input shards per Beam pipeline (the unit of resume after a crash)"))
     overwrite: bool = field(default=False, metadata=_opt(
-        IO, "delete OUT's previous curate output first (default: resume, skipping done shards)"))
+        IO, "delete OUT's previous curate output first (default: resume, skipping done shards); a "
+        "directory another command wrote is refused even so"))
     progress_every: float = field(default=5.0, metadata=_opt(
         RUN, "seconds between progress lines", metavar="SECONDS"))
     extra: dict = field(default_factory=dict)

@@ -41,7 +41,7 @@ from capfilt.pipeline.curate.record import check_identity, code_version, model_r
 from capfilt.pipeline.curate.sinks import ShardTarget
 from capfilt.pipeline.curate.sources import ShardInfo, output_name
 from capfilt.pipeline.files import BEAM, file_sha256, listed_size
-from capfilt.transforms.files import atomic, locks
+from capfilt.transforms.files import atomic, locks, outputs
 
 LOG = logging.getLogger(__name__)
 LOCK_NAME = ".lock"
@@ -152,23 +152,19 @@ class OutStore:
         return False
 
     def check_is_curate_output(self) -> None:
-        """Refuse a non-empty --out that no curate run wrote (no ``_state/settings.json``):
-        cleaning up a killed run would delete its files. ``--overwrite`` skips this check."""
-        if FileSystems.exists(self.settings_path) or not self._has(self.out):
-            return
-        if self.local and not os.path.isdir(self.out):
+        """Refuse a non-empty --out that no curate run wrote (no ``_state/settings.json``),
+        whatever the flags: cleaning up a killed run, or ``--overwrite``, would delete its
+        files. The message names what it is (``transforms.files.outputs``)."""
+        if self.local and os.path.exists(self.out) and not os.path.isdir(self.out):
             return  # locked() refuses it, naming the path
+        if not self._has(self.out):
+            return
         if self.local:
-            names = sorted(n for n in os.listdir(self.out) if n != LOCK_NAME)
+            names = os.listdir(self.out)
         else:
-            names = [posixpath.basename(m.path.rstrip("/")) for m in
-                     FileSystems.match([_join(self.out, "*")])[0].metadata_list]
-        if names:
-            shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
-            raise ValueError(
-                f"--out {self.out} is not empty ({shown}) and is not a capfilt curate output (it has "
-                f"no _state/settings.json); use another --out, or pass --overwrite to curate into it"
-            )
+            prefix = self.out.rstrip("/") + "/"  # an object store has keys, no folders
+            names = {m.path[len(prefix):].split("/")[0] for m in self._matches(prefix + "**")} - {""}
+        outputs.check_own(self.out, outputs.CURATE, "curate", names, BEAM, ignore=(LOCK_NAME,))
 
     def _ensure(self, path: str) -> None:
         if self.local and not os.path.isdir(path):
@@ -181,7 +177,11 @@ class OutStore:
         return bool(FileSystems.match([_join(folder, "**")], limits=[1])[0].metadata_list)
 
     def _list(self, pattern: str) -> list[str]:
-        return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
+        return sorted(m.path for m in self._matches(pattern))
+
+    @staticmethod
+    def _matches(pattern: str) -> list:
+        return FileSystems.match([pattern])[0].metadata_list
 
     def remove(self, path: str) -> None:
         """Delete a file or a folder with everything in it (on object stores: every key below)."""

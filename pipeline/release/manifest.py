@@ -14,10 +14,11 @@ from pathlib import Path
 from capfilt.pipeline.curate.record import code_version, model_record
 from capfilt.pipeline.files import file_sha256
 from capfilt.transforms import shards as reader
+from capfilt.transforms.files import outputs
 
 log = logging.getLogger(__name__)
 
-FORMAT = "capfilt-release/1"
+FORMAT = outputs.RELEASE_FORMAT + "1"
 # Keys of a curate manifest that describe how its rows were made (copied into the lineage).
 CURATE_LINEAGE_KEYS = ("models", "thresholds", "seeds", "round", "settings", "code_version")
 
@@ -51,7 +52,7 @@ def is_release_dir(path: Path) -> bool:
         data = json.loads((Path(path) / "manifest.json").read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
-    return isinstance(data, dict) and str(data.get("format", "")).startswith(FORMAT.split("/")[0] + "/")
+    return isinstance(data, dict) and str(data.get("format", "")).startswith(outputs.RELEASE_FORMAT)
 
 
 def recorded_shards(d: Path) -> list[dict]:

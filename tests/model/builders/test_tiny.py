@@ -273,6 +273,24 @@ def test_cli_models_init_refuses_a_non_empty_out_unless_overwrite(tmp_path, tiny
     assert (tmp_path / "empty" / "open_clip_config.json").is_file()
 
 
+def test_cli_models_init_overwrite_refuses_what_is_not_a_model_directory(tmp_path):
+    release = tmp_path / "release"
+    (release / "shards").mkdir(parents=True)
+    (release / "manifest.json").write_text('{"format": "capfilt-release/1"}')
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("x")
+    for out, what in ((release, "is a capfilt release (manifest.json format capfilt-release/1), not a model "
+                                "directory; models init writes only into an empty directory or a model directory"),
+                      (notes, "is not empty (todo.txt) and no capfilt command wrote it; models init")):
+        for flags in ([], ["--overwrite"]):
+            with pytest.raises(ValueError) as err:
+                main(["models", "init", "--kind", "clip", "--out", str(out), *flags])
+            assert str(err.value).startswith(f"model directory {out} {what}")
+    assert sorted(p.name for p in release.iterdir()) == ["manifest.json", "shards"]
+    assert sorted(p.name for p in notes.iterdir()) == ["todo.txt"]
+
+
 def test_cli_models_init_names_a_file_given_as_out(tmp_path):
     target = tmp_path / "model.txt"
     target.write_text("x")

@@ -271,23 +271,65 @@ def test_commit_refuses_a_receipt_that_does_not_match(tmp_path):
 
 # --- --out paths --------------------------------------------------------------------------------
 
-def test_non_curate_out_is_refused_untouched_unless_overwrite(tmp_path, tiny_models, two_rows):
+def test_a_release_or_foreign_out_is_refused_untouched_even_with_overwrite(tmp_path, tiny_models, two_rows):
     release = tmp_path / "release"
     (release / "shards").mkdir(parents=True)
     (release / "shards" / "part-00000.parquet").write_bytes(b"a release shard")
-    (release / "manifest.json").write_text('{"kind": "release"}')
+    (release / "manifest.json").write_text('{"format": "capfilt-release/1"}')
+    (release / "card.md").write_text("the dataset card")
     before = snapshot(release)
     argv = ["curate", "--input", str(two_rows), "--out", str(release), *model_args(tiny_models)]
-    code, stdout, stderr = run_cli(argv)
-    assert code == 2 and stdout == ""
-    assert error_line(stderr).startswith(f"capfilt curate: error: --out {release} is not empty (manifest.json, "
-                                         f"shards) and is not a capfilt curate output")
-    assert snapshot(release) == before  # nothing deleted or rewritten, no lock file added
-    code, stdout, stderr = run_cli(argv + ["--overwrite"])
+    for flags in ([], ["--overwrite"]):
+        code, stdout, stderr = run_cli(argv + flags)
+        assert code == 2 and stdout == ""
+        assert error_line(stderr) == (
+            f"capfilt curate: error: --out {release} is a capfilt release (manifest.json format "
+            f"capfilt-release/1), not a curate output; curate writes only into an empty directory or "
+            f"a curate output, whatever the flags: choose another --out")
+        assert snapshot(release) == before  # nothing deleted or rewritten, no lock file added
+    # a directory no capfilt command wrote: named by its entries
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    (mine / "manifest.json").write_text('{"kind": "release"}')
+    code, _, stderr = run_cli(["curate", "--input", str(two_rows), "--out", str(mine), "--overwrite",
+                               *model_args(tiny_models)])
+    assert code == 2
+    assert error_line(stderr).startswith(f"capfilt curate: error: --out {mine} is not empty (manifest.json, "
+                                         f"notes.txt) and no capfilt command wrote it; ")
+    assert sorted(p.name for p in mine.iterdir()) == ["manifest.json", "notes.txt"]
+    # an earlier curate output is replaced by --overwrite
+    out = tmp_path / "cur"
+    assert run_cli(["curate", "--input", str(two_rows), "--out", str(out), *model_args(tiny_models)])[0] == 0
+    code, stdout, stderr = run_cli(["curate", "--input", str(two_rows), "--out", str(out), "--overwrite",
+                                    *model_args(tiny_models)])
     assert code == 0, stderr
     assert "1 curated now" in stdout
-    assert json.loads((release / "stats.json").read_text())["input_rows"] == 2
-    assert pq.read_metadata(release / "shards" / "part-00000.parquet").num_rows == 2
+    assert json.loads((out / "stats.json").read_text())["input_rows"] == 2
+
+
+def test_what_is_not_a_curate_output_is_named_on_object_storage(s3_root):
+    from apache_beam.io.filesystems import FileSystems
+
+    from capfilt.pipeline.curate.state import OutStore
+
+    def put(url, data):
+        with FileSystems.create(url, compression_type="uncompressed") as f:
+            f.write(data)
+
+    put(f"{s3_root}/rel/manifest.json", b'{"format": "capfilt-release/1"}')
+    put(f"{s3_root}/rel/shards/part-00000.parquet", b"a release shard")
+    with pytest.raises(ValueError, match=r"^--out s3://.*/rel is a capfilt release \(manifest.json format "
+                                         r"capfilt-release/1\), not a curate output"):
+        OutStore(f"{s3_root}/rel").check_is_curate_output()
+    put(f"{s3_root}/deep/a/b/c.bin", b"x")  # keys only below a folder: not empty either
+    with pytest.raises(ValueError, match=r"^--out s3://.*/deep is not empty \(a\) and no capfilt command wrote it"):
+        OutStore(f"{s3_root}/deep").check_is_curate_output()
+    put(f"{s3_root}/cur/_state/settings.json", b"{}")
+    put(f"{s3_root}/cur/manifest.json", b"{}")
+    OutStore(f"{s3_root}/cur").check_is_curate_output()
+    OutStore(f"{s3_root}/absent").check_is_curate_output()
+    assert FileSystems.exists(f"{s3_root}/rel/shards/part-00000.parquet")
 
 
 def test_an_existing_curate_output_and_an_empty_dir_are_accepted(tmp_path):
