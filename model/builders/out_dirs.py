@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from capfilt.transforms.files import outputs
+from capfilt.transforms.files import modes, outputs
 from capfilt.transforms.files.staging import Staging
 
 
@@ -44,6 +44,7 @@ def staged_dir(out: str | Path, replace: bool = True):
     stage = staging.create()
     try:
         yield stage
+        modes.respect_umask(stage)  # safetensors writes its files 0600, whatever the umask
     except BaseException:
         staging.discard()
         raise

@@ -368,3 +368,23 @@ def test_outputs_identify_names_the_command_that_wrote_a_directory(tmp_path, fil
     if kind not in (None, "release"):
         with pytest.raises(ValueError, match=f"is {re.escape(what)}.*, not a release; release writes only"):
             outputs.check_own(tmp_path, outputs.RELEASE, "release")
+
+
+# --- modes: the umask --------------------------------------------------------------------------
+
+def test_respect_umask_gives_files_the_mode_open_would(tmp_path, umask):
+    from capfilt.transforms.files import modes
+
+    assert modes.umask() == umask and modes.file_mode() == 0o666 & ~umask
+    (tmp_path / "sub").mkdir()
+    private = os.open(tmp_path / "sub" / "weights.safetensors", os.O_CREAT | os.O_WRONLY, 0o600)
+    os.close(private)
+    (tmp_path / "config.json").write_text("{}")
+    outside = tmp_path.parent / f"{tmp_path.name}-target"
+    outside.write_text("not ours")
+    os.chmod(outside, 0o600)
+    (tmp_path / "link").symlink_to(outside)
+    modes.respect_umask(tmp_path)
+    assert os.stat(tmp_path / "sub" / "weights.safetensors").st_mode & 0o777 == 0o666 & ~umask
+    assert os.stat(tmp_path / "config.json").st_mode & 0o777 == 0o666 & ~umask
+    assert os.stat(outside).st_mode & 0o777 == 0o600  # a link's target is not ours

@@ -31,3 +31,24 @@ def test_overwrite_deletes_a_training_run_but_refuses_a_release(tmp_path):
         prepare_run_dir(_args(run), "pretrain")
     prepare_run_dir(_args(run, overwrite=True), "pretrain")
     assert list(run.iterdir()) == []
+
+
+def test_a_pretrain_run_writes_weights_and_checkpoints_with_the_umask(tmp_path, synth_world, tiny_tokenizer, umask):
+    import json
+
+    from capfilt.jobs.cli import main
+    from conftest import modes_below
+
+    config = tmp_path / "micro.json"
+    layers = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+    config.write_text(json.dumps({"vision_config": {**layers, "image_size": 32, "patch_size": 8},
+                                  "text_config": layers, "image_text_hidden_size": 32, "projection_dim": 32}))
+    out = tmp_path / "P"
+    assert main(["pretrain", "--arch", "blip", "--data", str(synth_world / "human"), "--out", str(out),
+                 "--steps", "1", "--batch-size", "4", "--no-progress", "--tokenizer", str(tiny_tokenizer),
+                 "--model-config", str(config), "--checkpoint-every", "1"]) == 0
+    files = {name: mode for name, mode in modes_below(out).items() if (out / name).is_file()}
+    weights = sorted(name for name in files if name.endswith(".safetensors"))
+    assert "captioner/model.safetensors" in weights and "itm/model.safetensors" in weights
+    assert any(name.startswith("checkpoints/") for name in weights)
+    assert files == {name: 0o666 & ~umask for name in files}

@@ -322,3 +322,14 @@ def test_a_failed_init_leaves_no_directory_behind(tmp_path):
     with pytest.raises(ValueError, match="not a tokenizer directory"):
         tiny.init_model("itm", out, tokenizer_dir=tmp_path / "missing")
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["clip", "itm"])
+def test_models_init_writes_every_file_with_the_umask(tmp_path, tiny_tokenizer, umask, kind):
+    from conftest import modes_below
+
+    out = tmp_path / "m"
+    assert main(["models", "init", "--kind", kind, "--out", str(out), "--tokenizer", str(tiny_tokenizer)]) == 0
+    found = modes_below(out)
+    assert any(name.endswith(".safetensors") for name in found)
+    assert found == {name: 0o666 & ~umask for name in found}
