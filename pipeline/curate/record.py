@@ -6,6 +6,7 @@ NotImplementedError). The written files decide the counts; Metrics, where there 
 second check and the source of the fp32 re-score counts."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from collections import Counter
@@ -88,3 +89,31 @@ def build_stats(markers: list[dict], run: dict) -> dict:
         this_run=run,
     )
     return stats
+
+
+def comparable(record: dict) -> dict:
+    """A settings record as a resume compares it: a model with a content hash is that hash,
+    however its spec was spelt (``trained/captioner``, ``./trained/captioner``, a copy or a
+    link elsewhere, the same directory on object storage); a model without one (a hub id, a
+    pretrained tag) is its spec."""
+    record = json.loads(json.dumps(record))
+    settings, models = record.get("settings") or {}, record.get("models") or {}
+    for role, model in models.items():
+        if isinstance(model, dict) and model.get("sha256"):
+            models[role] = {"sha256": model["sha256"]}
+            if role in settings:
+                settings[role] = "(by content: models." + role + ".sha256)"
+    return record
+
+
+def settings_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(settings_diff(a, b, f"{prefix}{key}."))
+        elif key not in old:  # a setting the writing run did not record: what it used is unknown
+            out.append(f"{prefix}{key}: not recorded by the run that wrote it, now {b!r}")
+        elif a != b:
+            out.append(f"{prefix}{key}: was {a!r}, now {b!r}")
+    return out

@@ -37,7 +37,7 @@ import shutil
 
 from apache_beam.io.filesystems import FileSystems
 
-from capfilt.pipeline.curate.record import check_identity, code_version, model_record
+from capfilt.pipeline.curate.record import check_identity, code_version, comparable, model_record, settings_diff
 from capfilt.pipeline.curate.sinks import ShardTarget
 from capfilt.pipeline.curate.sources import ShardInfo, output_name
 from capfilt.pipeline.files import BEAM, file_sha256, listed_size
@@ -206,9 +206,9 @@ class OutStore:
         path = self.settings_path
         if not done or not FileSystems.exists(path):
             return
-        old = read_json(path)
-        if old != json.loads(json.dumps(settings)):
-            diff = _diff(old, settings)
+        old, new = comparable(read_json(path)), comparable(settings)
+        if old != new:
+            diff = settings_diff(old, new)
             raise ValueError(
                 f"{self.out} was curated with other settings ({'; '.join(diff)}); "
                 f"pass --overwrite to start again, or use another --out"
@@ -216,7 +216,7 @@ class OutStore:
 
     def save_settings(self, settings: dict) -> None:
         path = self.settings_path
-        if FileSystems.exists(path) and read_json(path) == json.loads(json.dumps(settings)):
+        if FileSystems.exists(path) and comparable(read_json(path)) == comparable(settings):
             return  # unchanged: no write (a re-run with nothing to do changes no file)
         self._ensure(self.state_dir)
         write_json(path, settings)  # differs only when no shard is done (check_settings)
@@ -377,16 +377,3 @@ class OutStore:
             if FileSystems.exists(path) and read_json(path) == json.loads(json.dumps(obj)):
                 continue
             write_json(path, obj)
-
-
-def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out.extend(_diff(a, b, f"{prefix}{key}."))
-        elif key not in old:  # a setting the writing run did not record: what it used is unknown
-            out.append(f"{prefix}{key}: not recorded by the run that wrote it, now {b!r}")
-        elif a != b:
-            out.append(f"{prefix}{key}: was {a!r}, now {b!r}")
-    return out

@@ -132,6 +132,36 @@ def test_resume_with_another_precision_is_refused(tmp_path, bf16_cpu):
         store.check_settings(resumed, done={"00000": {}})
 
 
+def test_a_model_spelt_differently_with_the_same_content_resumes(tmp_path, tiny_models, two_rows, monkeypatch):
+    """Identity for resume is a model's content hash, not its spelling: a relative path, the
+    same with ./, or a copy elsewhere all resume; other bytes are refused, naming the hash."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_models["captioner"], tmp_path / "trained" / "captioner")
+    shutil.copytree(tiny_models["captioner"], tmp_path / "backup" / "cap")
+    args = model_args(tiny_models)
+    out = tmp_path / "out"
+
+    def curate(captioner):
+        argv = ["curate", "--input", str(two_rows), "--out", str(out), *args]
+        argv[argv.index("--captioner") + 1] = captioner
+        return run_cli(argv)
+
+    assert curate("trained/captioner")[0] == 0
+    settings = (out / "_state" / "settings.json").read_bytes()
+    for spelling in ("./trained/captioner", "backup/cap", str(tmp_path / "backup" / "cap") + "/"):
+        code, stdout, stderr = curate(spelling)
+        assert code == 0, stderr
+        assert "0 curated now" in stdout and "other settings" not in stderr
+    assert (out / "_state" / "settings.json").read_bytes() == settings  # not rewritten
+    changed = tmp_path / "changed"
+    shutil.copytree(tiny_models["captioner"], changed)
+    (changed / "generation_config.json").write_text("{}")
+    code, _, stderr = curate(str(changed))
+    assert code == 2 and "other settings (models.captioner.sha256: was '" in error_line(stderr)
+
+
 # --- settings without a done shard ------------------------------------------------------------
 
 def test_stored_settings_without_a_done_shard_do_not_lock_out_a_retry(tmp_path):
