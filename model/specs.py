@@ -35,6 +35,10 @@ names both readings, the missing directory first, with the closest entry of its 
 Identity (``identity``): what a manifest records for a model: its spec as written, and the
 SHA-256 over a local directory's files (relative path + content hash of each, in walk order)
 or of a local weights file (``transforms.files.hashing``); a hub id or pretrained tag has none.
+A directory that ``capfilt models init`` wrote holds ``capfilt_model.json`` with ``"trained":
+false`` (its weights are random); its record says ``"untrained": true``. Training writes its
+models with the libraries' own ``save_pretrained`` / safetensors into new directories, which
+have no such file.
 """
 from __future__ import annotations
 
@@ -53,6 +57,7 @@ _SCHEMES = {"local-dir": LOCAL, "hf": LOCAL, "hf-hub": OPEN_CLIP_HUB, "open_clip
 VISION_INIT_SCHEMES = ("timm", "open_clip", "hf")
 
 CLIP_CONFIG = "open_clip_config.json"  # what makes a directory an open_clip model
+MODEL_RECORD = "capfilt_model.json"  # written by capfilt's builders beside the weights (``untrained``)
 CLIP_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 # Files a transformers model directory holds its weights in (single file or sharded).
 HF_WEIGHT_FILES = (
@@ -271,7 +276,18 @@ def identity(spec: str | Path) -> dict:
     if path is None and parsed.kind in (OPEN_CLIP, TIMM) and parsed.weights:
         path = Path(parsed.weights).expanduser()  # NAME:FILE
     if path is not None and path.is_dir():
-        return {"id": parsed.text, "sha256": dir_sha256(path), "kind": "directory"}
+        record = {"id": parsed.text, "sha256": dir_sha256(path), "kind": "directory"}
+        return {**record, "untrained": True} if untrained(path) else record
     if path is not None and path.is_file():
         return {"id": parsed.text, "sha256": file_sha256(path), "kind": "file"}
     return {"id": parsed.text, "sha256": None, "kind": "hub"}
+
+
+def untrained(path: str | Path) -> bool:
+    """Whether model directory ``path`` is marked as never trained (its ``capfilt_model.json``
+    says ``"trained": false``: random weights from ``capfilt models init``)."""
+    try:
+        record = json.loads((Path(path) / MODEL_RECORD).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(record, dict) and record.get("trained") is False

@@ -54,7 +54,7 @@ from capfilt.pipeline.curate.options import (
     runner_name,
 )
 from capfilt.pipeline.curate.curated import SelectCaptions
-from capfilt.pipeline.curate.record import build_stats, check_identity, metric_counters
+from capfilt.pipeline.curate.record import UNTRAINED, build_stats, check_identity, metric_counters, untrained_models
 from capfilt.pipeline.curate.sinks import WriteShards, error_records
 from capfilt.pipeline.curate.sources import ReadRows, discover_shards, validate_shard
 
@@ -147,6 +147,8 @@ def run_curate(cfg, beam_args: list[str] | None = None) -> CurateResult:
     with store.locked():
         shards = discover_shards(cfg.inputs)
         settings = state.settings_record(cfg, local, model_hashes)
+        for model in untrained_models(settings):
+            LOG.warning("--%s %s", model, UNTRAINED)
         # A marker counts only while its output files are intact; the others are redone.
         done = {} if cfg.overwrite else store.without_renamed(store.intact(store.markers()), shards)
         if not cfg.overwrite:

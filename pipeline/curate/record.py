@@ -14,7 +14,8 @@ from collections import Counter
 from apache_beam.metrics.metric import MetricsFilter
 
 from capfilt.pipeline.curate.errors import NAMESPACE
-from capfilt.model.specs import identity
+from capfilt.model.specs import identity, untrained
+from capfilt.pipeline.models import local_spec
 
 
 def metric_counters(result) -> dict[str, int] | None:
@@ -47,8 +48,30 @@ def model_record(spec: str | None, hashes: dict | None = None) -> dict | None:
     if spec is None:
         return None
     if hashes and spec in hashes:
-        return {"id": spec, "sha256": hashes[spec], "kind": "directory"}
+        record = {"id": spec, "sha256": hashes[spec], "kind": "directory"}
+        return {**record, "untrained": True} if untrained(local_spec(spec, hashes[spec])) else record
     return identity(spec)
+
+
+UNTRAINED = ("is untrained: random weights from `capfilt models init` that no training has touched, so its "
+             "captions and scores mean nothing")
+
+
+def untrained_models(manifest: dict) -> list[str]:
+    """"ROLE SPEC" of every model a curate or release manifest marks ``untrained`` (a release's
+    own, and its inputs' curate models, prefixed by the input's folder)."""
+    found = []
+
+    def scan(models, where: str) -> None:
+        for role, record in sorted((models or {}).items()):
+            if isinstance(record, dict) and record.get("untrained"):
+                found.append(f"{where}{role} {record.get('id')}")
+
+    scan(manifest.get("models"), "")
+    for entry in manifest.get("inputs") or []:
+        if isinstance(entry, dict):
+            scan((entry.get("curate") or {}).get("models"), f"input {entry.get('dir')}: ")
+    return found
 
 
 def code_version() -> str:

@@ -389,7 +389,7 @@ def _build(cfg: ReleaseConfig, embedder, t0: float, inputs: list[Path], names: d
         (stage / "README.md").write_text(release_manifest.dataset_card(manifest, report=cfg.report))
         if cfg.report:
             from capfilt.pipeline.release.report import write_report
-            write_report(stage, out_file=stage / "report.html", title=str(cfg.out))
+            write_report(stage, out_file=stage / "report.html", title=str(cfg.out), warn=False)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise

@@ -52,3 +52,8 @@ def test_a_pretrain_run_writes_weights_and_checkpoints_with_the_umask(tmp_path, 
     assert "captioner/model.safetensors" in weights and "itm/model.safetensors" in weights
     assert any(name.startswith("checkpoints/") for name in weights)
     assert files == {name: 0o666 & ~umask for name in files}
+    # the fresh model the run started from is marked untrained, the models it trained are not
+    from capfilt.model.specs import untrained
+
+    assert untrained(out / "init" / "itm") and untrained(out / "init" / "captioner")
+    assert not untrained(out / "captioner") and not untrained(out / "itm")
