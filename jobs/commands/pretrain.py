@@ -61,7 +61,8 @@ class Objectives:
                 "non-matching pairs throughout)", "choices": ["hard", "random"]})
     itm_random_steps: int = field(default=BlipTrainConfig.itm_random_steps, metadata={
         "help": "with 'hard': draw uniformly for the first N steps, then by similarity; lets a randomly "
-                "initialised ITM leave its 0.64 plateau (docs/training.md)", "metavar": "N"})
+                "initialised ITM leave its 0.64 plateau, where it stays for long with hard negatives "
+                "from the first step", "metavar": "N"})
     itm_hard_fraction: float = field(default=BlipTrainConfig.itm_hard_fraction, metadata={
         "help": "with 'hard', after the uniform steps: the share of rows whose negative is drawn by "
                 "similarity, the rest uniformly (1.0: BLIP)", "metavar": "F"})

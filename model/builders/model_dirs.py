@@ -32,7 +32,7 @@ def find_model_dirs(init) -> dict[str, str]:
         spec = json.loads(tower.read_text()).get("tower")
         raise ValueError(f"{init}: {tower.parent} holds a BLIP-2 Q-Former trained against the frozen tower "
                          f"{spec!r}, which transformers' Blip2VisionModel cannot express, so no library "
-                         f"loader reads it (docs/training.md); train with a tower that maps into it "
+                         f"loader reads it; train with a tower that maps into it "
                          f"(timm:<a ViT>, hf:DIR) to get a loadable DIR/itm")
     if not found:
         raise ValueError(f"--init {init}: no model directory found (looked for config.json with a BLIP "
