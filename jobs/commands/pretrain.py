@@ -39,7 +39,8 @@ class TrainingData:
         "help": "more sources with mixture weights, e.g. 'web/*.parquet:3 human/*.parquet:1'", "nargs": "+",
         "metavar": "GLOB:WEIGHT"})
     overwrite: bool = field(default=False, metadata={
-        "help": "replace a run already in --out (its files are deleted first) instead of refusing"})
+        "help": "replace a run already in --out (its files are deleted first) instead of refusing; a "
+                "directory that is not a training run's output is refused even so"})
 
 
 @dataclass(kw_only=True)
