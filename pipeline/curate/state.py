@@ -193,8 +193,11 @@ class OutStore:
                 FileSystems.delete(below)
 
     def reset(self) -> None:
-        """--overwrite: delete everything a previous run wrote."""
-        for path in (self.shards_dir, self.errors_dir, self.state_dir, self.staging_root,
+        """--overwrite: delete everything a previous run wrote but ``_state/settings.json``,
+        which the run replaces next (``save_settings``): until then it marks --out as a curate
+        output, so a run killed in between is not refused as another command's directory."""
+        markers = [p for p in self._list(_join(self.state_dir, "*")) if p != self.settings_path]
+        for path in (self.shards_dir, self.errors_dir, *markers, self.staging_root,
                      _join(self.out, "stats.json"), _join(self.out, "manifest.json")):
             self.remove(path)
 

@@ -362,6 +362,22 @@ def test_what_is_not_a_curate_output_is_named_on_object_storage(s3_root):
     assert FileSystems.exists(f"{s3_root}/rel/shards/part-00000.parquet")
 
 
+def test_overwrite_keeps_the_settings_that_mark_a_curate_output_until_they_are_replaced(tmp_path):
+    """A run killed between --overwrite's deletion and its new settings leaves a directory that
+    is still recognised as a curate output (report.html beside it is not curate's)."""
+    from capfilt.pipeline.curate.state import OutStore
+
+    store = OutStore(str(tmp_path / "out"))
+    _done_shard(store)
+    store.save_settings({"settings": {"seed": 1}})
+    (tmp_path / "out" / "stats.json").write_text("{}")
+    (tmp_path / "out" / "report.html").write_text("<html>")
+    store.reset()
+    assert sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*") if p.is_file()) == [
+        "_state/settings.json", "report.html"]
+    OutStore(store.out).check_is_curate_output()
+
+
 def test_an_existing_curate_output_and_an_empty_dir_are_accepted(tmp_path):
     from capfilt.pipeline.curate.state import LOCK_NAME, OutStore
 
