@@ -52,7 +52,14 @@ def load_hf_config(name_or_dir: str | Path):
     try:
         return AutoConfig.from_pretrained(spec, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as exc:
-        raise ValueError(f"cannot read the model config of {name_or_dir!r}: {loader_error(exc)}") from exc
+        raise ValueError(_failed(f"cannot read the model config of {name_or_dir!r}", name_or_dir, exc)) from exc
+
+
+def _failed(what: str, name_or_dir, exc: Exception) -> str:
+    """A loader's error; for a hub id that is also read as a missing local directory
+    (``ModelSpec.shadow``), that reading first."""
+    spec = ModelSpec.parse(name_or_dir)
+    return spec.both_readings(loader_error(exc)) if spec.shadow else f"{what}: {loader_error(exc)}"
 
 
 def load_hf_model(model_cls, processor_cls, name_or_dir: str | Path, device: torch.device) -> tuple[Any, Any]:
@@ -66,7 +73,7 @@ def load_hf_model(model_cls, processor_cls, name_or_dir: str | Path, device: tor
         model, info = model_cls.from_pretrained(spec, trust_remote_code=False, output_loading_info=True)
         processor = processor_cls.from_pretrained(spec, trust_remote_code=False)
     except Exception as exc:  # safetensors, json, hub and torch each raise their own error types
-        raise ValueError(f"cannot load {model_cls.__name__} from {name_or_dir!r}: {loader_error(exc)}") from exc
+        raise ValueError(_failed(f"cannot load {model_cls.__name__} from {name_or_dir!r}", name_or_dir, exc)) from exc
     missing = sorted(info.get("missing_keys") or [])
     mismatched = sorted(str(m) for m in (info.get("mismatched_keys") or []))
     if missing or mismatched:

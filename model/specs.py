@@ -26,12 +26,19 @@ Local or hub. Hub ids are ``NAME`` or ``ORG/NAME`` and open_clip specs hold a ':
 that exists, starts with '.', '/' or '~', holds a backslash (the Windows separator) or two
 '/' is a path. Relative to a job file (``base``), a spec whose first part is a directory
 beside the file (``models/captionr`` when ``models/`` exists) is a misspelt path too: an org
-of that name beside the job file is far less likely than a typo. No such guess is made
-against the working directory, which holds whatever it holds.
+of that name beside the job file is far less likely than a typo. Against the working
+directory, which holds whatever it holds, such a spec stays a hub id, but it is ambiguous
+(``ModelSpec.shadow``: the path it would name): when the hub has no such model the error
+names both readings, the missing directory first, with the closest entry of its folder
+(``no such directory trained/captionr (did you mean trained/captioner?); ...``).
 
 Identity (``identity``): what a manifest records for a model: its spec as written, and the
 SHA-256 over a local directory's files (relative path + content hash of each, in walk order)
 or of a local weights file (``transforms.files.hashing``); a hub id or pretrained tag has none.
+A directory that ``capfilt models init`` wrote holds ``capfilt_model.json`` with ``"trained":
+false`` (its weights are random); its record says ``"untrained": true``. Training writes its
+models with the libraries' own ``save_pretrained`` / safetensors into new directories, which
+have no such file.
 """
 from __future__ import annotations
 
@@ -50,6 +57,7 @@ _SCHEMES = {"local-dir": LOCAL, "hf": LOCAL, "hf-hub": OPEN_CLIP_HUB, "open_clip
 VISION_INIT_SCHEMES = ("timm", "open_clip", "hf")
 
 CLIP_CONFIG = "open_clip_config.json"  # what makes a directory an open_clip model
+MODEL_RECORD = "capfilt_model.json"  # written by capfilt's builders beside the weights (``untrained``)
 CLIP_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 # Files a transformers model directory holds its weights in (single file or sharded).
 HF_WEIGHT_FILES = (
@@ -74,6 +82,7 @@ class ModelSpec:
     name: str
     weights: str | None = None
     scheme: str = ""
+    shadow: str | None = None  # a hub id ORG/NAME whose ORG is a local directory: the path it names
 
     @classmethod
     def parse(cls, spec: str | Path, base: str | Path | None = None) -> "ModelSpec":
@@ -96,7 +105,15 @@ class ModelSpec:
         name, sep, weights = text.partition(":")
         if sep and name and weights:
             return cls(text, OPEN_CLIP, name, weights)
-        return cls(text, HUB, text)
+        first = text.split("/")[0]
+        shadowed = "/" in text and first and (Path(base or ".") / first).is_dir()
+        return cls(text, HUB, text, shadow=_resolve(text, base) if shadowed else None)
+
+    def both_readings(self, hub_error: str) -> str:
+        """The error of an ambiguous hub id (``shadow``) that the hub did not resolve: the
+        missing directory first, then the hub's answer."""
+        return (f"no such directory {self.shadow}{near_miss(Path(self.shadow))}; read as a hub id, "
+                f"{self.text!r} failed too ({hub_error})")
 
     @property
     def local(self) -> bool:
@@ -134,6 +151,18 @@ def _is_path(text: str, base) -> bool:
     return base is not None and "/" in text and (Path(base) / text.split("/")[0]).is_dir()
 
 
+def near_miss(path: Path) -> str:
+    """" (did you mean P?)" for the entry of ``path``'s folder closest to its name, else ""."""
+    import difflib
+
+    try:
+        names = sorted(p.name for p in path.parent.iterdir())
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(path.name, names, n=1)
+    return f" (did you mean {path.parent / close[0]}?)" if close else ""
+
+
 def absolute_spec(spec: str) -> str:
     """``spec`` with its local path (a directory, or an open_clip/timm weights file) made
     absolute against the working directory; a hub id or pretrained tag as written. A process
@@ -159,7 +188,7 @@ def check_model_dir(path: str | Path, *, need_processor: bool = True) -> Path:
     transformers directory (with processor files when ``need_processor``)."""
     root = Path(path).expanduser()
     if not root.exists():
-        raise ValueError(f"model directory {root} does not exist")
+        raise ValueError(f"model directory {root} does not exist: no such directory{near_miss(root)}")
     if not root.is_dir():
         raise ValueError(f"model path {root} is a file, expected a directory from save_pretrained")
     config = root / "config.json"
@@ -186,7 +215,7 @@ def check_clip_dir(path: str | Path) -> Path:
     """``path`` if it is an open_clip model directory with weights, else ValueError naming it."""
     root = Path(path).expanduser()
     if not root.is_dir():
-        raise ValueError(f"CLIP model directory {root} does not exist")
+        raise ValueError(f"CLIP model directory {root} does not exist: no such directory{near_miss(root)}")
     if not (root / CLIP_CONFIG).is_file():
         raise ValueError(f"{root}: not an open_clip model directory (no {CLIP_CONFIG})")
     if not any(p.suffix in CLIP_WEIGHT_SUFFIXES for p in root.iterdir() if p.is_file()):
@@ -210,6 +239,9 @@ def parse_clip(spec: str | Path) -> ModelSpec:
         return parsed
     if parsed.kind == OPEN_CLIP_HUB or parsed.kind == OPEN_CLIP and parsed.weights:
         return parsed
+    if parsed.shadow:
+        raise ValueError(parsed.both_readings("a CLIP spec is a model directory, 'hf-hub:org/repo' or "
+                                              "'NAME:PRETRAINED'"))
     raise ValueError(f"CLIP spec {str(spec)!r} is not a model directory, 'hf-hub:org/repo' or 'NAME:PRETRAINED' "
                      f"(e.g. 'ViT-L-14:openai')")
 
@@ -244,7 +276,18 @@ def identity(spec: str | Path) -> dict:
     if path is None and parsed.kind in (OPEN_CLIP, TIMM) and parsed.weights:
         path = Path(parsed.weights).expanduser()  # NAME:FILE
     if path is not None and path.is_dir():
-        return {"id": parsed.text, "sha256": dir_sha256(path), "kind": "directory"}
+        record = {"id": parsed.text, "sha256": dir_sha256(path), "kind": "directory"}
+        return {**record, "untrained": True} if untrained(path) else record
     if path is not None and path.is_file():
         return {"id": parsed.text, "sha256": file_sha256(path), "kind": "file"}
     return {"id": parsed.text, "sha256": None, "kind": "hub"}
+
+
+def untrained(path: str | Path) -> bool:
+    """Whether model directory ``path`` is marked as never trained (its ``capfilt_model.json``
+    says ``"trained": false``: random weights from ``capfilt models init``)."""
+    try:
+        record = json.loads((Path(path) / MODEL_RECORD).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(record, dict) and record.get("trained") is False

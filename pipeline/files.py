@@ -6,7 +6,7 @@ Object stores have no atomic rename (Beam's rename there is a copy and a delete)
 appears whole when its upload is closed: a remote file is written once under its final name,
 never to a temporary name and renamed. Local files are written to a temporary name and renamed
 (``os.replace``). Either way a reader sees a whole file or none; what is *final* is decided by
-curate's done markers, which name each file's size and sha256 (DESIGN.md, "Runners").
+curate's done markers, which name each file's size and sha256 (docs/curate.md, "Other runners").
 
 :func:`written` is a stream that hashes and counts the bytes on their way out, so a worker
 that writes a file knows its checksum without reading it back.

@@ -1,4 +1,4 @@
-"""The pyarrow schemas of every row the project reads or writes (DESIGN.md, "Data contracts").
+"""The pyarrow schemas of every row the project reads or writes (docs/architecture.md, "Contracts").
 
 Every reader validates against these before doing work, and every writer writes exactly
 these, so a contract change is one edit here.

@@ -1,7 +1,7 @@
 """Per-sample random streams.
 
 A caption's randomness must depend only on (run seed, sample key, caption index), never on
-batch size, batch order or worker count (DESIGN.md, "Model contracts"). Every stage that
+batch size, batch order or worker count (docs/architecture.md, "Contracts"). Every stage that
 draws random numbers for a sample derives its seed here, so the rule lives in one place.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The bootstrap report: `report.json` (DESIGN.md, "Bootstrap report") and `report.md`.
+"""The bootstrap report: `report.json` (docs/architecture.md, "Contracts") and `report.md`.
 
 One entry per round and ablation. Its fields, all fractions in [0, 1]:
 

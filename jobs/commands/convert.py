@@ -40,7 +40,8 @@ class ConvertOptions:
                 "its tokenizer must match the checkpoint's vocabulary and special token ids. Without it "
                 "OUT_DIR holds only the model"})
     overwrite: bool = field(default=False, metadata={
-        "help": "replace a non-empty OUT_DIR (its old contents are deleted once the conversion has succeeded)"})
+        "help": "replace a model directory in OUT_DIR (its old contents are deleted once the conversion "
+                "has succeeded); a directory another command wrote is refused even so"})
 
 
 def add_arguments(parser) -> None:

@@ -36,7 +36,8 @@ class ModelInit:
     out: Path = field(metadata={"help": "output model directory; must be empty or absent unless --overwrite",
                                 "type": Path})
     overwrite: bool = field(default=False, metadata={
-        "help": "replace a non-empty --out (its old contents are deleted once the model is built)"})
+        "help": "replace a model directory in --out (its old contents are deleted once the model is built); "
+                "a directory another command wrote is refused even so"})
     tokenizer: Path | None = field(default=None, metadata={
         "help": "tokenizer directory from `capfilt models tokenizer` (BLIP kinds; default: train one now on the "
                 "synthetic corpus). Ignored for clip, which uses open_clip's BPE.", "type": Path})

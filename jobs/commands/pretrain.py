@@ -18,6 +18,7 @@ from capfilt.jobs import options
 from capfilt.model.training.blip import BlipTrainConfig
 from capfilt.model.training.loop import TrainConfig
 from capfilt.model.tokens import ITM_FIRST_TOKENS
+from capfilt.transforms.files import outputs
 
 DESCRIPTION = (
     "Pretrain a model on curated (kept rows, one of the selected captions per step) or raw "
@@ -39,7 +40,8 @@ class TrainingData:
         "help": "more sources with mixture weights, e.g. 'web/*.parquet:3 human/*.parquet:1'", "nargs": "+",
         "metavar": "GLOB:WEIGHT"})
     overwrite: bool = field(default=False, metadata={
-        "help": "replace a run already in --out (its files are deleted first) instead of refusing"})
+        "help": "replace a run already in --out (its files are deleted first) instead of refusing; a "
+                "directory that is not a training run's output is refused even so"})
 
 
 @dataclass(kw_only=True)
@@ -61,7 +63,8 @@ class Objectives:
                 "non-matching pairs throughout)", "choices": ["hard", "random"]})
     itm_random_steps: int = field(default=BlipTrainConfig.itm_random_steps, metadata={
         "help": "with 'hard': draw uniformly for the first N steps, then by similarity; lets a randomly "
-                "initialised ITM leave its 0.64 plateau (docs/training.md)", "metavar": "N"})
+                "initialised ITM leave its 0.64 plateau, where it stays for long with hard negatives "
+                "from the first step", "metavar": "N"})
     itm_hard_fraction: float = field(default=BlipTrainConfig.itm_hard_fraction, metadata={
         "help": "with 'hard', after the uniform steps: the share of rows whose negative is drawn by "
                 "similarity, the rest uniformly (1.0: BLIP)", "metavar": "F"})
@@ -218,6 +221,8 @@ def prepare_run_dir(args, run_name: str, exports: tuple[str, ...] | None = None)
                              out / f"{run_name}_summary.json", *(out / e for e in exports)) if p.exists()]
     if not owned:
         return
+    if exports is None:  # everything in --out would be deleted: it must be a training run's
+        outputs.check_own(out, outputs.TRAINING, "pretrain")
     if not args.overwrite:
         names = ", ".join(p.name for p in owned[:4]) + (", ..." if len(owned) > 4 else "")
         raise ValueError(f"--out {out} is not empty (it holds {names}): pass --resume to continue the run "

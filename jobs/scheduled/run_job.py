@@ -52,7 +52,10 @@ DESCRIPTION = """\
 Run the job described by JOB.yaml: ingest (for URL lists) -> curate -> release, each step only
 when its inputs changed since the last run (new raw shards, changed settings or models, new
 curated shards or eval files). A second run with nothing new does nothing and changes no file.
-See docs/scheduling.md for the job file, a cron entry and an Airflow DAG.
+JOB.yaml holds `name`, `output_root`, `inputs` (`shards` or `url_lists`), `models` (captioner,
+filter, clip) and one section per step (`ingest.options`, `curate`, `release`) whose keys are
+that command's options with _ for -; paths are relative to the job file. A typo in a key is a
+config error naming the closest known key.
 
 exit codes:
 """ + "\n".join(f"  {k}  {v}" for k, v in EXIT_CODES.items())

@@ -289,7 +289,7 @@ def convert_blip_checkpoint(src, out_dir, task: str, config=None, processor=None
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     out = Path(out_dir)
-    check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, command="convert")
     log.info("reading %s", src)
     state = load_original_state_dict(src)
     log.info("%d tensors read; building %s", len(state), _HF_CLASS[task])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from capfilt.model.specs import CLIP_CONFIG, ModelSpec
+from capfilt.model.specs import CLIP_CONFIG, ModelSpec, near_miss
 
 ARCHITECTURES = {"BlipForConditionalGeneration": "captioner", "BlipForImageTextRetrieval": "itm",
                  "Blip2ForImageTextRetrieval": "blip2"}
@@ -17,6 +17,8 @@ def find_model_dirs(init) -> dict[str, str]:
     DIR itself or DIR/{captioner,itm,clip} (read from each config's `architectures`)."""
     spec = ModelSpec.parse(init)
     root = spec.path or Path(spec.text)  # a hub id names no directory: nothing is found there
+    if not root.is_dir():
+        raise ValueError(f"--init {init}: no such directory {root}{near_miss(root)}")
     found: dict[str, str] = {}
     for d in (root, root / "captioner", root / "itm", root / "clip"):
         if (d / "config.json").is_file():
@@ -30,7 +32,7 @@ def find_model_dirs(init) -> dict[str, str]:
         spec = json.loads(tower.read_text()).get("tower")
         raise ValueError(f"{init}: {tower.parent} holds a BLIP-2 Q-Former trained against the frozen tower "
                          f"{spec!r}, which transformers' Blip2VisionModel cannot express, so no library "
-                         f"loader reads it (docs/training.md); train with a tower that maps into it "
+                         f"loader reads it; train with a tower that maps into it "
                          f"(timm:<a ViT>, hf:DIR) to get a loadable DIR/itm")
     if not found:
         raise ValueError(f"--init {init}: no model directory found (looked for config.json with a BLIP "

@@ -6,14 +6,22 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
+from capfilt.transforms.files import modes, outputs
 from capfilt.transforms.files.staging import Staging
 
 
-def check_output_dir(out: Path, overwrite: bool, what: str = "output directory") -> None:
-    """ValueError when ``out`` is a file, or a non-empty directory and not ``overwrite``."""
+def check_output_dir(out: Path, overwrite: bool, what: str = "output directory", merge: bool = False,
+                     command: str = "this command") -> None:
+    """ValueError when ``out`` is a file, or a non-empty directory that is not a model
+    directory (``transforms.files.outputs``: named, whatever the flags), or a non-empty model
+    directory and not ``overwrite``. ``merge``: a non-empty ``out`` is written into as it is
+    (the library default of ``init_model``, for directories its caller owns)."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"{what} {out} is a file, not a directory")
-    if not overwrite and out.is_dir() and any(out.iterdir()):
+    if merge and not overwrite or not out.is_dir():
+        return
+    outputs.check_own(out, outputs.MODEL, command, what=what)
+    if not overwrite and any(out.iterdir()):
         raise ValueError(f"{what} {out} is not empty (pass overwrite=True / --overwrite to replace it)")
 
 
@@ -36,6 +44,7 @@ def staged_dir(out: str | Path, replace: bool = True):
     stage = staging.create()
     try:
         yield stage
+        modes.respect_umask(stage)  # safetensors writes its files 0600, whatever the umask
     except BaseException:
         staging.discard()
         raise

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from capfilt.model.specs import CLIP_CONFIG, clip_spec
+from capfilt.model.specs import CLIP_CONFIG, MODEL_RECORD, clip_spec
 from capfilt.model.tokens import DEC_TOKEN, ENC_TOKEN
 
 KINDS = ("captioner", "itm", "blip2-itm", "clip")
@@ -211,10 +211,11 @@ def init_model(kind: str, out_dir, tokenizer_dir=None, seed: int = 0, overrides:
 
     config = load_config(kind, overrides)
     out = Path(out_dir)
-    check_output_dir(out, overwrite=overwrite or exist_ok, what="model directory")
+    check_output_dir(out, overwrite=overwrite, what="model directory", merge=exist_ok, command="models init")
     if kind == "clip":
         with staged_dir(out, replace=overwrite) as stage:
             _init_clip(config, stage, seed)
+            _mark_untrained(stage, kind, seed)
         return out
     if tokenizer_dir is None:
         # The processor saves the tokenizer beside the model, so a scratch copy is enough.
@@ -234,7 +235,16 @@ def init_model(kind: str, out_dir, tokenizer_dir=None, seed: int = 0, overrides:
     with staged_dir(out, replace=overwrite) as stage:
         model.save_pretrained(stage)
         _processor(tokenizer, image_size, max_text).save_pretrained(stage)
+        _mark_untrained(stage, kind, seed)
     return out
+
+
+def _mark_untrained(stage: Path, kind: str, seed: int) -> None:
+    """Write ``capfilt_model.json`` saying these weights are random (``model.specs.untrained``):
+    curate, release and the report warn about a model no training has touched."""
+    record = {"trained": False, "built_by": "capfilt models init", "kind": kind, "seed": int(seed),
+              "note": "random-initialised weights; no training has touched this model"}
+    (stage / MODEL_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 
 @contextlib.contextmanager

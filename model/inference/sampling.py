@@ -1,7 +1,7 @@
 """Seeded per-row nucleus sampling inside ``transformers`` generation.
 
 ``generate(do_sample=True)`` draws every row from torch's one global RNG, so a caption would
-depend on which other rows share its batch and in which order. DESIGN.md requires the stream of
+depend on which other rows share its batch and in which order. docs/architecture.md requires the stream of
 caption ``i`` of sample ``key`` to depend only on (run seed, key, i). transformers has no
 per-row generator, hence this module.
 

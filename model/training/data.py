@@ -4,7 +4,7 @@ Reading is `transforms.shards` (pyarrow; `keep`/`status` pushed down as a scan f
 decoding is `transforms.image.decode_image`. What no library offers, and what
 this module adds, is the ordering contract the pretraining loop needs:
 
-* **Two shard kinds.** Curated shards (`captions` + `keep`, DESIGN.md) yield only kept rows, and
+* **Two shard kinds.** Curated shards (`captions` + `keep`, docs/architecture.md) yield only kept rows, and
   each time a row comes round one of its selected `captions` is drawn, as LAVIS draws one caption
   of a sample per step. Raw img2dataset shards (`caption`, `status`) yield `status == "success"`
   rows with the web caption cleaned by `transforms.text.clean_caption` (round 0).

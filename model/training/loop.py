@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from capfilt.model.training.data import ImageTextStream, SourceSpec
 from capfilt.model.inference.device import use_bf16
-from capfilt.transforms.files import atomic
+from capfilt.transforms.files import atomic, modes
 from capfilt.transforms.seeding import sample_seed
 
 log = logging.getLogger(__name__)
@@ -219,6 +219,8 @@ class Trainer:
         if summary["finished"] and self.is_main:
             self.module.eval()
             summary["exported"] = [str(p) for p in self.module.export(self.out)]
+            for path in summary["exported"]:
+                modes.respect_umask(path)  # safetensors writes its files 0600, whatever the umask
         if self.is_main:
             atomic.write_json(self.out / f"{cfg.run_name}_summary.json", summary, indent=2)
         self._barrier()
@@ -297,6 +299,7 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             save_model(self.module, str(tmp / "model.safetensors"))
+            modes.respect_umask(tmp / "model.safetensors")
             torch.save({"step": self.step, "config": dataclasses.asdict(self.cfg), "ranks": ranks,
                         "data_sources": self._data_sources(),
                         "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},

@@ -22,7 +22,7 @@ a deleted or changed output makes the shard pending again. ``--overwrite`` delet
 output (once the models, the device and the new input have passed their checks) and starts
 again. Settings that change rows (models and their hashes, thresholds, seeds, precision, ...)
 are recorded at the first run; resuming with different ones is refused once a shard is done.
-A non-empty ``--out`` that no curate run wrote is refused unless ``--overwrite`` is given.
+A non-empty ``--out`` that no curate run wrote is refused, with or without ``--overwrite``.
 
 Other runners. Local paths are made absolute before anything else (workers have their own
 working directories), and the runner is created before --out is touched, so a refused runner
@@ -54,7 +54,7 @@ from capfilt.pipeline.curate.options import (
     runner_name,
 )
 from capfilt.pipeline.curate.curated import SelectCaptions
-from capfilt.pipeline.curate.record import build_stats, check_identity, metric_counters
+from capfilt.pipeline.curate.record import UNTRAINED, build_stats, check_identity, metric_counters, untrained_models
 from capfilt.pipeline.curate.sinks import WriteShards, error_records
 from capfilt.pipeline.curate.sources import ReadRows, discover_shards, validate_shard
 
@@ -143,11 +143,12 @@ def run_curate(cfg, beam_args: list[str] | None = None) -> CurateResult:
     # Before --out is created, locked or cleaned: a model or device that cannot work would
     # otherwise fail the run only after --overwrite had deleted the previous output.
     model_hashes = check_models(cfg, local)
-    if not cfg.overwrite:  # before the lock file: a refused directory is left as it was
-        store.check_is_curate_output()
+    store.check_is_curate_output()  # before the lock file: a refused directory is left as it was
     with store.locked():
         shards = discover_shards(cfg.inputs)
         settings = state.settings_record(cfg, local, model_hashes)
+        for model in untrained_models(settings):
+            LOG.warning("--%s %s", model, UNTRAINED)
         # A marker counts only while its output files are intact; the others are redone.
         done = {} if cfg.overwrite else store.without_renamed(store.intact(store.markers()), shards)
         if not cfg.overwrite:

@@ -110,8 +110,8 @@ class CurateConfig:
     precision: str = field(default="auto", metadata=_opt(  # pipeline.precision
         MODELS, "fp32; bf16 (all models, fastest, decisions may change); bf16-checked (captioner fp32, "
         "filter and ranker bf16, images whose decision a bf16 error could flip are scored again in fp32); "
-        "auto (default): bf16-checked where the hardware has native bf16, else fp32. "
-        "See docs/benchmarks/capfilt.md", choices=PRECISIONS))
+        "auto (default): bf16-checked where the hardware has native bf16, else fp32. Measured: plain "
+        "bf16 changed 12-25 %% of the selected captions, bf16-checked none", choices=PRECISIONS))
     itm_margin: float = field(default=DEFAULT_ITM_MARGIN, metadata=_opt(  # ITM scores this close get fp32
         MODELS, "bf16-checked: ITM scores within E of --itm-threshold are recomputed in fp32", metavar="E"))
     clip_margin: float = field(default=DEFAULT_CLIP_MARGIN, metadata=_opt(  # CLIP error assumed per score
@@ -131,7 +131,8 @@ class CurateConfig:
     shards_per_pipeline: int = field(default=8, metadata=_opt(
         RUN, "input shards per Beam pipeline (the unit of resume after a crash)"))
     overwrite: bool = field(default=False, metadata=_opt(
-        IO, "delete OUT's previous curate output first (default: resume, skipping done shards)"))
+        IO, "delete OUT's previous curate output first (default: resume, skipping done shards); a "
+        "directory another command wrote is refused even so"))
     progress_every: float = field(default=5.0, metadata=_opt(
         RUN, "seconds between progress lines", metavar="SECONDS"))
     extra: dict = field(default_factory=dict)

@@ -6,6 +6,7 @@ NotImplementedError). The written files decide the counts; Metrics, where there 
 second check and the source of the fp32 re-score counts."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from collections import Counter
@@ -13,7 +14,8 @@ from collections import Counter
 from apache_beam.metrics.metric import MetricsFilter
 
 from capfilt.pipeline.curate.errors import NAMESPACE
-from capfilt.model.specs import identity
+from capfilt.model.specs import identity, untrained
+from capfilt.pipeline.models import local_spec
 
 
 def metric_counters(result) -> dict[str, int] | None:
@@ -46,8 +48,30 @@ def model_record(spec: str | None, hashes: dict | None = None) -> dict | None:
     if spec is None:
         return None
     if hashes and spec in hashes:
-        return {"id": spec, "sha256": hashes[spec], "kind": "directory"}
+        record = {"id": spec, "sha256": hashes[spec], "kind": "directory"}
+        return {**record, "untrained": True} if untrained(local_spec(spec, hashes[spec])) else record
     return identity(spec)
+
+
+UNTRAINED = ("is untrained: random weights from `capfilt models init` that no training has touched, so its "
+             "captions and scores mean nothing")
+
+
+def untrained_models(manifest: dict) -> list[str]:
+    """"ROLE SPEC" of every model a curate or release manifest marks ``untrained`` (a release's
+    own, and its inputs' curate models, prefixed by the input's folder)."""
+    found = []
+
+    def scan(models, where: str) -> None:
+        for role, record in sorted((models or {}).items()):
+            if isinstance(record, dict) and record.get("untrained"):
+                found.append(f"{where}{role} {record.get('id')}")
+
+    scan(manifest.get("models"), "")
+    for entry in manifest.get("inputs") or []:
+        if isinstance(entry, dict):
+            scan((entry.get("curate") or {}).get("models"), f"input {entry.get('dir')}: ")
+    return found
 
 
 def code_version() -> str:
@@ -88,3 +112,31 @@ def build_stats(markers: list[dict], run: dict) -> dict:
         this_run=run,
     )
     return stats
+
+
+def comparable(record: dict) -> dict:
+    """A settings record as a resume compares it: a model with a content hash is that hash,
+    however its spec was spelt (``trained/captioner``, ``./trained/captioner``, a copy or a
+    link elsewhere, the same directory on object storage); a model without one (a hub id, a
+    pretrained tag) is its spec."""
+    record = json.loads(json.dumps(record))
+    settings, models = record.get("settings") or {}, record.get("models") or {}
+    for role, model in models.items():
+        if isinstance(model, dict) and model.get("sha256"):
+            models[role] = {"sha256": model["sha256"]}
+            if role in settings:
+                settings[role] = "(by content: models." + role + ".sha256)"
+    return record
+
+
+def settings_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(settings_diff(a, b, f"{prefix}{key}."))
+        elif key not in old:  # a setting the writing run did not record: what it used is unknown
+            out.append(f"{prefix}{key}: not recorded by the run that wrote it, now {b!r}")
+        elif a != b:
+            out.append(f"{prefix}{key}: was {a!r}, now {b!r}")
+    return out

@@ -37,11 +37,11 @@ import shutil
 
 from apache_beam.io.filesystems import FileSystems
 
-from capfilt.pipeline.curate.record import check_identity, code_version, model_record
+from capfilt.pipeline.curate.record import check_identity, code_version, comparable, model_record, settings_diff
 from capfilt.pipeline.curate.sinks import ShardTarget
 from capfilt.pipeline.curate.sources import ShardInfo, output_name
 from capfilt.pipeline.files import BEAM, file_sha256, listed_size
-from capfilt.transforms.files import atomic, locks
+from capfilt.transforms.files import atomic, locks, outputs
 
 LOG = logging.getLogger(__name__)
 LOCK_NAME = ".lock"
@@ -152,23 +152,19 @@ class OutStore:
         return False
 
     def check_is_curate_output(self) -> None:
-        """Refuse a non-empty --out that no curate run wrote (no ``_state/settings.json``):
-        cleaning up a killed run would delete its files. ``--overwrite`` skips this check."""
-        if FileSystems.exists(self.settings_path) or not self._has(self.out):
-            return
-        if self.local and not os.path.isdir(self.out):
+        """Refuse a non-empty --out that no curate run wrote (no ``_state/settings.json``),
+        whatever the flags: cleaning up a killed run, or ``--overwrite``, would delete its
+        files. The message names what it is (``transforms.files.outputs``)."""
+        if self.local and os.path.exists(self.out) and not os.path.isdir(self.out):
             return  # locked() refuses it, naming the path
+        if not self._has(self.out):
+            return
         if self.local:
-            names = sorted(n for n in os.listdir(self.out) if n != LOCK_NAME)
+            names = os.listdir(self.out)
         else:
-            names = [posixpath.basename(m.path.rstrip("/")) for m in
-                     FileSystems.match([_join(self.out, "*")])[0].metadata_list]
-        if names:
-            shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
-            raise ValueError(
-                f"--out {self.out} is not empty ({shown}) and is not a capfilt curate output (it has "
-                f"no _state/settings.json); use another --out, or pass --overwrite to curate into it"
-            )
+            prefix = self.out.rstrip("/") + "/"  # an object store has keys, no folders
+            names = {m.path[len(prefix):].split("/")[0] for m in self._matches(prefix + "**")} - {""}
+        outputs.check_own(self.out, outputs.CURATE, "curate", names, BEAM, ignore=(LOCK_NAME,))
 
     def _ensure(self, path: str) -> None:
         if self.local and not os.path.isdir(path):
@@ -181,7 +177,11 @@ class OutStore:
         return bool(FileSystems.match([_join(folder, "**")], limits=[1])[0].metadata_list)
 
     def _list(self, pattern: str) -> list[str]:
-        return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
+        return sorted(m.path for m in self._matches(pattern))
+
+    @staticmethod
+    def _matches(pattern: str) -> list:
+        return FileSystems.match([pattern])[0].metadata_list
 
     def remove(self, path: str) -> None:
         """Delete a file or a folder with everything in it (on object stores: every key below)."""
@@ -193,8 +193,11 @@ class OutStore:
                 FileSystems.delete(below)
 
     def reset(self) -> None:
-        """--overwrite: delete everything a previous run wrote."""
-        for path in (self.shards_dir, self.errors_dir, self.state_dir, self.staging_root,
+        """--overwrite: delete everything a previous run wrote but ``_state/settings.json``,
+        which the run replaces next (``save_settings``): until then it marks --out as a curate
+        output, so a run killed in between is not refused as another command's directory."""
+        markers = [p for p in self._list(_join(self.state_dir, "*")) if p != self.settings_path]
+        for path in (self.shards_dir, self.errors_dir, *markers, self.staging_root,
                      _join(self.out, "stats.json"), _join(self.out, "manifest.json")):
             self.remove(path)
 
@@ -206,9 +209,9 @@ class OutStore:
         path = self.settings_path
         if not done or not FileSystems.exists(path):
             return
-        old = read_json(path)
-        if old != json.loads(json.dumps(settings)):
-            diff = _diff(old, settings)
+        old, new = comparable(read_json(path)), comparable(settings)
+        if old != new:
+            diff = settings_diff(old, new)
             raise ValueError(
                 f"{self.out} was curated with other settings ({'; '.join(diff)}); "
                 f"pass --overwrite to start again, or use another --out"
@@ -216,7 +219,7 @@ class OutStore:
 
     def save_settings(self, settings: dict) -> None:
         path = self.settings_path
-        if FileSystems.exists(path) and read_json(path) == json.loads(json.dumps(settings)):
+        if FileSystems.exists(path) and comparable(read_json(path)) == comparable(settings):
             return  # unchanged: no write (a re-run with nothing to do changes no file)
         self._ensure(self.state_dir)
         write_json(path, settings)  # differs only when no shard is done (check_settings)
@@ -377,16 +380,3 @@ class OutStore:
             if FileSystems.exists(path) and read_json(path) == json.loads(json.dumps(obj)):
                 continue
             write_json(path, obj)
-
-
-def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out.extend(_diff(a, b, f"{prefix}{key}."))
-        elif key not in old:  # a setting the writing run did not record: what it used is unknown
-            out.append(f"{prefix}{key}: not recorded by the run that wrote it, now {b!r}")
-        elif a != b:
-            out.append(f"{prefix}{key}: was {a!r}, now {b!r}")
-    return out

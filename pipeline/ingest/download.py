@@ -51,6 +51,7 @@ import pyarrow.parquet as pq
 from capfilt.pipeline.ingest.check import ShardLayout, download_settings, prepare_out, read_input_urls, verify_output
 from capfilt.pipeline.ingest.lock import OutLock, run_download
 from capfilt.pipeline.ingest.spark import download_on_spark, require_pyspark
+from capfilt.transforms.files import outputs
 
 LOG = logging.getLogger(__name__)
 
@@ -267,6 +268,7 @@ def run_ingest(cfg: IngestConfig) -> dict:
                   distributor=cfg.distributor,
                   # prepare_out did what overwrite needs (img2dataset's would remove the lock too)
                   incremental_mode="extend" if mode == "extend" else "incremental")
+    outputs.check_own(cfg.out, outputs.INGEST, "ingest")  # before the lock: a refused --out is left as it was
     os.makedirs(cfg.out, exist_ok=True)
     with OutLock(cfg.out) as lock:
         first, redone = prepare_out(cfg.out, mode, layout, download_settings(download, kwargs, cfg.url_list), urls)

@@ -387,7 +387,7 @@ def _build(cfg: ReleaseConfig, embedder, t0: float, inputs: list[Path], names: d
         atomic.write_text(stage / "README.md", release_manifest.dataset_card(manifest, report=cfg.report))
         if cfg.report:
             from capfilt.pipeline.release.report import write_report
-            write_report(stage, out_file=stage / "report.html", title=str(cfg.out))
+            write_report(stage, out_file=stage / "report.html", title=str(cfg.out), warn=False)
     except BaseException:
         discard_stage(cfg.out)  # claimed before it is deleted: a kill meanwhile leaves it ours
         raise

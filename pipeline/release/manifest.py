@@ -11,13 +11,14 @@ import json
 import logging
 from pathlib import Path
 
-from capfilt.pipeline.curate.record import code_version, model_record
+from capfilt.pipeline.curate.record import UNTRAINED, code_version, model_record, untrained_models
 from capfilt.pipeline.files import file_sha256
 from capfilt.transforms import shards as reader
+from capfilt.transforms.files import outputs
 
 log = logging.getLogger(__name__)
 
-FORMAT = "capfilt-release/1"
+FORMAT = outputs.RELEASE_FORMAT + "1"
 # Keys of a curate manifest that describe how its rows were made (copied into the lineage).
 CURATE_LINEAGE_KEYS = ("models", "thresholds", "seeds", "round", "settings", "code_version")
 
@@ -51,7 +52,7 @@ def is_release_dir(path: Path) -> bool:
         data = json.loads((Path(path) / "manifest.json").read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
-    return isinstance(data, dict) and str(data.get("format", "")).startswith(FORMAT.split("/")[0] + "/")
+    return isinstance(data, dict) and str(data.get("format", "")).startswith(outputs.RELEASE_FORMAT)
 
 
 def recorded_shards(d: Path) -> list[dict]:
@@ -136,7 +137,7 @@ def build_manifest(cfg, files, sources, hashes, lineage, eval_set, plans, counts
     if eval_set is not None:
         eval_info = {"pattern": cfg.decontaminate, "images": len(eval_set.keys), "unreadable": eval_set.unreadable,
                      "files": [{"name": f, "sha256": file_sha256(f)} for f in eval_set.files]}
-    return {
+    manifest = {
         "format": FORMAT,
         "code_version": code_version(),
         "settings": cfg.settings(),
@@ -154,6 +155,9 @@ def build_manifest(cfg, files, sources, hashes, lineage, eval_set, plans, counts
             "removed": _file_entry(stage, "removed.parquet"),
         },
     }
+    for model in untrained_models(manifest):  # the flags are in the models entries; say so in the log
+        log.warning("release: %s %s", model, UNTRAINED)
+    return manifest
 
 
 def check_counts(manifest: dict) -> None:
@@ -232,4 +236,7 @@ def dataset_card(m: dict, report: bool = True) -> str:
               + (", `report.html`." if report else "."), "",
               "| column | meaning |", "|---|---|", *COLUMNS, "",
               f"Code version: `{m['code_version']}`.", "", "## Known limitations", "", LIMITATIONS]
+    untrained = untrained_models(m)
+    if untrained:  # first thing a reader sees, under the title
+        lines[1:1] = ["", *(f"**Warning:** {model} {UNTRAINED}." for model in untrained)]
     return "\n".join(lines)

@@ -13,6 +13,7 @@ import glob as globlib
 from pathlib import Path
 
 from capfilt.pipeline.release import manifest as release_manifest
+from capfilt.transforms.files import outputs
 from capfilt.transforms.files.staging import Staging
 
 # Written into the staging directory so that a later build knows a leftover `.NAME.partial`
@@ -28,18 +29,16 @@ def _staging(out: Path) -> Staging:
 
 
 def check_release_out(out: Path, overwrite: bool, decontaminate: str | None) -> None:
-    """Refuse an --out this build must not replace: anything without --overwrite; with it,
-    anything but an empty directory or a capfilt release (manifest.json `format`)."""
+    """Refuse an --out this build must not replace: a directory another command wrote (or
+    that holds files no capfilt command wrote), whatever the flags, naming what it is
+    (``transforms.files.outputs``); an earlier release or an empty directory without --overwrite."""
     if not (out.exists() or out.is_symlink()):
         return
-    if not overwrite:
-        raise ValueError(f"release output {out} exists; pass --overwrite to replace it")
     if not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory; --overwrite only replaces a release")
-    if any(out.iterdir()) and not release_manifest.is_release_dir(out):
-        raise ValueError(f"--out {out} is not empty and not a capfilt release (its manifest.json has no "
-                         f"format {release_manifest.FORMAT}); --overwrite only replaces a release: "
-                         f"choose another --out or empty {out} yourself")
+    outputs.check_own(out, outputs.RELEASE, "release")
+    if not overwrite:
+        raise ValueError(f"release output {out} exists; pass --overwrite to replace it")
     _check_sides(out)
     if decontaminate:  # the eval set is read before the swap would delete it
         inside = [f for f in globlib.glob(decontaminate, recursive=True)

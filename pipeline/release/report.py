@@ -16,7 +16,7 @@ import re
 import io
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 from matplotlib.figure import Figure
 
+from capfilt.pipeline.curate.record import UNTRAINED, untrained_models
 from capfilt.transforms import shards as reader
 from capfilt.transforms.image import DRAFT_SIDE, ImageDecodeError, decode_image
 from capfilt.transforms.schemas import CURATED_SCHEMA
@@ -48,6 +49,7 @@ class ReportData:
     table: pa.Table
     counts: dict
     errors: dict
+    warnings: list[str] = field(default_factory=list)  # shown first: e.g. an untrained model
 
 
 def _shards(root: Path) -> list[str]:
@@ -62,6 +64,7 @@ def load(root: Path) -> ReportData:
     """Read a curate dir (``shards/``, ``errors/``, ``stats.json``) or a release dir."""
     root = Path(root)
     manifest = json.loads((root / "manifest.json").read_text()) if (root / "manifest.json").is_file() else {}
+    warnings = [f"{model} {UNTRAINED}" for model in untrained_models(manifest)]
     if str(manifest.get("format", "")).startswith("capfilt-release"):
         released = _read(_shards(root), COLUMNS)
         released = released.append_column("status", pa.array(["kept"] * released.num_rows, pa.string()))
@@ -73,7 +76,7 @@ def load(root: Path) -> ReportData:
         removed = removed.select(COLUMNS).append_column("status", pa.array(status, pa.string()))
         removed = removed.append_column("source", source)
         table = pa.concat_tables([released, removed.select(released.schema.names).cast(released.schema)])
-        return ReportData("release", root, table, manifest.get("counts", {}), {})
+        return ReportData("release", root, table, manifest.get("counts", {}), {}, warnings)
     files = _shards(root)
     if not files:
         raise ValueError(f"{root}: neither a release (manifest.json format capfilt-release) "
@@ -92,7 +95,7 @@ def load(root: Path) -> ReportData:
         et = reader.read_columns(err_files, ["stage", "error_type"])
         for stage, etype in zip(et.column("stage").to_pylist(), et.column("error_type").to_pylist()):
             errors[f"{stage}: {etype}"] = errors.get(f"{stage}: {etype}", 0) + 1
-    return ReportData("curate", root, pa.concat_tables(parts), stats, errors)
+    return ReportData("curate", root, pa.concat_tables(parts), stats, errors, warnings)
 
 
 def _png(fig: Figure) -> str:
@@ -258,7 +261,7 @@ img.plot{max-width:100%}.grid{display:grid;grid-template-columns:repeat(auto-fil
 .card{border:2px solid #ccc;border-radius:6px;padding:6px;font-size:12px}.card.kept{border-color:#2b8a3e}
 .card.dropped{border-color:#c92a2a}.card img{width:160px;height:auto;display:block;margin:auto}
 .noimg{height:100px;background:#eee;display:flex;align-items:center;justify-content:center}
-.key{font-family:monospace;color:#555}.status{font-weight:bold}.src{color:#1864ab;font-size:11px}.sel{padding-left:16px;margin:4px 0}"""
+.warning{background:#fff3bf;border:1px solid #f08c00;padding:6px 10px}.key{font-family:monospace;color:#555}.status{font-weight:bold}.src{color:#1864ab;font-size:11px}.sel{padding-left:16px;margin:4px 0}"""
 
 
 def render(data: ReportData, samples: int = 12, title: str | None = None) -> str:
@@ -281,6 +284,7 @@ def render(data: ReportData, samples: int = 12, title: str | None = None) -> str
 <html lang="en"><head><meta charset="utf-8"><title>capfilt report: {e(title or str(data.root))}</title>
 <style>{CSS}</style></head><body>
 <h1>capfilt {data.kind} report: {e(title or str(data.root))}</h1>
+{"".join(f'<p class="warning"><b>Warning:</b> {e(w)}</p>' for w in data.warnings)}
 <p>{t.num_rows} rows: {status.count("kept")} kept, {t.num_rows - status.count("kept")} dropped or removed.</p>
 <h2>Counts</h2><table>{counts or "<tr><td>no run record</td></tr>"}</table>
 <h2>ITM scores</h2><img class="plot" alt="ITM histograms" src="{score_figure(t, "itm")}">
@@ -294,9 +298,12 @@ def render(data: ReportData, samples: int = 12, title: str | None = None) -> str
 """
 
 
-def write_report(root, out_file=None, samples: int = 12, title: str | None = None) -> Path:
-    """Write ``report.html`` for the curate or release directory ``root``; returns its path."""
+def write_report(root, out_file=None, samples: int = 12, title: str | None = None, warn: bool = True) -> Path:
+    """Write ``report.html`` for the curate or release directory ``root``; returns its path.
+    ``warn``: log the page's warnings too (the release build has logged them already)."""
     data = load(Path(root))
+    for warning in data.warnings if warn else ():
+        log.warning("report: %s", warning)
     out = Path(out_file) if out_file else Path(root) / "report.html"
     _check_writable(out)  # before rendering: plots and thumbnails are the slow part
     page = render(data, samples, title)

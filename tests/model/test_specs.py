@@ -117,3 +117,45 @@ def test_identity_of_a_weights_file_and_of_hub_models(tmp_path):
     assert specs.identity(f"ViT-B-32:{weights}") == {"id": f"ViT-B-32:{weights}", "sha256": digest, "kind": "file"}
     for hub in ("Salesforce/blip-itm-large-coco", "ViT-L-14:openai", "hf-hub:org/repo", str(tmp_path / "gone")):
         assert specs.identity(hub) == {"id": hub, "sha256": None, "kind": "hub"}
+
+
+def test_a_misspelt_path_says_no_such_directory_and_names_both_readings(tmp_path, tiny_models, monkeypatch):
+    """`trained/captionr` where trained/ exists: a hub id by the rule (it does not exist and has no
+    ./ / ~ prefix), but ambiguous; when the hub has no such model the error leads with the
+    missing directory and the closest entry, then the hub's answer. A path spelling is a path."""
+    import shutil
+
+    from capfilt.model.loading import load_hf_config
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_models["captioner"], tmp_path / "trained" / "captioner")
+    typo = ModelSpec.parse("trained/captionr")
+    assert (typo.kind, typo.shadow) == (HUB, "trained/captionr")
+    assert ModelSpec.parse("Salesforce/blip-itm-large-coco").shadow is None
+    assert ModelSpec.parse("trained/captioner").local  # it exists
+    with pytest.raises(ValueError) as err:
+        load_hf_config("trained/captionr")  # offline in the tests: the hub fails at once
+    assert str(err.value).startswith("no such directory trained/captionr (did you mean trained/captioner?); "
+                                     "read as a hub id, 'trained/captionr' failed too (OSError: ")
+    with pytest.raises(ValueError, match=r"^model directory trained/captionr does not exist: no such directory "
+                                         r"\(did you mean trained/captioner\?\)$"):
+        load_hf_config("./trained/captionr")
+    with pytest.raises(ValueError, match=r"^no such directory trained/clp; read as a hub id, 'trained/clp' failed "
+                                         r"too \(a CLIP spec is"):
+        specs.parse_clip("trained/clp")
+
+
+def test_curate_names_the_missing_directory_of_a_misspelt_model(tmp_path, tiny_models, monkeypatch):
+    import shutil
+
+    from cli_run import error_line, run_cli
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_models["captioner"], tmp_path / "trained" / "captioner")
+    code, stdout, stderr = run_cli(["curate", "--input", "in/*.parquet", "--out", "out", "--captioner",
+                                    "trained/captionr", "--filter", str(tiny_models["itm"]),
+                                    "--clip", str(tiny_models["clip"])])
+    assert code == 2 and stdout == "" and not (tmp_path / "out").exists()
+    assert error_line(stderr).startswith(
+        "capfilt curate: error: --captioner trained/captionr: no such directory trained/captionr (did you mean "
+        "trained/captioner?); read as a hub id, 'trained/captionr' failed too (")

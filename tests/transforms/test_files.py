@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -415,3 +416,52 @@ def test_a_directory_claimed_for_deletion_is_never_put_back(tmp_path):
 def test_a_marker_with_unique_names_must_park_inside(tmp_path):
     with pytest.raises(ValueError, match="needs inner"):
         Staging(tmp_path / "w", marker="M")
+
+
+# --- outputs: what wrote a directory -------------------------------------------------------------
+
+@pytest.mark.parametrize("files, kind, what", [
+    ({"_state/settings.json": "{}", "manifest.json": "{}"}, "curate", "a capfilt curate output"),
+    ({"manifest.json": '{"format": "capfilt-release/1"}'}, "release", "a capfilt release (manifest.json format capfilt-release/1)"),
+    ({".capfilt-ingest/settings.json": "{}"}, "ingest", "a capfilt ingest output"),
+    ({"00000_stats.json": "{}", "00000.parquet": ""}, "ingest", "an img2dataset download (it has 00000_stats.json)"),
+    ({"synth_config.json": "{}", "web/00000.parquet": ""}, "synth", "a synthetic world"),
+    ({"config.json": '{"architectures": ["BlipForImageTextRetrieval"]}'}, "model", "a model directory (BlipForImageTextRetrieval)"),
+    ({"open_clip_config.json": "{}"}, "model", "an open_clip model directory"),
+    ({"pretrain_log.jsonl": ""}, "training", "a pretrain or finetune output"),
+    ({"stages/x.json": "{}", "report.json": "{}"}, "bootstrap", "a capfilt bootstrap output"),
+    ({"run-job-state.json": "{}"}, "run-job", "a capfilt run-job root"),
+    ({"manifest.json": '{"kind": "other"}', "config.json": "{}", "notes.txt": ""}, None, None),
+])
+def test_outputs_identify_names_the_command_that_wrote_a_directory(tmp_path, files, kind, what):
+    from capfilt.transforms.files import outputs
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    found = outputs.identify(tmp_path)
+    assert (found and found.kind) == kind
+    assert found is None or found.what.startswith(what)
+    if kind not in (None, "release"):
+        with pytest.raises(ValueError, match=f"is {re.escape(what)}.*, not a release; release writes only"):
+            outputs.check_own(tmp_path, outputs.RELEASE, "release")
+
+
+# --- modes: the umask --------------------------------------------------------------------------
+
+def test_respect_umask_gives_files_the_mode_open_would(tmp_path, umask):
+    from capfilt.transforms.files import modes
+
+    assert modes.umask() == umask and modes.file_mode() == 0o666 & ~umask
+    (tmp_path / "sub").mkdir()
+    private = os.open(tmp_path / "sub" / "weights.safetensors", os.O_CREAT | os.O_WRONLY, 0o600)
+    os.close(private)
+    (tmp_path / "config.json").write_text("{}")
+    outside = tmp_path.parent / f"{tmp_path.name}-target"
+    outside.write_text("not ours")
+    os.chmod(outside, 0o600)
+    (tmp_path / "link").symlink_to(outside)
+    modes.respect_umask(tmp_path)
+    assert os.stat(tmp_path / "sub" / "weights.safetensors").st_mode & 0o777 == 0o666 & ~umask
+    assert os.stat(tmp_path / "config.json").st_mode & 0o777 == 0o666 & ~umask
+    assert os.stat(outside).st_mode & 0o777 == 0o600  # a link's target is not ours

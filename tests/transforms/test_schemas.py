@@ -1,4 +1,4 @@
-"""The row schemas match DESIGN.md's data contracts, and shard validation names the file and column."""
+"""The row schemas match the data contracts (docs/architecture.md, Contracts), and shard validation names the file and column."""
 import pyarrow as pa
 import pytest
 

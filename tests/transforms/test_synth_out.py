@@ -192,6 +192,14 @@ def test_a_non_empty_out_that_is_not_a_world_is_refused_and_kept(tmp_path, capsy
     with pytest.raises(ValueError, match="README is not synth's"):
         main(_args(world, "--overwrite"))
     assert _hashes(world) == before
+    # another command's output is named
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"architectures": ["BlipForConditionalGeneration"]}')
+    with pytest.raises(ValueError, match=f"--out {model} is a model directory \\(BlipForConditionalGeneration\\), "
+                                         f"not a synthetic world; synth writes only"):
+        main(_args(model, "--overwrite"))
+    assert [p.name for p in model.iterdir()] == ["config.json"]
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="is a file"):
         main(_args(tmp_path / "file"))

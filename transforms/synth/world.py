@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from capfilt.transforms.files import outputs
 from capfilt.transforms.files.hashing import bytes_sha256
 from capfilt.transforms.files.staging import Staging
 from capfilt.transforms.image import encode_jpeg
@@ -211,6 +212,7 @@ def check_world_out(out: Path, overwrite: bool) -> None:
                          "so give a directory inside it")
     if not any(out.iterdir()):
         return
+    outputs.check_own(out, outputs.SYNTH, "synth", unmarked_ok=True)  # another command's: named
     foreign = _foreign_entry(out)
     if foreign is not None:
         raise ValueError(f"--out {out} is not empty and is not a synthetic world ({foreign} is not "

@@ -285,12 +285,13 @@ def test_overwrite_replaces_the_output_and_a_failure_keeps_the_old_one(tiny_mode
     src = tmp_path / "cap.pth"
     _export(BlipForConditionalGeneration, tiny_models["captioner"], src)
     out = tmp_path / "out"
-    out.mkdir()
+    out.mkdir()  # an earlier model directory, with a file the new one does not have
+    (out / "config.json").write_text('{"architectures": ["BlipForConditionalGeneration"]}')
     (out / "stale_processor_config.json").write_text("{}")
     args = ["convert", "--from", "blip", "--task", "caption", str(src), str(out), "--config",
             str(tiny_models["captioner"]), "--overwrite"]
     assert main(args + ["--processor", str(tmp_path / "absent")]) == 2
-    assert [p.name for p in out.iterdir()] == ["stale_processor_config.json"]  # untouched
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "stale_processor_config.json"]  # untouched
     assert main(args) == 0
     names = {p.name for p in out.iterdir()}
     assert "model.safetensors" in names and "stale_processor_config.json" not in names

@@ -273,6 +273,24 @@ def test_cli_models_init_refuses_a_non_empty_out_unless_overwrite(tmp_path, tiny
     assert (tmp_path / "empty" / "open_clip_config.json").is_file()
 
 
+def test_cli_models_init_overwrite_refuses_what_is_not_a_model_directory(tmp_path):
+    release = tmp_path / "release"
+    (release / "shards").mkdir(parents=True)
+    (release / "manifest.json").write_text('{"format": "capfilt-release/1"}')
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("x")
+    for out, what in ((release, "is a capfilt release (manifest.json format capfilt-release/1), not a model "
+                                "directory; models init writes only into an empty directory or a model directory"),
+                      (notes, "is not empty (todo.txt) and no capfilt command wrote it; models init")):
+        for flags in ([], ["--overwrite"]):
+            with pytest.raises(ValueError) as err:
+                main(["models", "init", "--kind", "clip", "--out", str(out), *flags])
+            assert str(err.value).startswith(f"model directory {out} {what}")
+    assert sorted(p.name for p in release.iterdir()) == ["manifest.json", "shards"]
+    assert sorted(p.name for p in notes.iterdir()) == ["todo.txt"]
+
+
 def test_cli_models_init_names_a_file_given_as_out(tmp_path):
     target = tmp_path / "model.txt"
     target.write_text("x")
@@ -304,3 +322,14 @@ def test_a_failed_init_leaves_no_directory_behind(tmp_path):
     with pytest.raises(ValueError, match="not a tokenizer directory"):
         tiny.init_model("itm", out, tokenizer_dir=tmp_path / "missing")
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["clip", "itm"])
+def test_models_init_writes_every_file_with_the_umask(tmp_path, tiny_tokenizer, umask, kind):
+    from conftest import modes_below
+
+    out = tmp_path / "m"
+    assert main(["models", "init", "--kind", kind, "--out", str(out), "--tokenizer", str(tiny_tokenizer)]) == 0
+    found = modes_below(out)
+    assert any(name.endswith(".safetensors") for name in found)
+    assert found == {name: 0o666 & ~umask for name in found}

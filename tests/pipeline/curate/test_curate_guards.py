@@ -163,6 +163,36 @@ def test_resume_with_another_precision_is_refused(tmp_path, bf16_cpu):
         store.check_settings(resumed, done={"00000": {}})
 
 
+def test_a_model_spelt_differently_with_the_same_content_resumes(tmp_path, tiny_models, two_rows, monkeypatch):
+    """Identity for resume is a model's content hash, not its spelling: a relative path, the
+    same with ./, or a copy elsewhere all resume; other bytes are refused, naming the hash."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_models["captioner"], tmp_path / "trained" / "captioner")
+    shutil.copytree(tiny_models["captioner"], tmp_path / "backup" / "cap")
+    args = model_args(tiny_models)
+    out = tmp_path / "out"
+
+    def curate(captioner):
+        argv = ["curate", "--input", str(two_rows), "--out", str(out), *args]
+        argv[argv.index("--captioner") + 1] = captioner
+        return run_cli(argv)
+
+    assert curate("trained/captioner")[0] == 0
+    settings = (out / "_state" / "settings.json").read_bytes()
+    for spelling in ("./trained/captioner", "backup/cap", str(tmp_path / "backup" / "cap") + "/"):
+        code, stdout, stderr = curate(spelling)
+        assert code == 0, stderr
+        assert "0 curated now" in stdout and "other settings" not in stderr
+    assert (out / "_state" / "settings.json").read_bytes() == settings  # not rewritten
+    changed = tmp_path / "changed"
+    shutil.copytree(tiny_models["captioner"], changed)
+    (changed / "generation_config.json").write_text("{}")
+    code, _, stderr = curate(str(changed))
+    assert code == 2 and "other settings (models.captioner.sha256: was '" in error_line(stderr)
+
+
 # --- settings without a done shard ------------------------------------------------------------
 
 def test_stored_settings_without_a_done_shard_do_not_lock_out_a_retry(tmp_path):
@@ -320,23 +350,81 @@ def test_commit_refuses_a_receipt_that_does_not_match(tmp_path):
 
 # --- --out paths --------------------------------------------------------------------------------
 
-def test_non_curate_out_is_refused_untouched_unless_overwrite(tmp_path, tiny_models, two_rows):
+def test_a_release_or_foreign_out_is_refused_untouched_even_with_overwrite(tmp_path, tiny_models, two_rows):
     release = tmp_path / "release"
     (release / "shards").mkdir(parents=True)
     (release / "shards" / "part-00000.parquet").write_bytes(b"a release shard")
-    (release / "manifest.json").write_text('{"kind": "release"}')
+    (release / "manifest.json").write_text('{"format": "capfilt-release/1"}')
+    (release / "card.md").write_text("the dataset card")
     before = snapshot(release)
     argv = ["curate", "--input", str(two_rows), "--out", str(release), *model_args(tiny_models)]
-    code, stdout, stderr = run_cli(argv)
-    assert code == 2 and stdout == ""
-    assert error_line(stderr).startswith(f"capfilt curate: error: --out {release} is not empty (manifest.json, "
-                                         f"shards) and is not a capfilt curate output")
-    assert snapshot(release) == before  # nothing deleted or rewritten, no lock file added
-    code, stdout, stderr = run_cli(argv + ["--overwrite"])
+    for flags in ([], ["--overwrite"]):
+        code, stdout, stderr = run_cli(argv + flags)
+        assert code == 2 and stdout == ""
+        assert error_line(stderr) == (
+            f"capfilt curate: error: --out {release} is a capfilt release (manifest.json format "
+            f"capfilt-release/1), not a curate output; curate writes only into an empty directory or "
+            f"a curate output, whatever the flags: choose another --out")
+        assert snapshot(release) == before  # nothing deleted or rewritten, no lock file added
+    # a directory no capfilt command wrote: named by its entries
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    (mine / "manifest.json").write_text('{"kind": "release"}')
+    code, _, stderr = run_cli(["curate", "--input", str(two_rows), "--out", str(mine), "--overwrite",
+                               *model_args(tiny_models)])
+    assert code == 2
+    assert error_line(stderr).startswith(f"capfilt curate: error: --out {mine} is not empty (manifest.json, "
+                                         f"notes.txt) and no capfilt command wrote it; ")
+    assert sorted(p.name for p in mine.iterdir()) == ["manifest.json", "notes.txt"]
+    # an earlier curate output is replaced by --overwrite
+    out = tmp_path / "cur"
+    assert run_cli(["curate", "--input", str(two_rows), "--out", str(out), *model_args(tiny_models)])[0] == 0
+    code, stdout, stderr = run_cli(["curate", "--input", str(two_rows), "--out", str(out), "--overwrite",
+                                    *model_args(tiny_models)])
     assert code == 0, stderr
     assert "1 curated now" in stdout
-    assert json.loads((release / "stats.json").read_text())["input_rows"] == 2
-    assert pq.read_metadata(release / "shards" / "part-00000.parquet").num_rows == 2
+    assert json.loads((out / "stats.json").read_text())["input_rows"] == 2
+
+
+def test_what_is_not_a_curate_output_is_named_on_object_storage(s3_root):
+    from apache_beam.io.filesystems import FileSystems
+
+    from capfilt.pipeline.curate.state import OutStore
+
+    def put(url, data):
+        with FileSystems.create(url, compression_type="uncompressed") as f:
+            f.write(data)
+
+    put(f"{s3_root}/rel/manifest.json", b'{"format": "capfilt-release/1"}')
+    put(f"{s3_root}/rel/shards/part-00000.parquet", b"a release shard")
+    with pytest.raises(ValueError, match=r"^--out s3://.*/rel is a capfilt release \(manifest.json format "
+                                         r"capfilt-release/1\), not a curate output"):
+        OutStore(f"{s3_root}/rel").check_is_curate_output()
+    put(f"{s3_root}/deep/a/b/c.bin", b"x")  # keys only below a folder: not empty either
+    with pytest.raises(ValueError, match=r"^--out s3://.*/deep is not empty \(a\) and no capfilt command wrote it"):
+        OutStore(f"{s3_root}/deep").check_is_curate_output()
+    put(f"{s3_root}/cur/_state/settings.json", b"{}")
+    put(f"{s3_root}/cur/manifest.json", b"{}")
+    OutStore(f"{s3_root}/cur").check_is_curate_output()
+    OutStore(f"{s3_root}/absent").check_is_curate_output()
+    assert FileSystems.exists(f"{s3_root}/rel/shards/part-00000.parquet")
+
+
+def test_overwrite_keeps_the_settings_that_mark_a_curate_output_until_they_are_replaced(tmp_path):
+    """A run killed between --overwrite's deletion and its new settings leaves a directory that
+    is still recognised as a curate output (report.html beside it is not curate's)."""
+    from capfilt.pipeline.curate.state import OutStore
+
+    store = OutStore(str(tmp_path / "out"))
+    _done_shard(store)
+    store.save_settings({"settings": {"seed": 1}})
+    (tmp_path / "out" / "stats.json").write_text("{}")
+    (tmp_path / "out" / "report.html").write_text("<html>")
+    store.reset()
+    assert sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*") if p.is_file()) == [
+        "_state/settings.json", "report.html"]
+    OutStore(store.out).check_is_curate_output()
 
 
 def test_an_existing_curate_output_and_an_empty_dir_are_accepted(tmp_path):

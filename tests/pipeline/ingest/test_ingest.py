@@ -24,7 +24,7 @@ import pytest
 from capfilt.pipeline.ingest.download import list_columns, parse_img2dataset_options
 from capfilt.pipeline.curate.sources import discover_shards, validate_shard
 from shard_data import read_shard
-from cli_run import run_cli
+from cli_run import error_line, run_cli
 from ingest_data import IMG2DATASET, N_IMAGES, processes_with, url_rows, wait_for
 
 
@@ -361,3 +361,20 @@ def test_resume_downloads_broken_shards_again_and_refuses_other_settings(monkeyp
     code, _, stderr = ingest_with(monkeypatch, download_clean, url_list, out, "--image_size", "64",
                                   "--incremental_mode", "overwrite")
     assert code == 0, stderr
+
+
+@pytest.mark.parametrize("mode", [[], ["--incremental_mode", "overwrite"], ["--incremental_mode", "extend"]])
+def test_a_directory_another_command_wrote_is_refused_in_every_mode(monkeypatch, url_list, tmp_path, mode):
+    curated = tmp_path / "curated"
+    (curated / "_state").mkdir(parents=True)
+    (curated / "_state" / "settings.json").write_text("{}")
+    (curated / "shards").mkdir()
+    (curated / "shards" / "part-00000.parquet").write_bytes(b"curated rows")
+    code, stdout, stderr = ingest_with(monkeypatch, download_clean, url_list, curated, *mode)
+    assert code == 2 and stdout == ""
+    assert error_line(stderr, "ingest") == (
+        f"capfilt ingest: error: --out {curated} is a capfilt curate output (it has _state/settings.json), not an "
+        f"ingest output; ingest writes only into an empty directory or an ingest output, whatever the flags: "
+        f"choose another --out")
+    assert sorted(str(p.relative_to(curated)) for p in curated.rglob("*")) == [
+        "_state", "_state/settings.json", "shards", "shards/part-00000.parquet"]

@@ -301,12 +301,18 @@ def test_overwrite_refuses_a_directory_that_is_not_a_release(world):
     precious = world / "precious"
     precious.mkdir()
     (precious / "important.txt").write_text("x")
-    with pytest.raises(ValueError, match=f"--out {precious} is not empty and not a capfilt release"):
-        build(world, "precious", overwrite=True)
+    for overwrite in (False, True):
+        with pytest.raises(ValueError, match=f"--out {precious} is not empty \\(important.txt\\) and no capfilt "
+                                             f"command wrote it; release writes only into an empty directory or a "
+                                             f"release, whatever the flags"):
+            build(world, "precious", overwrite=overwrite)
     assert (precious / "important.txt").read_text() == "x"
-    # a directory whose manifest.json is not a release's (here: a curate output's) is refused too
+    # a directory whose manifest.json is not a release's (here: a curate output's) is refused and named
     shutil.copytree(world / "cur_b", world / "other")
-    with pytest.raises(ValueError, match="not a capfilt release"):
+    (world / "other/_state").mkdir()
+    (world / "other/_state/settings.json").write_text("{}")
+    with pytest.raises(ValueError, match=f"--out {world / 'other'} is a capfilt curate output "
+                                         f"\\(it has _state/settings.json\\), not a release"):
         build(world, "other", overwrite=True)
     assert (world / "other/shards/part-00000.parquet").is_file()
     (world / "afile").write_text("y")
