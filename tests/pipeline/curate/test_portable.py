@@ -9,15 +9,10 @@
   that cannot be created is refused before --out is touched.
 * --device cuda with a runner that is not local is left to the workers.
 """
-import contextlib
 import hashlib
 import json
-import os
 import shutil
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +22,11 @@ import pytest
 
 from capfilt.pipeline.curate.options import CurateConfig
 from capfilt.transforms.schemas import CURATED_SCHEMA
+from beam_services import portable_services
 from cli_run import error_line, run_cli
 
 FLOAT_COLUMNS = ("web_itm", "web_itc", "web_clip", "synthetic_itm", "synthetic_itc", "synthetic_clip")
 STUB = "curate_stub_runner"  # tests/pipeline/curate/curate_stub_runner.py, on sys.path under pytest
-SERVICE_START_S = 60
 
 
 def model_args(captioner, itm, clip):
@@ -149,58 +144,11 @@ def test_a_plugin_runners_options_pass_and_missing_metrics_are_read_from_files(w
 
 # --- PortableRunner with external SDK workers ----------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, proc, log: Path) -> None:
-    deadline = time.monotonic() + SERVICE_START_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"service exited with {proc.returncode}: {log.read_text()[-2000:]}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    pytest.fail(f"service not listening on {port} after {SERVICE_START_S} s: {log.read_text()[-2000:]}")
-
-
-@contextlib.contextmanager
-def service(args: list[str], port: int, cwd: Path):
-    """A Beam service started with this Python in `cwd` (its own process group, so the SDK
-    workers it starts stop with it)."""
-    env = dict(os.environ)
-    # The worker pool starts SDK workers as `python` from PATH: this interpreter's.
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    cwd.mkdir(parents=True, exist_ok=True)
-    log = cwd / "service.log"
-    with open(log, "wb") as sink:
-        proc = subprocess.Popen([sys.executable, "-m", *args], cwd=cwd, env=env, stdout=sink,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_for_port(port, proc, log)
-        yield proc
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, 15)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait(timeout=20)
-
-
 @pytest.fixture(scope="module")
 def portable(tmp_path_factory):
     """Beam options of a PortableRunner run against a local job service and worker pool."""
-    root = tmp_path_factory.mktemp("portable_services")
-    job, pool = free_port(), free_port()
-    with service(["apache_beam.runners.portability.local_job_service_main", "--port", str(job)], job, root / "job"), \
-            service(["apache_beam.runners.worker.worker_pool_main", "--service_port", str(pool)], pool, root / "pool"):
-        yield ["--runner", "PortableRunner", "--job_endpoint", f"localhost:{job}",
-               "--environment_type", "EXTERNAL", "--environment_config", f"localhost:{pool}"]
+    with portable_services(tmp_path_factory.mktemp("portable_services")) as (options, _job, _pool):
+        yield options
 
 
 def test_portable_runner_with_external_workers_and_relative_paths(workdir, reference, portable):
