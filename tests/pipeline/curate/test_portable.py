@@ -36,6 +36,7 @@ import pytest
 
 from capfilt.pipeline.curate.options import CurateConfig
 from capfilt.transforms.schemas import CURATED_SCHEMA
+from beam_services import _JOB_SERVICE_WITH_WORKERS
 from cli_run import error_line, run_cli
 
 FLOAT_COLUMNS = ("web_itm", "web_itc", "web_clip", "synthetic_itm", "synthetic_itc", "synthetic_clip")
@@ -189,7 +190,8 @@ def service(args: list[str], port: int, cwd: Path, **env_changes):
     cwd.mkdir(parents=True, exist_ok=True)
     log = cwd / "service.log"
     with open(log, "wb") as sink:
-        proc = subprocess.Popen([sys.executable, "-m", *args], cwd=cwd, env=env, stdout=sink,
+        argv = args if args[0] == "-c" else ["-m", *args]
+        proc = subprocess.Popen([sys.executable, *argv], cwd=cwd, env=env, stdout=sink,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_for_port(port, proc, log)
@@ -214,11 +216,15 @@ def services(tmp_path_factory):
     hold = root / "hold"
     hook_env = {"PYTHONPATH": os.pathsep.join(filter(None, (str(WORKER_HOOK), os.environ.get("PYTHONPATH")))),
                 "CAPFILT_TEST_HOLD": str(hold)}
-    with service(["apache_beam.runners.portability.local_job_service_main", "--port", str(job)], job, root / "job"), \
+    # Beam's Python job service runs every job on one SDK worker whatever the options say: its
+    # runner's worker count is set to 2 (tests/beam_services.py), so the pool starts two per job.
+    job_service = ["-c", _JOB_SERVICE_WITH_WORKERS.format(workers=2), "--port", str(job)]
+    with service(job_service, job, root / "job"), \
             service(["apache_beam.runners.worker.worker_pool_main", "--service_port", str(pool)], pool, root / "pool",
                     **hook_env) as pool_proc:
         yield SimpleNamespace(args=["--runner", "PortableRunner", "--job_endpoint", f"localhost:{job}",
-                                    "--environment_type", "EXTERNAL", "--environment_config", f"localhost:{pool}"],
+                                    "--environment_type", "EXTERNAL", "--environment_config", f"localhost:{pool}",
+                                    "--sdk_worker_parallelism", "2"],
                               pool=pool_proc, hold=hold)
 
 
