@@ -171,7 +171,7 @@ def run_curate(cfg, beam_args: list[str] | None = None) -> CurateResult:
         reporter = progress.Reporter(total, cfg.progress_every) if local else None
         try:
             for group in _groups(pending, cfg.shards_per_pipeline):
-                counts = _run_group(group, cfg, options, store, reporter, model_hashes)
+                counts = _run_group(group, cfg, options, store, reporter, model_hashes, done)
                 for k in run_counts:
                     run_counts[k] += counts[k]
                 for k in rescored:  # unknown (None) once a group had no Metrics
@@ -203,10 +203,12 @@ def run_curate(cfg, beam_args: list[str] | None = None) -> CurateResult:
 METRICS_INCOMPLETE = ("BundleBasedDirectRunner",)
 
 
-def _run_group(group, cfg, options, store, reporter, model_hashes) -> dict:
+def _run_group(group, cfg, options, store, reporter, model_hashes, done: dict) -> dict:
+    """Curate one group of shards in one pipeline and commit their markers (added to ``done``,
+    the run's done markers, whose files the duplicate-key check reads as earlier rows)."""
     staging = store.staging_dir(uuid.uuid4().hex[:12])
     targets = {s.ordinal: store.target(staging, s) for s in group}
-    prior_curated, prior_errors = store.completed_files()
+    prior_curated, prior_errors = store.completed_files(done)
     progress_dir = None
     if reporter:  # inside the staging dir when local, so a killed run's counters are cleaned too
         progress_dir = os.path.join(staging, "progress") if store.local else tempfile.mkdtemp(prefix="capfilt-progress-")
@@ -224,6 +226,7 @@ def _run_group(group, cfg, options, store, reporter, model_hashes) -> dict:
         metrics = metric_counters(result)  # None: the runner reports none
         # Each shard's receipt against the plan and its files' listed sizes: the check that decides.
         markers = {s.shard_id: store.commit(targets[s.ordinal]) for s in group}
+        done.update(markers)
         counts = {key: sum(m["counts"][key] for m in markers.values()) for key in ("input_rows", "kept", "dropped", "errors")}
         if metrics is not None and runner_name(options) not in METRICS_INCOMPLETE:
             from_metrics = {key: metrics.get(key, 0) for key in counts}

@@ -300,10 +300,11 @@ class OutStore:
             )
         return True
 
-    def completed_files(self) -> tuple[list[str], list[str]]:
-        markers = self.markers().values()
-        return ([_join(self.shards_dir, m["curated"]["name"]) for m in markers],
-                [_join(self.errors_dir, m["errors"]["name"]) for m in markers])
+    def completed_files(self, markers: dict) -> tuple[list[str], list[str]]:
+        """The curated and error files of the done shards ``markers`` (kept by the run as it
+        commits them: re-reading every marker before each pipeline would cost O(shards²) reads)."""
+        return ([_join(self.shards_dir, m["curated"]["name"]) for m in markers.values()],
+                [_join(self.errors_dir, m["errors"]["name"]) for m in markers.values()])
 
     def clean_incomplete(self, markers: dict) -> None:
         """Delete what a killed run left (staging, outputs without a marker, temp files) and
