@@ -34,7 +34,7 @@ class Sample:
     web_caption: str = ""
     width: int | None = None
     height: int | None = None
-    image: Any = None  # PIL.Image (RGB) after decode; dropped before the sink
+    image: Any = None  # a PIL.Image (RGB) a caller holds; the curate graph carries none (it re-decodes jpg)
     synthetic: list[str] = field(default_factory=list)
     web_itm: float | None = None
     web_itc: float | None = None

@@ -44,14 +44,26 @@ def decode_sample(sample: Sample, *, run_seed: int, max_pixels: int, min_side: i
     except ImageDecodeError as err:
         raise StageError("decode", err.reason, err.message) from err
     width, height = image.info["source_size"]
+    # The decoded image is not carried on: between stages the runner may hold every row more
+    # than once (unfused Flattens, shuffles), and a decoded image is ~10x its JPEG. Each model
+    # stage decodes the bytes again for its batch (:func:`sample_image`): the same pixels.
     return dataclasses.replace(
         sample,
-        image=image,
+        image=None,
         width=width,
         height=height,
         web_caption=clean_caption(sample.caption, max_words=max_words),
         seed=sample_seed(run_seed, sample.key, 0),
     )
+
+
+def sample_image(sample: Sample, cfg):
+    """The RGB image a model stage runs on: the sample's own, or its bytes decoded as
+    :func:`decode_sample` decoded them (same limits and draft size, so the same pixels)."""
+    if sample.image is not None:
+        return sample.image
+    return decode_image(sample.jpg, max_pixels=cfg.max_pixels, min_side=cfg.min_side,
+                        max_aspect=cfg.max_aspect, draft_side=DRAFT_SIDE)
 
 
 class DecodeImages(beam.PTransform):

@@ -163,6 +163,12 @@ class _SampleHandler(ModelHandler):
         state["_precision"] = None  # a worker on other hardware resolves ``auto`` again
         return state
 
+    def images(self, batch: list[Sample]) -> list:
+        """The batch's decoded images (decoded here: the graph carries no image between stages)."""
+        from capfilt.pipeline.curate.decode import sample_image
+
+        return [sample_image(s, self._cfg) for s in batch]
+
     def ran_on(self) -> str:
         """``device/precision`` as this worker resolved them (recorded per shard in its marker)."""
         from capfilt.model.inference.device import resolve_device
@@ -194,7 +200,7 @@ class CaptionHandler(_SampleHandler):
     def infer(self, batch, model):
         cfg = self._cfg
         captions = model.caption(
-            [s.image for s in batch], [s.key for s in batch], n=cfg.num_captions, seed=cfg.seed,
+            self.images(batch), [s.key for s in batch], n=cfg.num_captions, seed=cfg.seed,
             prompt=cfg.prompt, top_p=cfg.top_p, max_length=cfg.max_length,
             min_length=cfg.min_length, repetition_penalty=cfg.repetition_penalty, top_k=cfg.top_k,
         )
@@ -237,7 +243,7 @@ class FilterHandler(_SampleHandler):
 
     def infer(self, batch, model):
         todo = _with_candidates(batch)
-        result = checked_filter_scores(model, [s.image for s in todo], [candidates(s) for s in todo],
+        result = checked_filter_scores(model, self.images(todo), [candidates(s) for s in todo],
                                        check=self.checked() and self.bf16(), itm_threshold=self._cfg.itm_threshold,
                                        margin=self._cfg.itm_margin)
         Metrics.counter(NAMESPACE, "filter_fp32_rescored").inc(len(result.rescored))
@@ -272,7 +278,7 @@ class RankHandler(_SampleHandler):
         if cfg.use_filter:  # the filter ran before: candidates' ITM in candidate order
             itm = [_joined_scores(s, s.web_itm, s.synthetic_itm) for s in todo]
         result = checked_rank_scores(
-            model, [s.image for s in todo], [candidates(s) for s in todo], itm,
+            model, self.images(todo), [candidates(s) for s in todo], itm,
             check=self.checked() and self.bf16(), itm_threshold=cfg.itm_threshold,
             keep_top=cfg.keep_top, margin=cfg.clip_margin,
         )

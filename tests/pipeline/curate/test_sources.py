@@ -1,6 +1,8 @@
 """Raw shard discovery, up-front schema checks, row reading (parquet and webdataset tars),
 duplicate-key resolution and the decode step (pipeline/curate/sources.py, decode.py)."""
+import dataclasses
 import json
+from types import SimpleNamespace
 
 import apache_beam as beam
 import pyarrow as pa
@@ -11,11 +13,11 @@ from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
-from capfilt.pipeline.curate.decode import ResolveDuplicateKeys, decode_sample
+from capfilt.pipeline.curate.decode import ResolveDuplicateKeys, decode_sample, sample_image
 from capfilt.pipeline.curate.errors import StageError, dead_letter_to_error
 from capfilt.pipeline.curate.sources import discover_shards, shard_ids, validate_shard
 from capfilt.transforms.rows import ErrorRow, Sample
-from capfilt.transforms.image import encode_jpeg
+from capfilt.transforms.image import decode_image, encode_jpeg
 from capfilt.transforms.schemas import RAW_SCHEMA
 from capfilt.transforms.seeding import sample_seed
 from shard_data import read_shard, write_tar
@@ -185,11 +187,18 @@ def test_duplicate_keys_first_by_shard_then_row_wins(tmp_path):
                               ("old", 0, 2, "read", "duplicate_key")]), label="losers")
 
 
-def test_decode_sample_sets_image_caption_and_seed():
+def test_decode_sample_sets_size_caption_and_seed_and_carries_no_image():
+    """The decoded image is not carried to the model stages (a runner may hold each row several
+    times between stages); each stage decodes the bytes again, to the same pixels."""
     s = _sample("k", 0, 0)
     s.jpg, s.caption = jpeg(size=(40, 30)), b"A  RED &amp; <b>Square</b>!!"
     out = decode_sample(s, run_seed=7, max_pixels=10_000, min_side=8, max_aspect=20.0, max_words=30)
-    assert (out.width, out.height, out.image.mode) == (40, 30, "RGB")
+    assert (out.width, out.height, out.image) == (40, 30, None)
+    cfg = SimpleNamespace(max_pixels=10_000, min_side=8, max_aspect=20.0)
+    image = sample_image(out, cfg)
+    assert image.mode == "RGB" and image.size == (40, 30)
+    assert image.tobytes() == decode_image(s.jpg).tobytes()
+    assert sample_image(dataclasses.replace(out, image=image), cfg) is image  # a caller's own image
     assert out.web_caption == "a red & square"
     assert out.seed == sample_seed(7, "k", 0)
     with pytest.raises(StageError) as info:
@@ -212,7 +221,8 @@ def test_decode_reduces_a_huge_jpeg_but_records_its_stored_size():
     s = _sample("k", 0, 0)
     s.jpg = bytes(data)
     out = decode_sample(s, run_seed=7, max_pixels=40_000_000, min_side=8, max_aspect=20.0, max_words=30)
-    assert DRAFT_SIDE == 1024 and out.image.size == (1500, 1500)
+    image = sample_image(out, SimpleNamespace(max_pixels=40_000_000, min_side=8, max_aspect=20.0))
+    assert DRAFT_SIDE == 1024 and image.size == (1500, 1500)
     assert (out.width, out.height) == (6000, 6000)
 
 
