@@ -298,6 +298,7 @@ def test_a_killed_sdk_worker_fails_the_run_and_a_rerun_gives_the_reference_rows(
         pid = int(pid_file.read_text())
         assert pid in sdk_workers(services.pool.pid)  # a worker of the pool, held in Rank
         os.kill(pid, signal.SIGKILL)
+        services.hold.unlink()  # the job's other SDK worker may be held in Rank too: let it go
         run.join(timeout=300)
         assert not run.is_alive()
     finally:
