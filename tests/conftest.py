@@ -23,14 +23,6 @@ def umask(request):
         os.umask(old)
 
 
-def modes_below(root) -> dict[str, int]:
-    """{path relative to root: permission bits} of every file and directory below root."""
-    import stat
-    from pathlib import Path
-
-    return {str(p.relative_to(root)): stat.S_IMODE(p.lstat().st_mode) for p in sorted(Path(root).rglob("*"))}
-
-
 # --- tiny models and the synthetic world (model/builders/tiny.py, transforms/synth*.py) ---------------
 # Session-scoped: built once per test run into pytest's temporary directory, then shared.
 # Tests must not modify these directories; copy them first (shutil.copytree) if they must.

@@ -37,7 +37,7 @@ def test_a_pretrain_run_writes_weights_and_checkpoints_with_the_umask(tmp_path, 
     import json
 
     from capfilt.jobs.cli import main
-    from conftest import modes_below
+    from file_modes import modes_below
 
     config = tmp_path / "micro.json"
     layers = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}

@@ -326,7 +326,7 @@ def test_a_failed_init_leaves_no_directory_behind(tmp_path):
 
 @pytest.mark.parametrize("kind", ["clip", "itm"])
 def test_models_init_writes_every_file_with_the_umask(tmp_path, tiny_tokenizer, umask, kind):
-    from conftest import modes_below
+    from file_modes import modes_below
 
     out = tmp_path / "m"
     assert main(["models", "init", "--kind", kind, "--out", str(out), "--tokenizer", str(tiny_tokenizer)]) == 0
